@@ -1,0 +1,54 @@
+# edgefleet: the two commands a new user needs are `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+TFLITE_VENV := .venv-tflite
+PY := $(VENV)/bin/python
+PIP_FLAGS := --disable-pip-version-check --quiet
+
+.PHONY: install install-tflite test test-main test-tflite demo bench lint clean broker
+
+install: $(VENV)/.installed
+
+# Re-run only when the dependency list changes: a second `make install` is instant.
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install $(PIP_FLAGS) --upgrade pip
+	@echo "installing edgefleet[all] into $(VENV) ..."
+	@$(PY) -m pip install $(PIP_FLAGS) -e '.[all]'
+	@touch $@
+
+# The legacy runtime for 32-bit Pi OS and Coral stacks: tflite-runtime needs numpy<2.
+install-tflite: $(TFLITE_VENV)/.installed
+
+$(TFLITE_VENV)/.installed: pyproject.toml
+	@test -x $(TFLITE_VENV)/bin/python || $(PYTHON) -m venv $(TFLITE_VENV)
+	@echo "installing edgefleet[tflite-runtime] into $(TFLITE_VENV) ..."
+	@$(TFLITE_VENV)/bin/pip install $(PIP_FLAGS) -e '.[tflite-runtime]' pytest pytest-timeout
+	@touch $@
+
+broker:
+	@scripts/ensure_mosquitto.sh
+
+test: install install-tflite broker
+	@$(MAKE) --no-print-directory test-main
+	@$(MAKE) --no-print-directory test-tflite
+
+test-main:
+	$(PY) -m pytest tests
+
+# The runtime tests once more under tflite-runtime + numpy 1.x (no TensorFlow in that venv).
+test-tflite:
+	$(TFLITE_VENV)/bin/python -m pytest -m runtime tests/agent -p no:cacheprovider
+
+demo: install broker
+	$(PY) scripts/demo.py
+
+bench: install broker
+	$(PY) scripts/bench_all.py
+
+lint: install
+	$(VENV)/bin/ruff check agent converter fleet scripts tests
+
+clean:
+	rm -rf $(VENV) $(TFLITE_VENV) build *.egg-info .pytest_cache

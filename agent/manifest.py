@@ -1,0 +1,225 @@
+"""The artifact manifest (``manifest.json``): what a model is, how to feed it, how to check it.
+
+Written by the converter, signed by the publisher, verified by the agent before a single byte of
+the model is used. Schema version 1 is documented field by field in ``docs/protocol.md``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from agent.errors import ArtifactError
+from agent.profiles import format_validation_error
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Manifest",
+    "TensorSpec",
+    "Quantization",
+    "GoldenSample",
+    "Golden",
+    "Baseline",
+    "load_manifest",
+    "parse_manifest",
+    "parse_version",
+    "sha256_file",
+    "MANIFEST_NAME",
+    "SIGNATURE_NAME",
+    "MODEL_NAME",
+    "MAX_MANIFEST_BYTES",
+]
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SIGNATURE_NAME = "manifest.json.sig"
+MODEL_NAME = "model.tflite"
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+
+_VERSION = re.compile(r"^\d{1,6}(\.\d{1,6}){0,3}$")
+_SAFE_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+DType = Literal["int8", "uint8", "int16", "int32", "int64", "float16", "float32", "bool"]
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """``"1.10.2"`` -> ``(1, 10, 2)``, comparable; trailing zeros do not matter (1.0 == 1)."""
+    if not isinstance(text, str) or not _VERSION.match(text):
+        raise ArtifactError(f"version {text!r}: expected dotted numbers such as 3 or 1.4.2")
+    parts = [int(p) for p in text.split(".")]
+    while len(parts) > 1 and parts[-1] == 0:
+        parts.pop()
+    return tuple(parts)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Quantization(_Strict):
+    scale: list[float] = Field(description="One scale per tensor, or per channel")
+    zero_point: list[int] = Field(description="Zero points matching scale")
+    axis: int = Field(default=0, description="Channel axis for per-channel parameters")
+
+
+class TensorSpec(_Strict):
+    name: str = Field(description="Tensor name as the interpreter reports it (signature key when present)")
+    shape: list[int] = Field(description="Shape with batch 1")
+    dtype: DType
+    quantization: Quantization | None = Field(default=None, description="None for float tensors")
+
+
+class ModelFile(_Strict):
+    file: str = Field(default=MODEL_NAME, description="File name inside the artifact directory")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=1, description="Bytes")
+
+    @field_validator("file")
+    @classmethod
+    def _no_escape(cls, value: str) -> str:
+        if not _SAFE_FILE.match(value) or value in (".", ".."):
+            raise ValueError("expected a plain file name without directories")
+        return value
+
+
+class Source(_Strict):
+    format: Literal["keras", "h5", "saved_model", "tflite"]
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class Preprocessing(_Strict):
+    input_range: tuple[float, float] | None = Field(default=None, description="Float value range the model expects")
+    layout: Literal["NHWC", "NCHW", "NC", "other"] = "other"
+
+
+class GoldenSample(_Strict):
+    inputs: dict[str, str] = Field(description="Input name -> base64 of the raw tensor bytes in the model's dtype")
+    outputs: dict[str, list[float]] = Field(description="Output name -> float model's output, flattened")
+
+
+class Golden(_Strict):
+    atol: float = Field(ge=0, description="Largest absolute difference allowed per dequantized output value")
+    require_top1: bool = Field(default=True, description="The argmax must match the float model's")
+    samples: list[GoldenSample] = Field(default_factory=list, max_length=64)
+
+
+class Baseline(_Strict):
+    class_histogram: list[float] | None = Field(default=None, description="Fraction of top-1 per class")
+    mean_confidence: float | None = Field(default=None, description="Mean top-1 score")
+    output_mean: list[float] | None = Field(default=None, description="Per-output mean of the first output")
+
+
+class ProbationOverrides(_Strict):
+    inferences: int | None = Field(default=None, ge=1)
+    seconds: float | None = Field(default=None, gt=0)
+    min_agreement: float | None = Field(default=None, ge=0, le=1)
+
+
+class Manifest(_Strict):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    version: str
+    created: str = Field(description="ISO 8601 UTC")
+    converter_version: str
+    profile: str = Field(description="Profile name the model was built for")
+    task: Literal["classification", "regression", "other"] = "classification"
+    model: ModelFile
+    source: Source | None = None
+    inputs: list[TensorSpec] = Field(min_length=1)
+    outputs: list[TensorSpec] = Field(min_length=1)
+    preprocessing: Preprocessing = Preprocessing()
+    fidelity: dict[str, Any] = Field(default_factory=dict, description="Metrics from the fidelity search")
+    golden: Golden | None = None
+    baseline: Baseline | None = None
+    deployable: bool = True
+    cache_allowed: bool = Field(default=True, description="False when outputs must never be reused")
+    new_contract: bool = Field(default=False, description="Inputs/outputs differ from the previous model on purpose")
+    probation: ProbationOverrides | None = None
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, value: str) -> str:
+        if not _VERSION.match(value):
+            raise ValueError("expected dotted numbers such as 3 or 1.4.2")
+        return value
+
+    @property
+    def version_key(self) -> tuple[int, ...]:
+        return parse_version(self.version)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def golden_arrays(self) -> list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+        """Decode golden samples into (inputs, expected float outputs) with the manifest's shapes."""
+        if not self.golden:
+            return []
+        specs = {t.name: t for t in self.inputs}
+        out: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = []
+        for sample in self.golden.samples:
+            inputs = {}
+            for name, b64 in sample.inputs.items():
+                if name not in specs:
+                    raise ArtifactError(f"golden sample names input {name!r}, which the manifest does not declare")
+                spec = specs[name]
+                raw = np.frombuffer(base64.b64decode(b64), dtype=spec.dtype)
+                if raw.size != int(np.prod(spec.shape)):
+                    raise ArtifactError(f"golden input {name!r}: expected {int(np.prod(spec.shape))} values, got {raw.size}")
+                inputs[name] = raw.reshape(spec.shape)
+            outputs = {k: np.asarray(v, dtype=np.float32) for k, v in sample.outputs.items()}
+            out.append((inputs, outputs))
+        return out
+
+
+def parse_manifest(data: dict[str, Any] | bytes | str, source: str = "manifest") -> Manifest:
+    """Validate a manifest given as a dict or JSON text.
+
+    Raises:
+        ArtifactError: not JSON, too large, or not schema version 1.
+    """
+    if isinstance(data, (bytes, str)):
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise ArtifactError(f"{source}: {len(data)} bytes, expected at most {MAX_MANIFEST_BYTES}")
+        try:
+            data = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ArtifactError(f"{source}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{source}: expected a JSON object, got {type(data).__name__}")
+    if data.get("schema_version") not in (None, SCHEMA_VERSION):
+        raise ArtifactError(f"{source}: schema_version {data.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as exc:
+        raise ArtifactError(format_validation_error(source, exc)) from exc
+
+
+def load_manifest(artifact_dir: Path) -> tuple[Manifest, dict[str, Any], str | None]:
+    """Read ``manifest.json`` (and its signature if present) from an artifact directory.
+
+    Returns the parsed manifest, the raw dict (what the signature covers) and the signature.
+    """
+    path = Path(artifact_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise ArtifactError(f"{artifact_dir}: no {MANIFEST_NAME} (expected an artifact directory from edge-convert)")
+    raw_bytes = path.read_bytes()
+    manifest = parse_manifest(raw_bytes, str(path))
+    raw = json.loads(raw_bytes)
+    sig_path = path.with_name(SIGNATURE_NAME)
+    signature = sig_path.read_text().strip() if sig_path.is_file() else None
+    return manifest, raw, signature

@@ -1,0 +1,193 @@
+"""Device profiles: what the converter and the agent need to know about a target.
+
+A profile is a YAML file in ``device_profiles/`` (found by name) or anywhere (found by path).
+Loading validates it strictly: unknown keys, missing keys, wrong types and impossible values
+raise :class:`~agent.errors.ConfigError` with one line naming the file, the key and what was
+expected. The schema below is the documentation of every field (see ``docs/profiles.md``).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from agent.errors import ConfigError
+
+__all__ = [
+    "Profile",
+    "CacheDefaults",
+    "load_profile",
+    "list_profiles",
+    "profile_dir",
+    "format_validation_error",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class Hardware(_Strict):
+    arch: Literal["armv7l", "aarch64", "x86_64"] = Field(description="CPU architecture as `uname -m` prints it")
+    cpu: str = Field(description="CPU model, for people")
+    cores: int = Field(ge=1, le=256, description="CPU cores")
+    cpu_mhz: int = Field(ge=100, le=10000, description="Maximum CPU clock, MHz")
+    memory_mb: int = Field(ge=64, description="RAM of the smallest supported variant, MB")
+
+
+class Runtime(_Strict):
+    interpreter: Literal["ai-edge-litert", "tflite-runtime", "any"] = Field(
+        description="Interpreter package the device can install")
+    accelerator: Literal["none", "edgetpu"] = Field(description="Accelerator attached to the device")
+    accelerator_required: bool = Field(
+        default=False, description="Refuse to run on the CPU when the accelerator is missing")
+    threads: int = Field(ge=1, le=64, description="Interpreter threads per instance")
+    instances: int = Field(ge=1, le=16, description="Interpreter instances in the pool")
+    objective: Literal["latency", "throughput"] = Field(
+        default="latency", description="What the autotune step optimizes")
+    autotune: bool = Field(default=True, description="Try a few threads x instances layouts at activation")
+
+    @model_validator(mode="after")
+    def _required_needs_accelerator(self) -> "Runtime":
+        if self.accelerator_required and self.accelerator == "none":
+            raise ValueError("accelerator_required is true but accelerator is 'none'")
+        return self
+
+
+class Quantization(_Strict):
+    scheme: Literal["full_int8"] = Field(default="full_int8", description="Integer quantization scheme")
+    input_dtype: Literal["int8", "uint8"] = Field(description="Model input tensor dtype")
+    output_dtype: Literal["int8", "uint8"] = Field(description="Model output tensor dtype")
+    per_channel: bool = Field(default=True, description="Per-channel weight scales (else per-tensor)")
+    require_full_integer: bool = Field(
+        description="Every op must be integer (Edge TPU); float fallback is never allowed")
+    allow_16bit_activations: bool = Field(
+        default=True, description="The fidelity search may use int16 activations (16x8)")
+    allow_float_fallback: bool = Field(
+        default=True, description="The fidelity search may keep sensitive layers in float")
+
+    @model_validator(mode="after")
+    def _full_integer_forbids_fallback(self) -> "Quantization":
+        if self.require_full_integer and (self.allow_float_fallback or self.allow_16bit_activations):
+            raise ValueError("require_full_integer forbids allow_float_fallback and allow_16bit_activations")
+        return self
+
+
+class Fidelity(_Strict):
+    max_top1_drop_pct: float = Field(ge=0, le=100, description="Largest top-1 accuracy drop, points")
+    min_top1_agreement_pct: float = Field(ge=0, le=100, description="Smallest top-1 agreement with float, %")
+    min_cosine: float = Field(default=0.98, ge=-1, le=1, description="Smallest mean output cosine similarity")
+
+
+class Limits(_Strict):
+    max_model_mb: float = Field(gt=0, description="Largest model file the device accepts, MB")
+    latency_budget_ms: float = Field(gt=0, description="Health-check latency budget per inference, ms")
+    max_download_mb: float = Field(default=256, gt=0, description="Largest OTA download, MB")
+
+
+class Probation(_Strict):
+    inferences: int = Field(default=50, ge=1, description="Inferences watched before commit")
+    seconds: float = Field(default=30, gt=0, description="Longest probation, s (commit at whichever ends first)")
+    max_error_rate: float = Field(default=0.01, ge=0, le=1, description="Largest failed-inference fraction")
+    min_agreement: float = Field(default=0.9, ge=0, le=1, description="Smallest top-1 agreement with the previous model in shadow")
+    shadow_fraction: float = Field(default=0.25, ge=0, le=1, description="Fraction of live inputs also run on the previous model")
+    max_latency_factor: float = Field(default=3.0, gt=0, description="Largest p95 latency vs the budget")
+
+
+class CacheDefaults(_Strict):
+    enabled: bool = Field(default=True, description="Input-locality cache on by default")
+    max_bytes: int = Field(default=8 * 1024 * 1024, ge=0, description="Exact-cache capacity, bytes")
+    near_threshold: float = Field(default=0.02, ge=0, le=1, description="Initial near-duplicate distance threshold (mean abs diff, 0..1)")
+    max_age_s: float = Field(default=2.0, ge=0, description="Longest time a computed result is reused, s")
+    max_consecutive: int = Field(default=10, ge=0, description="Most near-duplicate reuses in a row")
+    verify_fraction: float = Field(default=0.05, ge=0, le=1, description="Fraction of near hits recomputed to measure disagreement")
+    target_disagreement: float = Field(default=0.01, ge=0, le=1, description="Disagreement rate the threshold is tuned to stay under")
+
+
+class Profile(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,40}$", description="Profile name (file stem)")
+    description: str = Field(description="One line for `edge-convert --list-profiles`")
+    hardware: Hardware
+    runtime: Runtime
+    quantization: Quantization
+    fidelity: Fidelity
+    limits: Limits
+    probation: Probation = Probation()
+    cache: CacheDefaults = CacheDefaults()
+
+    @model_validator(mode="after")
+    def _edgetpu_needs_full_integer(self) -> "Profile":
+        if self.runtime.accelerator == "edgetpu" and not self.quantization.require_full_integer:
+            raise ValueError("accelerator 'edgetpu' needs quantization.require_full_integer: true")
+        return self
+
+    def summary(self) -> str:
+        hw = self.hardware
+        acc = "" if self.runtime.accelerator == "none" else f", {self.runtime.accelerator}"
+        return (f"{self.name:16s} {hw.arch:8s} {hw.cores} cores @ {hw.cpu_mhz} MHz, "
+                f"{hw.memory_mb} MB{acc}: {self.description}")
+
+
+def profile_dir() -> Path:
+    """The folder of profiles that ship with the package."""
+    return Path(str(resources.files("device_profiles")))
+
+
+def list_profiles() -> list[Profile]:
+    """Every shipped profile, by name. Raises ConfigError if one of them is broken."""
+    return [load_profile(p) for p in sorted(profile_dir().glob("*.yaml"))]
+
+
+def format_validation_error(source: str, exc: ValidationError) -> str:
+    """One line: the file, the first bad key, what was expected."""
+    err = exc.errors()[0]
+    key = ".".join(str(part) for part in err["loc"]) or "(top level)"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        what = "unknown key"
+    elif kind == "missing":
+        what = "missing required key"
+    else:
+        what = err["msg"].replace("Value error, ", "")
+        if "input" in err and kind not in ("model_type",) and not isinstance(err["input"], dict):
+            what += f", got {err['input']!r}"
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{source}: {key}: {what}{more}"
+
+
+def load_profile(name_or_path: str | Path) -> Profile:
+    """Load and validate a profile given by name (``rpi4``) or by path.
+
+    Raises:
+        ConfigError: the profile is not found, is not YAML, or does not fit the schema.
+    """
+    return _load_cached(str(name_or_path))
+
+
+@lru_cache(maxsize=64)
+def _load_cached(name_or_path: str) -> Profile:
+    path = Path(name_or_path)
+    looks_like_path = path.suffix in (".yaml", ".yml") or "/" in name_or_path
+    if not looks_like_path:
+        path = profile_dir() / f"{name_or_path}.yaml"
+        if not path.is_file():
+            known = ", ".join(sorted(p.stem for p in profile_dir().glob("*.yaml")))
+            raise ConfigError(f"unknown profile {name_or_path!r}: expected one of {known} or a path to a .yaml file")
+    if not path.is_file():
+        raise ConfigError(f"{path}: profile file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{path}: not valid YAML: {first}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of profile keys, got {type(data).__name__}")
+    try:
+        return Profile.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(str(path), exc)) from exc

@@ -1,0 +1,124 @@
+"""Ed25519 signatures over manifests (key files shared by edge-fleet keygen, edge-convert and the agent).
+
+Keys are PEM files: ``signing.key`` (PKCS#8, unencrypted) and ``signing.pub``
+(SubjectPublicKeyInfo). A signature covers the manifest's canonical JSON (sorted keys, no
+spaces) and is stored base64 in ``manifest.json.sig`` next to the manifest.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from agent.errors import ConfigError, SignatureError
+
+__all__ = [
+    "canonical_bytes",
+    "generate_keypair",
+    "load_private_key",
+    "load_public_key",
+    "load_trusted_keys",
+    "key_id",
+    "sign_manifest",
+    "verify_manifest",
+]
+
+
+def canonical_bytes(manifest: Mapping[str, Any]) -> bytes:
+    """The exact bytes a signature covers: independent of key order and whitespace."""
+    return json.dumps(manifest, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def generate_keypair(out_dir: Path) -> tuple[Path, Path]:
+    """Write ``signing.key`` (mode 0600) and ``signing.pub`` into ``out_dir``; refuse to overwrite."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key_path, pub_path = out_dir / "signing.key", out_dir / "signing.pub"
+    for path in (key_path, pub_path):
+        if path.exists():
+            raise ConfigError(f"{path}: already exists; refusing to overwrite a key")
+    private = Ed25519PrivateKey.generate()
+    key_pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+    pub_pem = private.public_key().public_bytes(serialization.Encoding.PEM,
+                                                serialization.PublicFormat.SubjectPublicKeyInfo)
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key_pem)
+    pub_path.write_bytes(pub_pem)
+    return key_path, pub_path
+
+
+def load_private_key(path: Path | str) -> Ed25519PrivateKey:
+    path = Path(path)
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: signing key not found") from exc
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{path}: not an unencrypted PEM Ed25519 private key ({exc})") from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigError(f"{path}: expected an Ed25519 private key, got {type(key).__name__}")
+    return key
+
+
+def load_public_key(path: Path | str) -> Ed25519PublicKey:
+    path = Path(path)
+    try:
+        key = serialization.load_pem_public_key(path.read_bytes())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: public key not found") from exc
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{path}: not a PEM Ed25519 public key ({exc})") from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise ConfigError(f"{path}: expected an Ed25519 public key, got {type(key).__name__}")
+    return key
+
+
+def load_trusted_keys(paths: Iterable[Path | str]) -> list[Ed25519PublicKey]:
+    return [load_public_key(p) for p in paths]
+
+
+def key_id(key: Ed25519PublicKey) -> str:
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def sign_manifest(manifest: Mapping[str, Any], key: Ed25519PrivateKey) -> str:
+    """Base64 signature of the manifest's canonical bytes."""
+    return base64.b64encode(key.sign(canonical_bytes(manifest))).decode("ascii")
+
+
+def verify_manifest(manifest: Mapping[str, Any], signature: str | None,
+                    trusted: list[Ed25519PublicKey]) -> str | None:
+    """Check the signature against any trusted key; return the key id that verified it.
+
+    With no trusted keys configured, signatures are not required and None is returned.
+
+    Raises:
+        SignatureError: keys are configured and the signature is missing, malformed or untrusted.
+    """
+    if not trusted:
+        return None
+    if not signature:
+        raise SignatureError("manifest is not signed, but this device requires a signature from a trusted key")
+    try:
+        raw = base64.b64decode(signature, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise SignatureError("manifest signature is not valid base64") from exc
+    data = canonical_bytes(manifest)
+    for key in trusted:
+        try:
+            key.verify(raw, data)
+            return key_id(key)
+        except InvalidSignature:
+            continue
+    raise SignatureError(f"manifest signature does not verify against any of {len(trusted)} trusted key(s)")

@@ -1,0 +1,1 @@
+"""Device profiles shipped with edgefleet: one YAML file a target (see docs/profiles.md)."""
