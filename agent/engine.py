@@ -1,0 +1,395 @@
+"""The inference engine: one object that turns arrays into model outputs, fast and thread-safe.
+
+``Engine(model, profile="rpi4", threads=None, cache=None)`` loads a ``.tflite`` file, an artifact
+directory (``model.tflite`` + ``manifest.json``) or model bytes, opens a small pool of
+interpreters (one per worker, so callers on several threads never share one), optionally
+autotunes the threads x instances layout for the profile's objective, and serves ``infer``.
+
+Inputs may be float (quantized with the model's own parameters) or already in the model's
+integer dtype (passed through). A batch ``[N, ...]`` is run sample by sample on a batch-1 model.
+Outputs are dequantized to float32 unless ``raw=True``.
+
+Errors: :class:`ModelError` (cannot load/run), :class:`InputError` (wrong name, shape or dtype),
+:class:`ArtifactError` (artifact dir whose model does not match its manifest), :class:`ConfigError`
+(bad profile or an Edge TPU that is required but missing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+import numpy as np
+
+from agent.cache import CacheConfig, InferenceCache
+from agent.errors import ArtifactError, ConfigError, InputError, ModelError
+from agent.io import TensorInfo, dequantize, describe_tensors, split_batch, to_model_dtype
+from agent.manifest import MODEL_NAME, Manifest, load_manifest
+from agent.profiles import Profile, load_profile
+from agent.runtime import Runtime, get_runtime, open_interpreter
+
+__all__ = ["Engine", "Layout", "Outputs", "load_model_bytes"]
+
+Outputs = Union[np.ndarray, dict[str, np.ndarray]]
+_LATENCY_WINDOW = 2048
+_AUTOTUNE_BUDGET_S = 0.4
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the interpreter pool is laid out: threads per interpreter x interpreters."""
+
+    threads: int
+    instances: int
+
+
+class _Worker:
+    """One interpreter and the bound methods the hot path needs (looked up once)."""
+
+    __slots__ = ("interpreter", "set_tensor", "invoke", "get_tensor", "tensor")
+
+    def __init__(self, interpreter: Any) -> None:
+        self.interpreter = interpreter
+        self.set_tensor = interpreter.set_tensor
+        self.invoke = interpreter.invoke
+        self.get_tensor = interpreter.get_tensor
+        self.tensor = interpreter.tensor
+
+
+def load_model_bytes(model: str | os.PathLike[str] | bytes) -> tuple[bytes, Manifest | None, str]:
+    """Read a model from a ``.tflite`` path, an artifact directory or bytes.
+
+    Returns the model bytes, the manifest (artifact directories only) and a source label.
+
+    Raises:
+        ModelError: the file is missing or empty.
+        ArtifactError: the artifact's manifest is invalid or its sha256/size do not match the file.
+    """
+    if isinstance(model, (bytes, bytearray, memoryview)):
+        data = bytes(model)
+        if not data:
+            raise ModelError("model bytes are empty")
+        return data, None, "<bytes>"
+    path = Path(model)
+    manifest = None
+    if path.is_dir():
+        manifest, _raw, _sig = load_manifest(path)
+        file = path / (manifest.model.file or MODEL_NAME)
+        if not file.is_file():
+            raise ArtifactError(f"{path}: manifest names {manifest.model.file!r}, which is missing")
+        data = file.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != manifest.model.sha256 or len(data) != manifest.model.size:
+            raise ArtifactError(f"{file}: sha256 {digest[:12]}... / {len(data)} bytes do not match the "
+                                f"manifest ({manifest.model.sha256[:12]}... / {manifest.model.size} bytes)")
+        return data, manifest, str(file)
+    if not path.is_file():
+        raise ModelError(f"{path}: model file not found (expected a .tflite file or an artifact directory)")
+    data = path.read_bytes()
+    if not data:
+        raise ModelError(f"{path}: model file is empty")
+    return data, None, str(path)
+
+
+class Engine:
+    """Run a TFLite model from any number of threads, with an optional input-locality cache.
+
+    Args:
+        model: ``.tflite`` path, artifact directory, or model bytes.
+        profile: device profile name, path or :class:`Profile` (threads, accelerator, cache defaults).
+        threads: interpreter threads; ``None`` = the profile's (and autotune may choose).
+        cache: ``None``/``False`` off, ``True`` profile defaults, or a :class:`CacheConfig`.
+        instances: interpreters in the pool; ``None`` = the profile's (and autotune may choose).
+        autotune: ``None`` = the profile's setting; ``False`` skips it (tests, OTA validation).
+        validate: check the file in a child process first (untrusted files can crash the runtime).
+
+    Raises:
+        ModelError, ArtifactError, ConfigError: see the module docstring.
+    """
+
+    def __init__(self, model: str | os.PathLike[str] | bytes, profile: str | Path | Profile = "rpi4",
+                 threads: int | None = None, cache: bool | CacheConfig | None = None, *,
+                 instances: int | None = None, autotune: bool | None = None, validate: bool = False,
+                 validate_timeout_s: float = 30.0) -> None:
+        self.profile: Profile = profile if isinstance(profile, Profile) else load_profile(profile)
+        data, self.manifest, self.source = load_model_bytes(model)
+        if validate:
+            self._validate_in_child(data, validate_timeout_s)
+        self.sha256: str = hashlib.sha256(data).hexdigest()
+        self._model_bytes = data
+        self._runtime: Runtime = get_runtime()
+        rt = self.profile.runtime
+        cores = os.cpu_count() or 1
+        if threads is not None and threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {threads}")
+        if instances is not None and instances < 1:
+            raise ConfigError(f"instances must be >= 1, got {instances}")
+        layout = Layout(threads=threads or min(rt.threads, cores), instances=instances or rt.instances)
+        first, self.accelerator = open_interpreter(
+            data, threads=layout.threads, accelerator=rt.accelerator,
+            accelerator_required=rt.accelerator_required, runtime=self._runtime)
+        self.input_details, self.output_details = describe_tensors(first)
+        self._inputs_by_name = {t.name: t for t in self.input_details}
+        for info in self.input_details:
+            if not info.shape or info.shape[0] != 1:
+                raise ModelError(f"input {info.name!r} has shape {list(info.shape)}; expected batch 1")
+        self._autotune_report: list[dict[str, Any]] = []
+        wants_autotune = rt.autotune if autotune is None else autotune
+        if wants_autotune and threads is None and instances is None and self.accelerator != "edgetpu":
+            layout = self._autotune(first, layout, cores)
+        self.layout = layout
+        self._workers = self._build_pool(layout, first)
+        self._pool: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
+        for worker in self._workers:
+            self._pool.put(worker)
+        self._cache: InferenceCache | None = None
+        self.cache_disabled_reason: str | None = None
+        config = CacheConfig.resolve(cache, self.profile)
+        if config is not None and self.manifest is not None and not self.manifest.cache_allowed:
+            config, self.cache_disabled_reason = None, "manifest says cache_allowed: false"
+        if config is not None:
+            self._cache = InferenceCache(config, self.sha256, self.input_details, self.output_details,
+                                         classifier=self._is_classifier())
+        self._latencies = np.zeros(_LATENCY_WINDOW, dtype=np.float64)
+        self._calls = itertools.count()
+        self._samples = 0
+        self._errors = 0
+        self._closed = False
+        self._stats_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ building
+    def _validate_in_child(self, data: bytes, timeout_s: float) -> None:
+        import tempfile
+
+        from agent.sandbox import validate_model
+
+        with tempfile.TemporaryDirectory(prefix="edgefleet-validate-") as tmp:
+            path = Path(tmp) / MODEL_NAME
+            path.write_bytes(data)
+            report = validate_model(path, profile=self.profile, manifest=self.manifest, timeout_s=timeout_s)
+        if not report.ok:
+            raise ModelError(f"{self.source}: {report.reason}")
+
+    def _open(self, threads: int) -> Any:
+        rt = self.profile.runtime
+        interpreter, _ = open_interpreter(self._model_bytes, threads=threads, accelerator=rt.accelerator,
+                                          accelerator_required=rt.accelerator_required, runtime=self._runtime)
+        return interpreter
+
+    def _build_pool(self, layout: Layout, first: Any | None) -> list[_Worker]:
+        workers = [] if first is None else [_Worker(first)]
+        while len(workers) < layout.instances:
+            workers.append(_Worker(self._open(layout.threads)))
+        return workers
+
+    def _is_classifier(self) -> bool:
+        if self.manifest is not None:
+            return self.manifest.task == "classification"
+        return len(self.output_details) == 1 and len(self.output_details[0].shape) == 2 \
+            and self.output_details[0].shape[-1] > 1
+
+    def _autotune(self, first: Any, default: Layout, cores: int) -> Layout:
+        """Try a few layouts for a fraction of a second and keep the best for the objective."""
+        objective = self.profile.runtime.objective
+        thread_options = sorted({1, default.threads, cores} & set(range(1, cores + 1)))
+        if objective == "latency":
+            candidates = [Layout(t, default.instances) for t in thread_options]
+        else:
+            candidates = [Layout(t, i) for t in thread_options for i in sorted({1, 2, default.instances, cores})
+                          if t * i <= max(cores, default.threads * default.instances)]
+        if len(candidates) <= 1:
+            return default
+        zeros = [np.zeros(t.shape, t.dtype) for t in self.input_details]
+        budget = _AUTOTUNE_BUDGET_S / len(candidates)
+        best, best_score = default, -1.0
+        for layout in candidates:
+            interpreters = [first if layout.threads == default.threads and i == 0 else self._open(layout.threads)
+                            for i in range(layout.instances)]
+            score = _measure(interpreters, self.input_details, zeros, budget, objective)
+            self._autotune_report.append({"threads": layout.threads, "instances": layout.instances,
+                                          "score": round(score, 2),
+                                          "unit": "1/p50_ms" if objective == "latency" else "inferences/s"})
+            if score > best_score:
+                best, best_score = layout, score
+        return best
+
+    # ------------------------------------------------------------------ inference
+    def _prepare(self, x: np.ndarray | Mapping[str, np.ndarray]) -> tuple[list[np.ndarray], int]:
+        """Inputs in model dtype and a sample count (0 = one sample given without batch axis)."""
+        if isinstance(x, Mapping):
+            missing = [t.name for t in self.input_details if t.name not in x]
+            extra = [k for k in x if k not in self._inputs_by_name]
+            if missing or extra:
+                raise InputError(f"expected inputs {[t.name for t in self.input_details]}, got {sorted(x)}")
+            values = [x[t.name] for t in self.input_details]
+        else:
+            if len(self.input_details) != 1:
+                raise InputError(f"model has {len(self.input_details)} inputs: pass a dict with "
+                                 f"{[t.name for t in self.input_details]}")
+            values = [x]
+        arrays: list[np.ndarray] = []
+        count = None
+        for info, value in zip(self.input_details, values):
+            arr = value if isinstance(value, np.ndarray) else np.asarray(value)
+            n = split_batch(arr, info)
+            if count is None:
+                count = n
+            elif n != count:
+                raise InputError(f"inputs disagree on the batch size: {count or 1} vs {n or 1}")
+            arrays.append(to_model_dtype(arr, info))
+        return arrays, int(count or 0)
+
+    def _run(self, sample: list[np.ndarray]) -> tuple[np.ndarray, ...]:
+        """Invoke one worker on one sample (arrays already in model dtype). Returns raw outputs."""
+        worker = self._pool.get()
+        try:
+            for info, arr in zip(self.input_details, sample):
+                worker.set_tensor(info.index, arr.reshape(info.shape))
+            worker.invoke()
+            return tuple(worker.get_tensor(info.index) for info in self.output_details)
+        except (RuntimeError, ValueError) as exc:
+            self._errors += 1
+            raise ModelError(f"inference failed: {exc}") from exc
+        finally:
+            self._pool.put(worker)
+
+    def _run_cached(self, sample: list[np.ndarray]) -> tuple[np.ndarray, ...]:
+        cache = self._cache
+        assert cache is not None
+        lookup = cache.lookup(sample)
+        if lookup.outputs is not None and not lookup.verify:
+            return lookup.outputs
+        outputs = self._run(sample)
+        cache.record(lookup, outputs)
+        return outputs
+
+    def infer(self, x: np.ndarray | Mapping[str, np.ndarray], *, raw: bool = False) -> Outputs:
+        """Run the model on one sample or a batch.
+
+        ``x`` is an array (single-input models) or a dict name -> array. Returns an array for a
+        single-output model, else a dict name -> array; floats unless ``raw=True`` (model dtype).
+        A batch ``[N, ...]`` gives outputs ``[N, ...]``; a sample without its batch axis gives
+        outputs without it.
+
+        Raises:
+            InputError: wrong input names, shapes or dtypes.
+            ModelError: the engine is closed or the runtime failed.
+        """
+        if self._closed:
+            raise ModelError("engine is closed")
+        start = time.perf_counter()
+        arrays, count = self._prepare(x)
+        run = self._run if self._cache is None else self._run_cached
+        if count <= 1:
+            results = run(arrays)
+            if count == 0:
+                results = tuple(r[0] for r in results)
+        else:
+            per_sample = [run([a[i:i + 1] for a in arrays]) for i in range(count)]
+            results = tuple(np.concatenate([s[k] for s in per_sample]) for k in range(len(self.output_details)))
+        if raw:
+            final = [r.copy() if not r.flags.writeable else r for r in results]
+        else:
+            final = [dequantize(r, info) if info.quantized else (r.copy() if not r.flags.writeable else r)
+                     for r, info in zip(results, self.output_details)]
+        elapsed = time.perf_counter() - start
+        self._latencies[next(self._calls) % _LATENCY_WINDOW] = elapsed
+        self._samples += max(count, 1)
+        if len(final) == 1:
+            return final[0]
+        return {info.name: arr for info, arr in zip(self.output_details, final)}
+
+    def top1(self, outputs: Outputs) -> np.ndarray:
+        """Class index per sample for a classifier's output (the first output for dicts)."""
+        arr = outputs if isinstance(outputs, np.ndarray) else outputs[self.output_details[0].name]
+        return np.argmax(arr, axis=-1)
+
+    # ------------------------------------------------------------------ status
+    def stats(self) -> dict[str, Any]:
+        """Counts, latency percentiles (ms, last 2048 calls), cache stats, runtime and layout."""
+        calls = _peek(self._calls)
+        window = self._latencies[: min(calls, _LATENCY_WINDOW)]
+        if window.size:
+            p50, p95, p99 = (float(v) * 1000.0 for v in np.percentile(window, [50, 95, 99]))
+            latency = {"p50": round(p50, 4), "p95": round(p95, 4), "p99": round(p99, 4)}
+        else:
+            latency = {"p50": None, "p95": None, "p99": None}
+        return {
+            "calls": calls,
+            "inferences": self._samples,
+            "errors": self._errors,
+            "latency_ms": latency,
+            "runtime": self._runtime.name,
+            "accelerator": self.accelerator,
+            "layout": {"threads": self.layout.threads, "instances": self.layout.instances,
+                       "autotuned": bool(self._autotune_report), "candidates": list(self._autotune_report),
+                       "objective": self.profile.runtime.objective},
+            "model": {"sha256": self.sha256, "source": self.source,
+                      "name": self.manifest.name if self.manifest else None,
+                      "version": self.manifest.version if self.manifest else None},
+            "cache": self._cache.stats() if self._cache is not None
+            else {"enabled": False, "reason": self.cache_disabled_reason or "off"},
+        }
+
+    def clear_cache(self) -> None:
+        """Forget every cached output (the engine does this itself when its model changes)."""
+        if self._cache is not None:
+            self._cache.clear()
+
+    def close(self) -> None:
+        """Release the interpreters; later calls to ``infer`` raise ModelError."""
+        self._closed = True
+        if self._cache is not None:
+            self._cache.clear()
+        self._workers = []
+        self._pool = queue.SimpleQueue()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Engine({self.source!r}, runtime={self._runtime.name}, accelerator={self.accelerator}, "
+                f"threads={self.layout.threads}, instances={self.layout.instances}, "
+                f"cache={'on' if self._cache else 'off'})")
+
+
+def _peek(counter: itertools.count) -> int:
+    """Current value of an ``itertools.count`` without advancing it (parsed from its repr)."""
+    return int(repr(counter)[6:-1])
+
+
+def _measure(interpreters: list[Any], inputs: tuple[TensorInfo, ...], zeros: list[np.ndarray],
+             budget_s: float, objective: str) -> float:
+    """Score one layout: 1/p50 latency (ms) for "latency", inferences per second for "throughput"."""
+    def loop(interp: Any, deadline: float, times: list[float]) -> None:
+        for info, z in zip(inputs, zeros):
+            interp.set_tensor(info.index, z)
+        interp.invoke()  # warm-up
+        while (now := time.perf_counter()) < deadline:
+            interp.invoke()
+            times.append(time.perf_counter() - now)
+
+    deadline = time.perf_counter() + budget_s
+    if objective == "latency" or len(interpreters) == 1:
+        times: list[float] = []
+        loop(interpreters[0], deadline, times)
+        if objective == "latency":
+            return 1.0 / max(float(np.median(times)) * 1000.0, 1e-6) if times else 0.0
+        return len(times) / budget_s
+    per_thread: list[list[float]] = [[] for _ in interpreters]
+    threads = [threading.Thread(target=loop, args=(it, deadline, t)) for it, t in zip(interpreters, per_thread)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return sum(len(t) for t in per_thread) / budget_s

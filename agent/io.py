@@ -1,0 +1,148 @@
+"""Pure helpers over a TFLite interpreter: tensor descriptions, quantization, input checks.
+
+Quantization is written out where it happens (pycoral habit): ``q = round(x / scale) + zero_point``
+clipped to the dtype's limits, and ``x = (q - zero_point) * scale``. Float arrays are quantized with
+the model's own parameters; arrays already in the model's integer dtype pass through untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from agent.errors import InputError
+
+__all__ = [
+    "TensorInfo",
+    "describe_tensors",
+    "quantize",
+    "dequantize",
+    "to_model_dtype",
+    "split_batch",
+    "top1",
+]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One model input or output as the engine uses it.
+
+    ``name`` is the signature key when the model has a signature (``image``), else the tensor
+    name. ``scale == 0`` means the tensor is not quantized.
+    """
+
+    name: str
+    index: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    scale: float
+    zero_point: int
+
+    @property
+    def quantized(self) -> bool:
+        return self.scale != 0.0 and self.dtype.kind in "iu"
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def to_json(self) -> dict[str, Any]:
+        spec: dict[str, Any] = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype.name}
+        if self.quantized:
+            spec["quantization"] = {"scale": [self.scale], "zero_point": [self.zero_point]}
+        return spec
+
+
+def _signature_names(interpreter: Any) -> tuple[dict[int, str], dict[int, str]]:
+    try:
+        signatures = interpreter._get_full_signature_list()  # noqa: SLF001 (public in tf.lite, private here)
+    except AttributeError:
+        return {}, {}
+    if len(signatures) != 1:
+        return {}, {}
+    sig = next(iter(signatures.values()))
+    return ({idx: key for key, idx in sig.get("inputs", {}).items()},
+            {idx: key for key, idx in sig.get("outputs", {}).items()})
+
+
+def _info(detail: dict[str, Any], names: dict[int, str]) -> TensorInfo:
+    scale, zero_point = detail.get("quantization", (0.0, 0))
+    return TensorInfo(
+        name=names.get(detail["index"], detail["name"]),
+        index=int(detail["index"]),
+        shape=tuple(int(d) for d in detail["shape"]),
+        dtype=np.dtype(detail["dtype"]),
+        scale=float(scale),
+        zero_point=int(zero_point),
+    )
+
+
+def describe_tensors(interpreter: Any) -> tuple[tuple[TensorInfo, ...], tuple[TensorInfo, ...]]:
+    """Inputs and outputs of an allocated interpreter, sorted by name (stable across runtimes)."""
+    in_names, out_names = _signature_names(interpreter)
+    inputs = tuple(sorted((_info(d, in_names) for d in interpreter.get_input_details()), key=lambda t: t.name))
+    outputs = tuple(sorted((_info(d, out_names) for d in interpreter.get_output_details()), key=lambda t: t.name))
+    return inputs, outputs
+
+
+def quantize(x: np.ndarray, info: TensorInfo, out: np.ndarray | None = None) -> np.ndarray:
+    """Float values -> the model's integer dtype, rounding to nearest and clipping to its range."""
+    limits = np.iinfo(info.dtype)
+    q = np.rint(np.asarray(x, dtype=np.float32) / np.float32(info.scale))
+    q += info.zero_point
+    np.clip(q, limits.min, limits.max, out=q)
+    if out is None:
+        return q.astype(info.dtype)
+    np.copyto(out, q, casting="unsafe")
+    return out
+
+
+def dequantize(q: np.ndarray, info: TensorInfo) -> np.ndarray:
+    """Integer tensor -> float32. The subtraction is done in float32, exact for 8/16-bit values."""
+    x = q.astype(np.float32)
+    x -= np.float32(info.zero_point)
+    x *= np.float32(info.scale)
+    return x
+
+
+def to_model_dtype(x: np.ndarray, info: TensorInfo) -> np.ndarray:
+    """Convert one input to the model's dtype: quantize floats, pass matching dtypes through.
+
+    Raises:
+        InputError: an integer array of another dtype, or a non-numeric array.
+    """
+    if x.dtype == info.dtype:
+        return x
+    if x.dtype.kind == "f":
+        if info.quantized:
+            return quantize(x, info)
+        return x.astype(info.dtype)
+    if x.dtype.kind in "iub" and info.dtype.kind == "f":
+        return x.astype(info.dtype)
+    raise InputError(f"input {info.name!r}: expected dtype {info.dtype.name} or a float array, got {x.dtype.name}")
+
+
+def split_batch(x: np.ndarray, info: TensorInfo) -> int:
+    """How many samples ``x`` holds for a model input of ``info.shape`` (batch 1 assumed).
+
+    Accepts the exact shape, the shape without the batch axis, or ``(N, *shape[1:])``.
+
+    Raises:
+        InputError: the shape fits none of these.
+    """
+    model = info.shape
+    if x.shape == model:
+        return 1
+    if len(model) >= 1 and x.shape == model[1:]:
+        return 0  # one sample without its batch axis
+    if len(model) >= 1 and x.ndim == len(model) and x.shape[1:] == model[1:] and x.shape[0] >= 1:
+        return int(x.shape[0])
+    raise InputError(f"input {info.name!r}: expected shape {list(model)} "
+                     f"(or a batch [N, {', '.join(map(str, model[1:]))}]), got {list(x.shape)}")
+
+
+def top1(scores: np.ndarray) -> np.ndarray:
+    """Index of the largest score along the last axis."""
+    return np.argmax(scores, axis=-1)
