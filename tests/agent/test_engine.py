@@ -1,0 +1,205 @@
+"""Engine behaviour with real interpreters: quantized I/O, several inputs/outputs, batches, errors,
+artifact directories, thread safety and the autotuned layout."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from agent import Engine
+from agent.errors import ArtifactError, InputError, ModelError
+from agent.io import quantize
+from tests.agent.conftest import run_bare
+from tests.support.artifacts import build_artifact
+
+pytestmark = pytest.mark.runtime
+
+
+def test_float_model_outputs_equal_the_bare_interpreter(models, images):
+    engine = Engine(models / "float.tflite", profile="x86-dev", autotune=False)
+    idx = engine.input_details[0].index
+    want = run_bare(models / "float.tflite", {idx: images[:1]})[engine.output_details[0].index]
+    got = engine.infer(images[:1])
+    assert got.dtype == np.float32 and got.shape == (1, 10)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["int8.tflite", "uint8.tflite"])
+def test_float_input_is_quantized_with_the_models_parameters_and_output_dequantized(models, images, name):
+    engine = Engine(models / name, profile="x86-dev", autotune=False)
+    inp, out = engine.input_details[0], engine.output_details[0]
+    assert inp.quantized and out.quantized
+    q = quantize(images[:1], inp)
+    assert q.dtype == inp.dtype
+    raw = run_bare(models / name, {inp.index: q})[out.index]
+    expected = (raw.astype(np.float32) - out.zero_point) * out.scale
+    np.testing.assert_array_equal(engine.infer(images[:1]), expected)
+    # the same tensor given already quantized passes through unchanged, and raw=True gives model dtype
+    np.testing.assert_array_equal(engine.infer(q), expected)
+    np.testing.assert_array_equal(engine.infer(q, raw=True), raw)
+
+
+def test_quantized_model_agrees_with_float_model_on_top1(models, images):
+    f = Engine(models / "float.tflite", profile="x86-dev", autotune=False)
+    q = Engine(models / "int8.tflite", profile="x86-dev", autotune=False)
+    diff = np.abs(f.infer(images) - q.infer(images)).max()
+    assert diff < 0.02
+
+
+def test_several_inputs_and_outputs_by_name(models):
+    engine = Engine(models / "multi_io.tflite", profile="x86-dev", autotune=False)
+    assert [t.name for t in engine.input_details] == ["a", "b"]
+    assert [t.name for t in engine.output_details] == ["prod", "sum"]
+    a = np.linspace(-1, 1, 4, dtype=np.float32).reshape(1, 4)
+    b = np.linspace(0, 2, 6, dtype=np.float32).reshape(1, 6)
+    got = engine.infer({"b": b, "a": a})
+    ins = {t.name: t.index for t in engine.input_details}
+    want = run_bare(models / "multi_io.tflite", {ins["a"]: a, ins["b"]: b})
+    assert set(got) == {"prod", "sum"}
+    for t in engine.output_details:
+        np.testing.assert_allclose(got[t.name], want[t.index], rtol=1e-6)
+
+
+def test_batch_of_n_on_a_batch1_model_equals_n_single_calls(models, images):
+    engine = Engine(models / "int8.tflite", profile="x86-dev", autotune=False)
+    batch = engine.infer(images)
+    assert batch.shape == (8, 10)
+    singles = np.concatenate([engine.infer(images[i:i + 1]) for i in range(len(images))])
+    np.testing.assert_array_equal(batch, singles)
+    one = engine.infer(images[0])  # no batch axis in, none out
+    assert one.shape == (10,)
+    np.testing.assert_array_equal(one, batch[0])
+
+
+def test_multi_input_batches_must_agree_on_size(models):
+    engine = Engine(models / "multi_io.tflite", profile="x86-dev", autotune=False)
+    out = engine.infer({"a": np.zeros((3, 4), np.float32), "b": np.zeros((3, 6), np.float32)})
+    assert out["sum"].shape == (3, 3) and out["prod"].shape == (3, 2)
+    with pytest.raises(InputError, match="batch size"):
+        engine.infer({"a": np.zeros((3, 4), np.float32), "b": np.zeros((2, 6), np.float32)})
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.zeros((1, 16, 16, 4), np.float32), r"expected shape \[1, 16, 16, 3\]"),
+    (np.zeros((16, 3), np.float32), "expected shape"),
+    (np.zeros((1, 16, 16, 3), np.int16), "expected dtype int8"),
+    (np.array([["a"]]), "expected"),
+])
+def test_wrong_shape_or_dtype_is_a_clear_input_error(models, bad, message):
+    engine = Engine(models / "int8.tflite", profile="x86-dev", autotune=False)
+    with pytest.raises(InputError, match=message):
+        engine.infer(bad)
+    assert engine.infer(np.zeros((1, 16, 16, 3), np.float32)).shape == (1, 10)  # still serving
+
+
+def test_wrong_input_names_are_a_clear_input_error(models):
+    engine = Engine(models / "multi_io.tflite", profile="x86-dev", autotune=False)
+    with pytest.raises(InputError, match="expected inputs"):
+        engine.infer({"a": np.zeros((1, 4), np.float32)})
+    with pytest.raises(InputError, match="pass a dict"):
+        engine.infer(np.zeros((1, 4), np.float32))
+
+
+def test_missing_and_empty_model_files_are_model_errors(tmp_path):
+    with pytest.raises(ModelError, match="not found"):
+        Engine(tmp_path / "nope.tflite", profile="x86-dev")
+    (tmp_path / "empty.tflite").write_bytes(b"")
+    with pytest.raises(ModelError, match="empty"):
+        Engine(tmp_path / "empty.tflite", profile="x86-dev")
+
+
+def test_artifact_directory_exposes_manifest_and_sha256(models, tmp_path):
+    art = build_artifact(models / "int8.tflite", tmp_path / "a", name="clf", version="3", golden_samples=1)
+    engine = Engine(art.dir, profile="x86-dev", autotune=False)
+    assert engine.manifest is not None and engine.manifest.version == "3"
+    assert engine.sha256 == art.manifest.model.sha256
+    assert engine.stats()["model"]["version"] == "3"
+
+
+def test_artifact_whose_model_does_not_match_its_manifest_is_refused(models, tmp_path):
+    art = build_artifact(models / "int8.tflite", tmp_path / "a", golden_samples=0)
+    (art.dir / "model.tflite").write_bytes((models / "uint8.tflite").read_bytes())
+    with pytest.raises(ArtifactError, match="do not match the manifest"):
+        Engine(art.dir, profile="x86-dev")
+
+
+def test_manifest_cache_allowed_false_turns_the_cache_off(models, tmp_path):
+    art = build_artifact(models / "int8.tflite", tmp_path / "a", golden_samples=0, cache_allowed=False)
+    engine = Engine(art.dir, profile="x86-dev", cache=True, autotune=False)
+    cache = engine.stats()["cache"]
+    assert cache == {"enabled": False, "reason": "manifest says cache_allowed: false"}
+
+
+def test_many_threads_get_the_same_results_as_one_thread(models, images):
+    frames = np.random.default_rng(1).uniform(0, 1, (40, 16, 16, 3)).astype(np.float32)
+    single = Engine(models / "int8.tflite", profile="x86-dev", autotune=False, instances=1)
+    want = [single.infer(f) for f in frames]
+    shared = Engine(models / "int8.tflite", profile="x86-dev", autotune=False, instances=2, threads=1)
+    assert shared.layout.instances == 2
+    results: dict[int, list[np.ndarray]] = {}
+    errors: list[BaseException] = []
+
+    def work(tid: int) -> None:
+        try:
+            results[tid] = [shared.infer(f) for f in frames]
+        except BaseException as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for tid in range(4):
+        for got, expected in zip(results[tid], want):
+            np.testing.assert_array_equal(got, expected)
+    assert shared.stats()["calls"] == 4 * len(frames)
+
+
+def test_autotune_tries_layouts_and_records_the_choice(models):
+    engine = Engine(models / "tiny.tflite", profile="x86-dev")  # autotune on in the profile
+    layout = engine.stats()["layout"]
+    assert layout["objective"] == "latency"
+    assert {"threads", "instances", "autotuned", "candidates"} <= set(layout)
+    if layout["autotuned"]:
+        best = max(layout["candidates"], key=lambda c: c["score"])
+        assert (best["threads"], best["instances"]) == (layout["threads"], layout["instances"])
+    skipped = Engine(models / "tiny.tflite", profile="x86-dev", autotune=False).stats()["layout"]
+    assert skipped["autotuned"] is False and skipped["candidates"] == []
+
+
+def test_threads_come_from_the_profile_unless_given(models):
+    import os
+
+    rpi4 = Engine(models / "tiny.tflite", profile="rpi4", autotune=False)
+    assert rpi4.layout.threads == min(4, os.cpu_count() or 1)
+    assert Engine(models / "tiny.tflite", profile="rpi4", threads=1).layout.threads == 1
+
+
+def test_stats_report_counts_latency_and_runtime(models, images):
+    engine = Engine(models / "int8.tflite", profile="x86-dev", autotune=False)
+    engine.infer(images)
+    engine.infer(images[0])
+    stats = engine.stats()
+    assert stats["calls"] == 2 and stats["inferences"] == 9 and stats["errors"] == 0
+    assert stats["runtime"] in ("ai-edge-litert", "tflite-runtime")
+    assert stats["accelerator"] == "cpu"
+    assert 0 < stats["latency_ms"]["p50"] <= stats["latency_ms"]["p99"]
+    json.dumps(stats)  # the service publishes it as telemetry
+
+
+def test_closed_engine_refuses_to_infer(models, images):
+    engine = Engine(models / "int8.tflite", profile="x86-dev", autotune=False)
+    engine.close()
+    with pytest.raises(ModelError, match="closed"):
+        engine.infer(images[0])
+
+
+def test_top1_helper_gives_class_per_sample(models, images):
+    engine = Engine(models / "float.tflite", profile="x86-dev", autotune=False)
+    out = engine.infer(images)
+    np.testing.assert_array_equal(engine.top1(out), np.argmax(out, axis=-1))
