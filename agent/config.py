@@ -1,0 +1,253 @@
+"""``agent.yaml``: the device service configuration, validated strictly.
+
+The schema below is the documentation of every key (units in the descriptions); unknown keys,
+missing keys and wrong values raise :class:`~agent.errors.ConfigError` with one line naming the
+file and the key. The models only validate: files (passwords, keys, models) are read by the
+service at start-up, never here. Relative paths are taken relative to the config file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from agent.errors import ConfigError
+from agent.profiles import format_validation_error
+from agent.protocol import validate_id
+
+__all__ = [
+    "AgentConfig",
+    "BrokerConfig",
+    "OutboxConfig",
+    "CommandsConfig",
+    "HttpConfig",
+    "SourceConfig",
+    "SinksConfig",
+    "TelemetryConfig",
+    "CacheConfig",
+    "load_config",
+    "parse_config",
+]
+
+MAX_CONFIG_BYTES = 1024 * 1024
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BrokerConfig(_Strict):
+    url: str = Field(description="mqtt://host:port (plain) or mqtts://host:port (TLS; default port 8883)")
+    username: str | None = Field(default=None, description="MQTT username (usually the device id)")
+    password_file: Path | None = Field(default=None, description="File holding the MQTT password (one line)")
+    ca_file: Path | None = Field(default=None, description="CA bundle that signed the broker certificate (mqtts)")
+    cert_file: Path | None = Field(default=None, description="Client certificate for mutual TLS (optional)")
+    key_file: Path | None = Field(default=None, description="Private key of cert_file")
+    keepalive_s: int = Field(default=30, ge=1, le=3600,
+                             description="MQTT keepalive, s; the broker announces the Last Will after ~1.5x")
+    protocol: Literal["auto", "5", "3.1.1"] = Field(
+        default="auto", description="MQTT version; auto tries 5 and falls back to 3.1.1 if refused")
+    reconnect_min_s: float = Field(default=0.5, gt=0, le=60, description="First reconnect delay, s")
+    reconnect_max_s: float = Field(default=30.0, gt=0, le=3600, description="Longest reconnect delay, s")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError("expected mqtt://host[:port] or mqtts://host[:port]")
+        try:
+            parts.port
+        except ValueError as exc:
+            raise ValueError(f"bad port in {value!r}") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> "BrokerConfig":
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        if self.cert_file is not None and not self.tls:
+            raise ValueError("a client certificate needs an mqtts:// url")
+        if self.password_file is not None and self.username is None:
+            raise ValueError("password_file needs a username")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_min_s")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme == "mqtts"
+
+    @property
+    def host(self) -> str:
+        return str(urlsplit(self.url).hostname)
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or (8883 if self.tls else 1883)
+
+
+class OutboxConfig(_Strict):
+    max_rows: int = Field(default=10_000, ge=10, description="Most telemetry/event messages kept while offline")
+    max_bytes: int = Field(default=16 * 1024 * 1024, ge=4096,
+                           description="Most payload bytes kept while offline; the oldest are dropped first")
+    drain_per_s: float = Field(default=50.0, gt=0, description="Publish rate when draining a backlog, messages/s")
+    max_inflight: int = Field(default=20, ge=1, le=1000, description="Unacknowledged QoS 1 publishes at once")
+    resend_after_s: float = Field(default=30.0, gt=0,
+                                  description="Publish again when unacknowledged this long while connected, s")
+
+
+class CommandsConfig(_Strict):
+    rate_per_min: float = Field(default=60.0, gt=0, description="Commands executed per minute (burst = 10)")
+    remember: int = Field(default=256, ge=1, le=100_000,
+                          description="Recent command ids remembered (on disk) so a repeat is not re-executed")
+    max_ttl_s: float = Field(default=86_400.0, gt=0, description="Longest ttl_s a command may ask for, s")
+
+
+class HttpConfig(_Strict):
+    listen: str | None = Field(default="127.0.0.1:8501",
+                               description="host:port of the REST endpoint (loopback by default); null disables it")
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="Largest request body, bytes")
+    max_instances: int = Field(default=64, ge=1, description="Largest batch in one predict request")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("expected host:port such as 127.0.0.1:8501")
+        return value
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        if self.listen is None:
+            return None
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+class SourceConfig(_Strict):
+    type: Literal["directory", "none"] = Field(default="none", description="Where inputs come from besides HTTP")
+    path: Path | None = Field(default=None, description="Watched directory (type: directory)")
+    after: Literal["move", "delete"] = Field(
+        default="move", description="What to do with an inferred file: move to done/ or delete it")
+    poll_interval_s: float = Field(default=0.5, gt=0, le=60, description="Directory scan period, s")
+    max_file_bytes: int = Field(default=32 * 1024 * 1024, ge=1, description="Larger files go to failed/, bytes")
+
+    @model_validator(mode="after")
+    def _path(self) -> "SourceConfig":
+        if self.type == "directory" and self.path is None:
+            raise ValueError("type 'directory' needs a path")
+        return self
+
+
+class SinksConfig(_Strict):
+    jsonl: Path | None = Field(default=None, description="Append one JSON line per result to this file")
+    jsonl_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024,
+                                 description="Rotate the JSONL file (one .1 kept) past this size, bytes")
+    results_topic: bool = Field(default=False,
+                                description="Also publish each result (QoS 0, dropped while offline)")
+
+
+class TelemetryConfig(_Strict):
+    interval_s: float = Field(default=10.0, ge=0.1, le=86_400, description="Telemetry period, s")
+    drift_window: int = Field(default=1000, ge=10, description="Recent results compared with the baseline")
+
+
+class CacheConfig(_Strict):
+    enabled: bool | None = Field(default=None, description="Input-locality cache on/off; null = the profile's default")
+    near_threshold: float | None = Field(default=None, ge=0, le=1, description="Override the near-duplicate threshold")
+    max_age_s: float | None = Field(default=None, ge=0, description="Override the reuse age limit, s")
+
+
+class AgentConfig(_Strict):
+    device_id: str = Field(description="This device's id: a topic level and the MQTT username")
+    group: str = Field(default="default", description="Group for group-wide commands")
+    profile: str = Field(description="Device profile name (device_profiles/) or path to a .yaml")
+    state_dir: Path = Field(description="Everything the agent persists: models, journal, outbox, counters")
+    model: Path | None = Field(default=None, description="Initial artifact dir or .tflite for the first boot")
+    broker: BrokerConfig
+    trusted_keys: list[Path] = Field(default_factory=list, description="Ed25519 public keys (PEM) allowed to sign")
+    require_signature: bool = Field(default=True, description="Refuse updates without a trusted signature")
+    http: HttpConfig = HttpConfig()
+    source: SourceConfig = SourceConfig()
+    sinks: SinksConfig = SinksConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
+    cache: CacheConfig = CacheConfig()
+    outbox: OutboxConfig = OutboxConfig()
+    commands: CommandsConfig = CommandsConfig()
+
+    @field_validator("device_id")
+    @classmethod
+    def _device_id(cls, value: str) -> str:
+        try:
+            return validate_id(value, "device_id")
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from exc
+
+    @field_validator("group")
+    @classmethod
+    def _group(cls, value: str) -> str:
+        try:
+            return validate_id(value, "group")
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from exc
+
+    def resolved(self, base: Path) -> "AgentConfig":
+        """A copy with every relative path made relative to ``base`` (the config file's folder)."""
+
+        def fix(p: Path | None) -> Path | None:
+            return None if p is None else (p if p.is_absolute() else (base / p))
+
+        broker = self.broker.model_copy(update={
+            "password_file": fix(self.broker.password_file), "ca_file": fix(self.broker.ca_file),
+            "cert_file": fix(self.broker.cert_file), "key_file": fix(self.broker.key_file)})
+        profile = self.profile
+        if profile.endswith((".yaml", ".yml")) or "/" in profile:
+            profile = str(fix(Path(profile)))
+        return self.model_copy(update={
+            "state_dir": fix(self.state_dir), "model": fix(self.model), "broker": broker,
+            "profile": profile, "trusted_keys": [fix(k) for k in self.trusted_keys],
+            "source": self.source.model_copy(update={"path": fix(self.source.path)}),
+            "sinks": self.sinks.model_copy(update={"jsonl": fix(self.sinks.jsonl)}),
+        })
+
+
+def parse_config(data: object, source: str = "agent.yaml", base: Path | None = None) -> AgentConfig:
+    """Validate an already-parsed config mapping.
+
+    Raises:
+        ConfigError: naming ``source`` and the first bad key.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of config keys, got {type(data).__name__}")
+    try:
+        cfg = AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(source, exc)) from exc
+    return cfg.resolved(base) if base is not None else cfg
+
+
+def load_config(path: Path | str) -> AgentConfig:
+    """Read and validate ``agent.yaml``; relative paths become relative to its folder.
+
+    Raises:
+        ConfigError: the file is missing, too large, not YAML, or does not fit the schema.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size} bytes, expected at most {MAX_CONFIG_BYTES}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{path}: not valid YAML: {first}") from exc
+    return parse_config(data, str(path), base=path.parent.resolve())

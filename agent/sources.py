@@ -1,0 +1,149 @@
+"""Input sources: a watched directory of ``.npy`` / ``.png`` / ``.jpg`` frames.
+
+A camera process (or anything) drops files into the folder -- written under a temporary name and
+renamed in, so a half-written file is never picked up: names starting with ``.`` and anything
+without a known suffix are ignored. Each file is inferred once, oldest first, then moved to
+``done/`` or deleted; a file that cannot be read or inferred is moved to ``failed/`` so it is not
+retried forever. Images are resized to the model input and scaled to the manifest's
+``preprocessing.input_range`` (default 0..1).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from agent.errors import EdgefleetError, InputError
+
+__all__ = ["DirectoryWatcher", "load_input", "SUFFIXES"]
+
+log = logging.getLogger(__name__)
+
+SUFFIXES = (".npy", ".png", ".jpg", ".jpeg")
+
+
+def load_input(path: Path, input_shape: tuple[int, ...] | None,
+               input_range: tuple[float, float] | None = None) -> np.ndarray:
+    """Read one file as a model input (an image is resized to ``input_shape``'s H x W).
+
+    Raises:
+        InputError: unreadable file, or an image for a model whose input is not [1, H, W, C].
+    """
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{path.name}: not a readable .npy array: {exc}") from exc
+    if input_shape is None or len(input_shape) != 4 or input_shape[-1] not in (1, 3):
+        raise InputError(f"{path.name}: images need a model input of shape [1, H, W, 1|3], "
+                         f"got {list(input_shape) if input_shape else None}")
+    from PIL import Image, UnidentifiedImageError
+
+    _, height, width, channels = input_shape
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
+            arr = np.asarray(img, dtype=np.float32) / 255.0
+    except (OSError, UnidentifiedImageError) as exc:
+        raise InputError(f"{path.name}: not a readable image: {exc}") from exc
+    lo, hi = input_range or (0.0, 1.0)
+    arr = arr * np.float32(hi - lo) + np.float32(lo)
+    return arr.reshape(height, width, channels)
+
+
+class DirectoryWatcher:
+    """Poll a folder and hand each new file to ``process(path, array)`` on its own thread.
+
+    ``input_shape()`` and ``input_range()`` are asked per file, so an OTA model swap with a new
+    input size is followed; while ``input_shape()`` is None (no model yet) files are left alone.
+    """
+
+    def __init__(self, path: Path, process: Callable[[Path, Any], None], *,
+                 input_shape: Callable[[], tuple[int, ...] | None],
+                 input_range: Callable[[], tuple[float, float] | None] = lambda: None,
+                 after: str = "move", poll_interval_s: float = 0.5, max_file_bytes: int = 32 << 20) -> None:
+        self.path = Path(path)
+        self.done_dir = self.path / "done"
+        self.failed_dir = self.path / "failed"
+        self._process = process
+        self._input_shape = input_shape
+        self._input_range = input_range
+        self.after = after
+        self.poll_interval_s = poll_interval_s
+        self.max_file_bytes = max_file_bytes
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="source-dir", daemon=True)
+        self.processed = 0
+        self.failed = 0
+
+    def start(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        if self.after == "move":
+            self.done_dir.mkdir(exist_ok=True)
+        self.failed_dir.mkdir(exist_ok=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+
+    def pending(self) -> list[Path]:
+        """Files waiting, oldest first."""
+        files = []
+        try:
+            with os.scandir(self.path) as it:
+                for entry in it:
+                    if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
+                        continue
+                    if os.path.splitext(entry.name)[1].lower() in SUFFIXES:
+                        files.append((entry.stat().st_mtime, entry.name))
+        except OSError as exc:
+            log.warning("cannot list %s: %s", self.path, exc)
+        return [self.path / name for _, name in sorted(files)]
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self._input_shape() is None:  # no model yet: leave the files for later
+                self._stop.wait(self.poll_interval_s)
+                continue
+            for file in self.pending():
+                if self._stop.is_set():
+                    return
+                self._one(file)
+            self._stop.wait(self.poll_interval_s)
+
+    def _one(self, file: Path) -> None:
+        try:
+            if file.stat().st_size > self.max_file_bytes:
+                raise InputError(f"{file.name}: larger than {self.max_file_bytes} bytes")
+            x = load_input(file, self._input_shape(), self._input_range())
+            self._process(file, x)
+        except FileNotFoundError:
+            return  # removed by someone else meanwhile
+        except EdgefleetError as exc:
+            self.failed += 1
+            log.warning("source %s: %s", file.name, exc)
+            self._move(file, self.failed_dir)
+            return
+        self.processed += 1
+        if self.after == "delete":
+            try:
+                file.unlink()
+            except FileNotFoundError:
+                pass
+        else:
+            self._move(file, self.done_dir)
+
+    @staticmethod
+    def _move(file: Path, folder: Path) -> None:
+        try:
+            os.replace(file, folder / file.name)
+        except OSError as exc:
+            log.warning("cannot move %s to %s: %s", file, folder, exc)

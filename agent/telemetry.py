@@ -1,0 +1,166 @@
+"""Telemetry: what the device did in the last window, how the machine is, and output drift.
+
+The inference path only calls :meth:`Metrics.record` (one ``deque.append`` of a tuple, no lock:
+``deque.append`` is atomic under the GIL). The telemetry thread swaps the window out and does all
+the arithmetic. System figures come from psutil; the temperature from ``/sys/class/thermal``
+when the board has a sensor, else ``null``.
+
+Drift compares the recent top-1 class histogram and mean confidence with the ``baseline`` the
+converter wrote into the manifest: total variation distance (0 = same distribution, 1 =
+disjoint) and the confidence delta (recent - baseline).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.manifest import Baseline
+
+__all__ = ["Metrics", "WindowStats", "SystemStats", "drift_report", "read_temperature_c",
+           "summarize_output"]
+
+THERMAL_ROOT = Path("/sys/class/thermal")
+
+
+def summarize_output(output: Any) -> tuple[int | None, float | None]:
+    """(top-1 class, its score) for a classifier's first output; (None, None) when not a vector."""
+    arr = next(iter(output.values())) if isinstance(output, dict) else output
+    arr = np.asarray(arr)
+    if arr.ndim == 0 or arr.size < 2 or arr.dtype.kind not in "fiu":
+        return None, None
+    flat = arr.reshape(-1, arr.shape[-1])[0]
+    idx = int(np.argmax(flat))
+    return idx, float(flat[idx])
+
+
+@dataclass(frozen=True)
+class WindowStats:
+    window_s: float
+    inferences: int
+    errors: int
+    throughput: float
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"window_s": round(self.window_s, 3), "inferences": self.inferences, "errors": self.errors,
+                "throughput": round(self.throughput, 3),
+                "latency_ms": {"p50": self.p50_ms, "p95": self.p95_ms, "p99": self.p99_ms}}
+
+
+class Metrics:
+    """Per-window latency/error counts plus a bounded history of top-1 results for drift."""
+
+    def __init__(self, drift_window: int = 1000) -> None:
+        self._window: collections.deque[tuple[float, int | None, float | None, bool]] = collections.deque()
+        self._recent: collections.deque[tuple[int, float]] = collections.deque(maxlen=drift_window)
+        self._started = time.monotonic()
+        self.total_inferences = 0
+        self.total_errors = 0
+        self.latency_sum_s = 0.0
+
+    def record(self, latency_s: float, top1: int | None = None, confidence: float | None = None,
+               error: bool = False) -> None:
+        """Hot path: one atomic append."""
+        self._window.append((latency_s, top1, confidence, error))
+
+    def take_window(self, now: float | None = None) -> WindowStats:
+        """Close the current window and summarize it (telemetry thread only)."""
+        now = time.monotonic() if now is None else now
+        window, self._window = self._window, collections.deque()
+        span = max(now - self._started, 1e-9)
+        self._started = now
+        latencies = []
+        errors = 0
+        for latency, top1, conf, err in window:
+            if err:
+                errors += 1
+                continue
+            latencies.append(latency)
+            if top1 is not None and conf is not None:
+                self._recent.append((top1, conf))
+        count = len(latencies)
+        self.total_inferences += count
+        self.total_errors += errors
+        self.latency_sum_s += float(sum(latencies))
+        if latencies:
+            p50, p95, p99 = (round(float(v) * 1000.0, 3) for v in np.percentile(latencies, [50, 95, 99]))
+        else:
+            p50 = p95 = p99 = None
+        return WindowStats(span, count, errors, count / span, p50, p95, p99)
+
+    def drift(self, baseline: Baseline | None) -> dict[str, Any]:
+        return drift_report(list(self._recent), baseline)
+
+
+def drift_report(recent: list[tuple[int, float]], baseline: Baseline | None) -> dict[str, Any]:
+    """TVD of the top-1 histogram and mean-confidence delta vs the manifest baseline.
+
+    Values are null when there is no baseline or no recent result to compare.
+    """
+    out: dict[str, Any] = {"samples": len(recent), "tvd": None, "confidence_delta": None,
+                           "mean_confidence": None}
+    if not recent:
+        return out
+    classes = np.fromiter((c for c, _ in recent), dtype=np.int64, count=len(recent))
+    confs = np.fromiter((s for _, s in recent), dtype=np.float64, count=len(recent))
+    out["mean_confidence"] = round(float(confs.mean()), 5)
+    if baseline is None:
+        return out
+    if baseline.class_histogram:
+        ref = np.asarray(baseline.class_histogram, dtype=np.float64)
+        ref = ref / ref.sum() if ref.sum() > 0 else ref
+        size = max(len(ref), int(classes.max()) + 1)
+        cur = np.bincount(classes, minlength=size).astype(np.float64) / len(recent)
+        ref = np.pad(ref, (0, size - len(ref)))
+        out["tvd"] = round(float(0.5 * np.abs(cur - ref).sum()), 5)
+    if baseline.mean_confidence is not None:
+        out["confidence_delta"] = round(float(confs.mean()) - float(baseline.mean_confidence), 5)
+    return out
+
+
+def read_temperature_c(root: Path = THERMAL_ROOT) -> float | None:
+    """The first thermal zone's temperature in degrees C, or None without a sensor."""
+    try:
+        zones = sorted(root.glob("thermal_zone*/temp"))
+    except OSError:
+        return None
+    for zone in zones:
+        try:
+            return round(int(zone.read_text().strip()) / 1000.0, 1)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+class SystemStats:
+    """CPU (of this process, % of one core), RSS, temperature and free disk of the state dir."""
+
+    def __init__(self, disk_path: Path, thermal_root: Path = THERMAL_ROOT) -> None:
+        import psutil  # agent extra; imported here so the module loads in tools without it
+
+        self._proc = psutil.Process(os.getpid())
+        self._proc.cpu_percent(None)  # prime: the first call always returns 0
+        self.disk_path = Path(disk_path)
+        self.thermal_root = thermal_root
+
+    def sample(self) -> dict[str, Any]:
+        try:
+            disk_free = round(shutil.disk_usage(self.disk_path).free / 2**20, 1)
+        except OSError:
+            disk_free = None
+        return {
+            "cpu_percent": round(float(self._proc.cpu_percent(None)), 1),
+            "rss_mb": round(self._proc.memory_info().rss / 2**20, 1),
+            "temp_c": read_temperature_c(self.thermal_root),
+            "disk_free_mb": disk_free,
+        }
