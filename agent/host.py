@@ -80,8 +80,10 @@ class ModelHost:
     """
 
     def __init__(self, profile: Profile | str, cache: Any = None, threads: int | None = None,
-                 drain_timeout_s: float = 30.0) -> None:
+                 drain_timeout_s: float = 30.0, **engine_kwargs: Any) -> None:
+        """``engine_kwargs`` go to every Engine built (e.g. ``autotune=False``, ``instances=2``)."""
         self.profile = profile
+        self._engine_kwargs = engine_kwargs
         self._cache = cache
         self._threads = threads
         self._drain_timeout_s = drain_timeout_s
@@ -97,7 +99,8 @@ class ModelHost:
         from agent.engine import Engine  # lazy: importing agent.host stays cheap
 
         try:
-            engine = Engine(str(model_path), profile=self.profile, threads=self._threads, cache=self._cache)
+            engine = Engine(str(model_path), profile=self.profile, threads=self._threads, cache=self._cache,
+                            **self._engine_kwargs)
         except ModelError:
             raise
         except Exception as exc:  # the runtime's own exceptions: translate at the boundary

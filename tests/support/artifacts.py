@@ -67,6 +67,22 @@ class Artifact:
                 "artifact_url": artifact_url or self.file_url}
 
 
+def _named(interp: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Input/output details named like the agent's Engine names them (signature keys when there is one)."""
+    try:
+        sigs = interp._get_full_signature_list()  # noqa: SLF001
+    except AttributeError:
+        sigs = {}
+    ins, outs = interp.get_input_details(), interp.get_output_details()
+    if len(sigs) == 1:
+        sig = next(iter(sigs.values()))
+        by_in = {idx: key for key, idx in sig.get("inputs", {}).items()}
+        by_out = {idx: key for key, idx in sig.get("outputs", {}).items()}
+        ins = [{**d, "name": by_in.get(d["index"], d["name"])} for d in ins]
+        outs = [{**d, "name": by_out.get(d["index"], d["name"])} for d in outs]
+    return ins, outs
+
+
 def _spec(detail: dict[str, Any]) -> dict[str, Any]:
     spec: dict[str, Any] = {"name": detail["name"], "shape": [int(d) for d in detail["shape"]],
                             "dtype": np.dtype(detail["dtype"]).name}
@@ -110,7 +126,7 @@ def build_artifact(model: Path | bytes, out_dir: Path, *, name: str = "clf", ver
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MODEL_NAME).write_bytes(data)
     interp = interpreter_for(data)
-    inputs, outputs = interp.get_input_details(), interp.get_output_details()
+    inputs, outputs = _named(interp)
     try:
         interp.allocate_tensors()
         runnable = True

@@ -1,0 +1,524 @@
+"""OtaManager: the device side of an update, as a list of persisted steps.
+
+::
+
+    queued -> downloading -> verifying -> validating -> installing -> probation -> committed
+       any failure before the new model serves ............................... -> rejected
+       the new model cannot be activated ..................................... -> failed
+       probation misses a threshold (or the agent restarted during it) ....... -> rolled_back
+    rollback command: installing (kept slot) -> committed (event has "rollback": true)
+
+Every transition is written to the journal (:mod:`agent.ota.slots`) before it takes effect and is
+then reported through ``emit_event``. The checks are pure functions in :mod:`agent.ota.verify`
+and :mod:`agent.ota.probation`; this module only does the I/O around them, on one worker thread,
+so live inference never waits on the network or the disk.
+
+Crash recovery (:meth:`OtaManager.boot`): the journal names the committed slot; that model is
+served first. Then an update interrupted before installing resumes (the download continues from
+its ``.part`` file, every check runs again); one interrupted while installing or in probation is
+rolled back (the new model may be what killed the agent); an interrupted rollback is finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from agent.atomic import atomic_write_json
+from agent.errors import ArtifactError, ConfigError, EdgefleetError, ModelError, TransportError
+from agent.manifest import MANIFEST_NAME, Manifest, load_manifest, parse_manifest, parse_version, sha256_file
+from agent.ota.crashpoints import crash_point
+from agent.ota.download import DownloadPolicy, download
+from agent.ota.probation import ProbationWatcher, Verdict, judge, policy_for
+from agent.ota.slots import Journal, Outcome, Pending, SlotStore, slot_name
+from agent.ota.verify import (DeviceFacts, UpdateRequest, check_contract, check_file, check_manifest,
+                              check_report, parse_rollback, parse_update)
+from agent.profiles import Profile, load_profile
+
+__all__ = ["OtaManager"]
+
+log = logging.getLogger(__name__)
+
+_RESUMABLE = ("queued", "downloading", "verifying", "validating")
+_COMMAND_FILE = "command.json"
+
+
+class _Stopping(Exception):
+    """close() was called: leave the journal as it is; the next boot finishes or undoes the work."""
+
+
+def _resolve_profile(name: str) -> Profile | None:
+    try:
+        return load_profile(name)
+    except ConfigError:
+        return None
+
+
+class OtaManager:
+    """Take ``update`` and ``rollback`` commands and apply them crash-safely to a ModelHost.
+
+    Args:
+        state_dir: where slots, staging and the journal live (one per agent).
+        profile: this device's profile (limits, probation thresholds, latency budget).
+        trusted_keys: Ed25519 public keys; when non-empty every update must be signed by one.
+        host: the ModelHost that serves inferences.
+        emit_event: called with ``{"event": "ota", "rollout_id", "version", "state", ...}`` after each
+            persisted transition (the service adds seq/ts and publishes it). Must not block long.
+        keep_versions: committed versions kept on disk (>= 2: current and previous).
+        reserve_free_mb: free disk space that must remain after a download, MB.
+        download_timeout_s, download_retries, backoff_s: see :class:`~agent.ota.download.DownloadPolicy`.
+        validate_timeout_s: limit for the child-process validation, s.
+        golden_traffic: golden samples run through the live path at the start of probation.
+    """
+
+    def __init__(self, state_dir: Path, profile: Profile, trusted_keys: list[Any], host: Any,
+                 emit_event: Callable[[dict[str, Any]], None], *, keep_versions: int = 3,
+                 reserve_free_mb: float = 16.0, download_timeout_s: float = 10.0, download_retries: int = 4,
+                 backoff_s: float = 0.25, validate_timeout_s: float = 60.0, golden_traffic: int = 8) -> None:
+        if keep_versions < 2:
+            raise ConfigError(f"keep_versions must be >= 2 (current and previous), got {keep_versions}")
+        self.profile = profile
+        self.trusted_keys = tuple(trusted_keys)
+        self.host = host
+        self.emit_event = emit_event
+        self.keep_versions = keep_versions
+        self.validate_timeout_s = validate_timeout_s
+        self.golden_traffic = golden_traffic
+        self.policy = DownloadPolicy(
+            max_bytes=int(profile.limits.max_download_mb * 1024 * 1024), timeout_s=download_timeout_s,
+            retries=download_retries, backoff_s=backoff_s, reserve_bytes=int(reserve_free_mb * 1024 * 1024))
+        self.store = SlotStore(Path(state_dir))
+        self._lock = threading.RLock()  # guards the journal (command threads vs the worker)
+        self._journal = Journal()
+        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._worker: threading.Thread | None = None
+        self._closing = threading.Event()
+        self._busy = False
+        self._idle = threading.Condition(self._lock)
+        self.timeline: list[tuple[float, str, str]] = []  # (monotonic s, version, state), for benchmarks
+        self.last_revert_s: float | None = None
+
+    # ================================================================== public API
+    def boot(self) -> dict[str, str] | None:
+        """Read the journal, finish or undo what was in flight, serve the committed model.
+
+        Returns the served model's info, or None when nothing is installed yet.
+
+        Raises:
+            ConfigError: the journal is unreadable.
+            ModelError: no committed or kept slot can be loaded.
+        """
+        with self._lock:
+            self._journal = self.store.read_journal()
+            j = self._journal
+            resume: Callable[[], None] | None = None
+            if j.pending is not None:
+                p = j.pending
+                if p.kind == "update" and p.state in _RESUMABLE:
+                    req = self._load_command(p.rollout_id)
+                    if req is None:
+                        self._finish("rejected", "agent restarted and the update command was lost")
+                    else:
+                        resume = lambda req=req: self._run_update(req)  # noqa: E731
+                elif p.kind == "update":
+                    self._finish("rolled_back", f"agent restarted during {p.state}; kept the committed "
+                                 f"version {self._version(j.active)}")
+                else:
+                    resume = lambda: self._run_rollback()  # noqa: E731
+            j = self._journal
+            keep = {s for s in (j.active, *j.history) if s}
+            if j.pending and j.pending.kind == "rollback" and j.pending.slot:
+                keep.add(j.pending.slot)
+            self.store.prune(keep, {j.pending.rollout_id} if j.pending else set())
+            info = self._activate_committed()
+            self._report_outcome()
+        self._start_worker()
+        if resume is not None:
+            self._enqueue(resume)
+        return info
+
+    def install_initial(self, path: Path | str) -> dict[str, str] | None:
+        """Install ``path`` (artifact dir or bare .tflite) as the committed model, without probation.
+
+        A model from agent.yaml is the operator's own configuration: its hash is checked against its
+        manifest, and its signature when there is one. Does nothing (returns None) if a committed
+        model already exists.
+
+        Raises:
+            ArtifactError / ModelError: the file is missing, does not match its manifest or cannot load.
+        """
+        path = Path(path)
+        with self._lock:
+            self._journal = self.store.read_journal() if self._journal.active is None else self._journal
+            if self._journal.active is not None:
+                return None
+            if path.is_dir():
+                manifest, raw, sig = load_manifest(path)
+                if sig is not None:
+                    check_manifest(UpdateRequest("initial", manifest, raw, sig, path.as_uri()),
+                                   DeviceFacts(self.profile, self.trusted_keys, None, None), _resolve_profile)
+                model = path / manifest.model.file
+                if not model.is_file():
+                    raise ArtifactError(f"{path}: manifest names {manifest.model.file}, which is missing")
+                check_file(manifest, model.stat().st_size, sha256_file(model))
+                name, version, sha = manifest.name, manifest.version, manifest.model.sha256
+            elif path.is_file():
+                manifest, raw, sig, model = None, None, None, path
+                name, version, sha = (path.stem or "model"), "0", sha256_file(path)
+            else:
+                raise ArtifactError(f"{path}: no such model file or artifact directory")
+            safe = "".join(c if c.isalnum() or c in "_.-" else "_" for c in name)[:64] or "model"
+            slot = slot_name(safe, version, sha)
+            self.store.install(slot, model, raw, sig)
+            info = self.host.activate(self.store.model_path(slot), manifest)
+            self._persist(self._journal.committed(slot, version, self.keep_versions,
+                                                  Outcome("initial", version, "committed", reported=True)))
+        self._start_worker()
+        return info
+
+    def handle_update(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Check an ``update`` command quickly, persist it as queued and hand it to the worker.
+
+        Returns ``{"accepted": True, "state": "queued", ...}`` for the command reply.
+
+        Raises:
+            ConfigError: malformed command, or another update/rollback is in flight.
+            ArtifactError / SignatureError: refused before any download (bad signature, not newer
+                than the committed version, wrong device, oversize); a ``rejected`` event is sent too.
+        """
+        req = parse_update(cmd)
+        with self._lock:
+            p = self._journal.pending
+            if p is not None:
+                if p.kind == "update" and p.rollout_id == req.rollout_id and p.version == req.version:
+                    return {"accepted": True, "state": p.state, "duplicate": True}
+                raise ConfigError(f"busy: {p.kind} {p.rollout_id} (version {p.version}) is {p.state}")
+            try:
+                check_manifest(req, self._facts(), _resolve_profile)
+            except ArtifactError as exc:
+                self._report_rejection(req.rollout_id, req.version, str(exc))
+                raise
+            staging = self.store.staging_dir(req.rollout_id)
+            staging.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(staging / _COMMAND_FILE, {"rollout_id": req.rollout_id, "manifest": req.raw,
+                                                         "signature": req.signature, "artifact_url": req.url})
+            self._persist(self._journal.with_pending(
+                Pending("update", req.rollout_id, req.version, "queued", from_slot=self._journal.active)))
+            self._emit(req.rollout_id, req.version, "queued")
+            crash_point("queued")
+        self._start_worker()
+        self._enqueue(lambda: self._run_update(req))
+        return {"accepted": True, "state": "queued", "rollout_id": req.rollout_id, "version": req.version}
+
+    def handle_rollback(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Roll back to the previous kept version, or to ``cmd["to"]`` if it is still kept.
+
+        Raises:
+            ConfigError: malformed, busy, or that version is not kept on this device.
+        """
+        req = parse_rollback(cmd)
+        with self._lock:
+            j = self._journal
+            if j.pending is not None:
+                raise ConfigError(f"busy: {j.pending.kind} {j.pending.rollout_id} is {j.pending.state}")
+            target = j.slot_for_version(parse_version(req.to) if req.to else None, parse_version)
+            if target is None:
+                kept = ", ".join(self._version(s) for s in j.history) or "none"
+                reason = (f"version {req.to} is not kept on this device (kept: {kept})" if req.to
+                          else "no previous version is kept on this device")
+                self._emit(req.rollout_id, req.to or "", "failed", reason=reason, rollback=True)
+                raise ConfigError(reason)
+            version = self._version(target)
+            self._persist(j.with_pending(Pending("rollback", req.rollout_id, version, "installing",
+                                                 slot=target, from_slot=j.active)))
+            self._emit(req.rollout_id, version, "installing", rollback=True)
+        self._start_worker()
+        self._enqueue(self._run_rollback)
+        return {"accepted": True, "state": "installing", "rollout_id": req.rollout_id, "version": version}
+
+    def status(self) -> dict[str, Any]:
+        """Active version, kept versions, what is in flight and the last outcome."""
+        with self._lock:
+            j = self._journal
+            return {
+                "active": {"slot": j.active, "version": self._version(j.active)} if j.active else None,
+                "serving": self.host.model_info,
+                "kept": [{"slot": s, "version": self._version(s)} for s in j.history],
+                "pending": asdict(j.pending) if j.pending else None,
+                "last": asdict(j.outcome) if j.outcome else None,
+            }
+
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        """Block until nothing is in flight (tests, scripts); False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._journal.pending is not None or self._busy or not self._jobs.empty():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(min(left, 0.1))
+        return True
+
+    def close(self) -> None:
+        """Stop the worker; an update in flight stays in the journal for the next boot."""
+        self._closing.set()
+        self._jobs.put(None)
+        if self._worker is not None and self._worker is not threading.current_thread():
+            self._worker.join(timeout=30)
+
+    # ================================================================== the update
+    def _run_update(self, req: UpdateRequest) -> None:
+        m = req.manifest
+        staging = self.store.staging_dir(req.rollout_id)
+        staging.mkdir(parents=True, exist_ok=True)
+        staged = staging / m.model.file
+        try:
+            self._step("downloading")
+            result = self._download(req, staged)
+            crash_point("downloaded")
+            self._step("verifying")
+            with self._lock:
+                check_manifest(req, self._facts(), _resolve_profile)  # again: a resume may run much later
+            try:
+                check_file(m, staged.stat().st_size, sha256_file(staged))
+            except ArtifactError:
+                if not result.resumed_from:
+                    raise
+                staged.unlink(missing_ok=True)  # the resumed part may be stale: one clean retry
+                self._download(req, staged)
+                check_file(m, staged.stat().st_size, sha256_file(staged))
+            crash_point("verified")
+            self._step("validating")
+            check_contract(m, self.host.manifest)
+            from agent.sandbox import validate_model
+
+            report = validate_model(staged, profile=self.profile, manifest=m, timeout_s=self.validate_timeout_s)
+            check_report(report)
+            crash_point("validated")
+        except (ArtifactError, TransportError, ConfigError, ModelError) as exc:
+            self._finish("rejected", str(exc))
+            self.store.prune(self._kept_slots(), set())
+            return
+        slot = slot_name(m.name, m.version, m.model.sha256)
+        self._step("installing", slot=slot)
+        self.store.install(slot, staged, req.raw, req.signature, crash=crash_point)
+        crash_point("slot-written")
+        try:
+            self.host.activate(self.store.model_path(slot), m, keep_previous=True)
+        except EdgefleetError as exc:
+            self._finish("failed", f"cannot activate: {exc}")
+            self.store.prune(self._kept_slots(), set())
+            return
+        crash_point("activated")
+        self._step("probation")
+        verdict, counters = self._probation(m)
+        details = asdict(counters)
+        if verdict.decision == "commit":
+            crash_point("commit-before-journal")
+            with self._lock:
+                self._persist(self._journal.committed(slot, m.version, self.keep_versions,
+                                                      Outcome(req.rollout_id, m.version, "committed", verdict.reason)))
+            crash_point("commit-after-journal")
+            self.host.release_previous()
+            self._report_outcome(details=details)
+        else:
+            t0 = time.perf_counter()
+            if self.host.previous_info is not None:
+                self.host.revert()
+            self.last_revert_s = time.perf_counter() - t0
+            crash_point("rollback-reverted")
+            self._finish("rolled_back", verdict.reason, details=details)
+        self.store.prune(self._kept_slots(), set())
+
+    def _download(self, req: UpdateRequest, staged: Path) -> Any:
+        first = [True]
+
+        def on_chunk(total: int) -> None:
+            if first[0]:
+                first[0] = False
+                crash_point("download-partial")
+            if self._closing.is_set():
+                raise _Stopping()
+
+        return download(req.url, staged, req.manifest.model.size, self.policy, on_chunk=on_chunk)
+
+    def _probation(self, m: Manifest) -> tuple[Verdict, Any]:
+        policy = policy_for(self.profile, m)
+        watcher = ProbationWatcher(policy)
+        self.host.set_observer(watcher)
+        try:
+            watcher.synthetic_mode = True
+            for feed, _ in (m.golden_arrays()[: self.golden_traffic] if m.golden else []):
+                try:
+                    self.host.infer(feed)
+                except EdgefleetError:
+                    pass  # counted by the observer
+            watcher.synthetic_mode = False
+            start = time.monotonic()
+            crashed = False
+            while True:
+                watcher.wake.wait(0.05)
+                watcher.wake.clear()
+                if self._closing.is_set():
+                    raise _Stopping()
+                watcher.run_shadow(self.host.infer_previous)
+                counters = watcher.counters()
+                if counters.calls and not crashed:
+                    crashed = True
+                    crash_point("probation")
+                verdict = judge(counters, policy, time.monotonic() - start)
+                if verdict.decision != "continue":
+                    return verdict, counters
+        finally:
+            self.host.set_observer(None)
+
+    # ================================================================== rollback command
+    def _run_rollback(self) -> None:
+        with self._lock:
+            p = self._journal.pending
+        if p is None or p.kind != "rollback" or p.slot is None:
+            return
+        slot = p.slot
+        try:
+            manifest = self._slot_manifest(slot)
+            self.host.activate(self.store.model_path(slot), manifest)
+        except EdgefleetError as exc:
+            self._finish("failed", f"cannot activate version {p.version}: {exc}", rollback=True)
+            return
+        crash_point("operator-rollback")
+        with self._lock:
+            self._persist(self._journal.committed(slot, p.version, self.keep_versions,
+                                                  Outcome(p.rollout_id, p.version, "committed", rollback=True)))
+        self._report_outcome()
+
+    # ================================================================== helpers
+    def _facts(self) -> DeviceFacts:
+        j = self._journal
+        return DeviceFacts(self.profile, self.trusted_keys, self._version(j.active) if j.active else None,
+                           self.host.manifest)
+
+    def _version(self, slot: str | None) -> str:
+        return self._journal.versions.get(slot or "", "?")
+
+    def _kept_slots(self) -> set[str]:
+        j = self._journal
+        return {s for s in (j.active, *j.history) if s}
+
+    def _slot_manifest(self, slot: str) -> Manifest | None:
+        path = self.store.slot_dir(slot) / MANIFEST_NAME
+        return parse_manifest(path.read_bytes(), str(path)) if path.is_file() else None
+
+    def _persist(self, journal: Journal) -> None:
+        with self._lock:
+            self.store.write_journal(journal)
+            self._journal = journal
+            self._idle.notify_all()
+
+    def _emit(self, rollout_id: str, version: str, state: str, **extra: Any) -> None:
+        self.timeline.append((time.monotonic(), version, state))
+        event = {"event": "ota", "rollout_id": rollout_id, "version": version, "state": state}
+        event.update({k: v for k, v in extra.items() if v is not None})
+        try:
+            self.emit_event(event)
+        except Exception:  # noqa: BLE001 (a broken sink must not break the update)
+            log.exception("emit_event failed for %s", event)
+
+    def _step(self, state: str, **changes: Any) -> None:
+        """Persist the new state of the work in flight, then report it."""
+        with self._lock:
+            self._persist(self._journal.step(state, **changes))
+            p = self._journal.pending
+        assert p is not None
+        self._emit(p.rollout_id, p.version, state, rollback=True if p.kind == "rollback" else None)
+
+    def _finish(self, state: str, reason: str | None, rollback: bool = False,
+                details: dict[str, Any] | None = None) -> None:
+        with self._lock:
+            p = self._journal.pending
+            assert p is not None
+            self._persist(self._journal.finished(Outcome(p.rollout_id, p.version, state, reason,
+                                                         rollback=rollback or p.kind == "rollback")))
+            self._report_outcome(details=details)
+
+    def _report_rejection(self, rollout_id: str, version: str, reason: str) -> None:
+        self._persist(self._journal.finished(Outcome(rollout_id, version, "rejected", reason)))
+        self._report_outcome()
+
+    def _report_outcome(self, details: dict[str, Any] | None = None) -> None:
+        """Emit the last outcome once (again after a crash that came before it was handed over)."""
+        with self._lock:
+            o = self._journal.outcome
+            if o is None or o.reported:
+                return
+            self._emit(o.rollout_id, o.version, o.state, reason=o.reason,
+                       rollback=True if o.rollback else None, probation=details)
+            self._persist(replace(self._journal, outcome=replace(o, reported=True)))
+
+    def _activate_committed(self) -> dict[str, str] | None:
+        """Serve the journal's active slot; fall back to a kept one if its file is damaged."""
+        j = self._journal
+        candidates = [s for s in (j.active, *j.history) if s]
+        errors = []
+        for slot in candidates:
+            try:
+                manifest = self._slot_manifest(slot)
+                model = self.store.model_path(slot)
+                if manifest is not None:
+                    check_file(manifest, model.stat().st_size, sha256_file(model))
+                info = self.host.activate(model, manifest)
+            except (EdgefleetError, OSError) as exc:
+                errors.append(f"{slot}: {exc}")
+                log.error("committed slot %s unusable: %s", slot, exc)
+                continue
+            if slot != j.active:
+                history = tuple(s for s in j.history if s != slot)
+                self._persist(replace(j, active=slot, history=history))
+            return info
+        if errors:
+            raise ModelError("no committed model can be served: " + "; ".join(errors))
+        return None
+
+    def _load_command(self, rollout_id: str) -> UpdateRequest | None:
+        try:
+            path = self.store.staging_dir(rollout_id) / _COMMAND_FILE
+            return parse_update(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, EdgefleetError):
+            return None
+
+    # ================================================================== the worker
+    def _start_worker(self) -> None:
+        with self._lock:
+            if self._worker is None or not self._worker.is_alive():
+                self._closing.clear()
+                self._worker = threading.Thread(target=self._work, name="ota-worker", daemon=True)
+                self._worker.start()
+
+    def _enqueue(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            self._busy = True
+        self._jobs.put(job)
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None or self._closing.is_set():
+                return
+            try:
+                job()
+            except _Stopping:
+                return
+            except Exception as exc:  # noqa: BLE001 (a bug must not leave the journal claiming work)
+                log.exception("OTA job failed")
+                with self._lock:
+                    if self._journal.pending is not None:
+                        self._finish("failed", f"internal error: {type(exc).__name__}: {exc}")
+            finally:
+                with self._lock:
+                    self._busy = not self._jobs.empty()
+                    self._idle.notify_all()

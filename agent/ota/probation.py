@@ -1,0 +1,179 @@
+"""Probation: watch a freshly activated model on live traffic, then commit or roll back.
+
+The watcher is a :class:`~agent.host.ModelHost` observer. On the request path it only counts,
+checks outputs for NaN/Inf and copies a sampled input for the shadow run; the shadow inference
+on the previous model happens on the OTA worker thread (:meth:`ProbationWatcher.run_shadow`), so
+live requests never wait for it.
+
+The verdict is a pure function of the counters (:func:`judge`):
+
+- any NaN/Inf output              -> roll back at once
+- error rate > max_error_rate     -> roll back (judged once ``inferences`` calls were seen, or at the
+                                     time limit, or as soon as the errors alone exceed the limit)
+- p95 latency > budget x max_latency_factor -> roll back
+- shadow top-1 agreement < min_agreement (with at least ``min_shadow`` comparisons) -> roll back
+- ``inferences`` live calls seen, or ``seconds`` elapsed -> commit
+
+No traffic at all: before waiting, the manager runs the manifest's golden samples through the
+new model on the live path (synthetic traffic: catches errors, NaN and latency there). If no
+live inference arrives before the time limit, the model commits on that evidence plus the
+child-process validation; agreement is then not measured, and the event says so.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from agent.manifest import Manifest
+from agent.profiles import Profile
+
+__all__ = ["ProbationPolicy", "ProbationCounters", "Verdict", "ProbationWatcher", "judge", "policy_for"]
+
+
+@dataclass(frozen=True)
+class ProbationPolicy:
+    inferences: int            # live calls before a commit
+    seconds: float             # longest probation, s
+    max_error_rate: float      # failed calls / calls
+    min_agreement: float       # shadow top-1 agreement with the previous model, 0..1
+    shadow_fraction: float     # share of live inputs re-run on the previous model
+    max_latency_ms: float      # p95 limit, ms (budget x max_latency_factor)
+    min_shadow: int = 5        # comparisons needed before agreement is judged
+
+
+def policy_for(profile: Profile, manifest: Manifest | None) -> ProbationPolicy:
+    """The profile's probation settings with the manifest's overrides applied."""
+    p = profile.probation
+    o = manifest.probation if manifest is not None and manifest.probation is not None else None
+    return ProbationPolicy(
+        inferences=(o.inferences if o and o.inferences else p.inferences),
+        seconds=(o.seconds if o and o.seconds else p.seconds),
+        max_error_rate=p.max_error_rate,
+        min_agreement=(o.min_agreement if o and o.min_agreement is not None else p.min_agreement),
+        shadow_fraction=p.shadow_fraction,
+        max_latency_ms=profile.limits.latency_budget_ms * p.max_latency_factor,
+    )
+
+
+@dataclass(frozen=True)
+class ProbationCounters:
+    calls: int
+    errors: int
+    nonfinite: int
+    p95_ms: float | None
+    shadow: int
+    agree: int
+    synthetic: int
+    last_error: str | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    decision: str  # "commit" | "rollback" | "continue"
+    reason: str | None = None
+
+
+def judge(c: ProbationCounters, policy: ProbationPolicy, elapsed_s: float) -> Verdict:
+    """Commit, roll back or keep watching; a pure function of the counters and the time."""
+    if c.nonfinite:
+        return Verdict("rollback", f"{c.nonfinite} output(s) with NaN/Inf during probation")
+    total = c.calls + c.synthetic
+    limit_errors = policy.max_error_rate * max(policy.inferences, total)
+    if c.errors and c.errors > limit_errors:
+        detail = f": {c.last_error}" if c.last_error else ""
+        return Verdict("rollback", f"{c.errors} of {total} inferences failed during probation "
+                       f"(max error rate {policy.max_error_rate:g}){detail}")
+    if c.p95_ms is not None and c.p95_ms > policy.max_latency_ms and total >= 5:
+        return Verdict("rollback", f"p95 latency {c.p95_ms:.2f} ms exceeds {policy.max_latency_ms:g} ms "
+                       "during probation")
+    if c.shadow >= policy.min_shadow:
+        agreement = c.agree / c.shadow
+        if agreement < policy.min_agreement and (c.calls >= policy.inferences or elapsed_s >= policy.seconds):
+            return Verdict("rollback", f"top-1 agreement with the previous model {agreement:.2f} "
+                           f"< {policy.min_agreement:g} over {c.shadow} shadow comparisons")
+    if c.calls >= policy.inferences:
+        return Verdict("commit")
+    if elapsed_s >= policy.seconds:
+        if c.calls == 0:
+            return Verdict("commit", "no live traffic during probation; committed on validation and "
+                           f"{c.synthetic} golden-sample inference(s)")
+        return Verdict("commit", f"time limit reached after {c.calls} live inference(s)")
+    return Verdict("continue")
+
+
+def _top1(out: Any) -> int:
+    arr = out if not isinstance(out, dict) else next(iter(out.values()))
+    return int(np.argmax(np.asarray(arr)))
+
+
+def _finite(out: Any) -> bool:
+    if isinstance(out, dict):
+        return all(bool(np.all(np.isfinite(v))) for v in out.values())
+    return bool(np.all(np.isfinite(out)))
+
+
+class ProbationWatcher:
+    """Counts what the live path sees; the OTA worker drains the shadow queue and judges."""
+
+    def __init__(self, policy: ProbationPolicy, max_pending_shadow: int = 64) -> None:
+        self.policy = policy
+        self._lock = threading.Lock()  # observer calls come from every inference thread
+        self._calls = self._errors = self._nonfinite = self._synthetic = 0
+        self._shadow = self._agree = 0
+        self._lat: collections.deque[float] = collections.deque(maxlen=1024)
+        self._last_error: str | None = None
+        self._every = max(1, round(1 / policy.shadow_fraction)) if policy.shadow_fraction > 0 else 0
+        self._queue: collections.deque[tuple[Any, int]] = collections.deque(maxlen=max_pending_shadow)
+        self.synthetic_mode = False
+        self.wake = threading.Event()
+
+    # -- the observer (request path) ------------------------------------------------------------
+    def __call__(self, x: Any, out: Any, latency_s: float, error: BaseException | None) -> None:
+        sample = None
+        with self._lock:
+            if self.synthetic_mode:
+                self._synthetic += 1
+            else:
+                self._calls += 1
+            self._lat.append(latency_s)
+            if error is not None:
+                self._errors += 1
+                self._last_error = f"{type(error).__name__}: {error}"
+            elif not _finite(out):
+                self._nonfinite += 1
+            elif self._every and not self.synthetic_mode and self._calls % self._every == 0:
+                sample = x
+        if sample is not None:
+            copied = {k: np.array(v) for k, v in sample.items()} if isinstance(sample, dict) else np.array(sample)
+            self._queue.append((copied, _top1(out)))
+        if error is not None or sample is not None or self._calls >= self.policy.inferences:
+            self.wake.set()
+
+    # -- the OTA worker ---------------------------------------------------------------------------
+    def run_shadow(self, infer_previous: Any) -> None:
+        """Run queued live inputs on the previous model and count top-1 agreement."""
+        while self._queue:
+            x, top_new = self._queue.popleft()
+            try:
+                prev = infer_previous(x)
+            except Exception:  # the old model failing on an input is not the new model's fault
+                continue
+            if prev is None:
+                continue
+            with self._lock:
+                self._shadow += 1
+                self._agree += int(_top1(prev) == top_new)
+
+    def counters(self) -> ProbationCounters:
+        with self._lock:
+            lat = np.fromiter(self._lat, dtype=np.float64) if self._lat else None
+            return ProbationCounters(
+                calls=self._calls, errors=self._errors, nonfinite=self._nonfinite,
+                p95_ms=float(np.percentile(lat, 95)) * 1000.0 if lat is not None else None,
+                shadow=self._shadow, agree=self._agree, synthetic=self._synthetic,
+                last_error=self._last_error)

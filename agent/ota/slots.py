@@ -1,0 +1,216 @@
+"""Model slots and the OTA journal under ``state_dir``: what is committed, what is in flight.
+
+Layout::
+
+    state_dir/
+      journal.json                 the single source of truth (atomic write: temp, fsync, rename)
+      slots/<slot>/model.tflite    one directory per kept version (+ manifest.json, .sig)
+      staging/<rollout_id>/        download in progress (model.tflite.part) and the command
+
+Invariant: ``journal.active`` always names a complete, verified, committed slot. A new model is
+served during probation while the journal still names the old one as active, so a crash at any
+moment restarts on a committed model. Committing is one journal write; rolling back is a pointer
+swap (no copy). Slots that no journal entry names are leftovers of a crash and are deleted.
+
+The :class:`Journal` is an immutable value; the functions here that change it return a new one
+(deciding), and :class:`SlotStore` does the file I/O (doing).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from agent.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
+from agent.errors import ArtifactError, ConfigError
+from agent.manifest import MANIFEST_NAME, MODEL_NAME, SIGNATURE_NAME
+
+__all__ = ["Journal", "Pending", "Outcome", "SlotStore", "slot_name", "JOURNAL_NAME"]
+
+JOURNAL_NAME = "journal.json"
+_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def slot_name(name: str, version: str, sha256: str) -> str:
+    """``clf-v3-1a2b3c4d5e6f``: readable, unique per file, and always a plain directory name."""
+    candidate = f"{name}-v{version}-{sha256[:12]}"
+    if not _SAFE.match(candidate) or candidate in (".", ".."):
+        raise ArtifactError(f"slot name {candidate!r} is not a plain directory name")
+    return candidate
+
+
+@dataclass(frozen=True)
+class Pending:
+    """The update or rollback in flight (persisted before each step takes effect)."""
+
+    kind: Literal["update", "rollback"]
+    rollout_id: str
+    version: str
+    state: str
+    slot: str | None = None  # target slot once known
+    from_slot: str | None = None  # the committed slot when it started
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The last finished update or rollback, kept until its event has been handed over."""
+
+    rollout_id: str
+    version: str
+    state: str
+    reason: str | None = None
+    rollback: bool = False
+    reported: bool = False
+
+
+@dataclass(frozen=True)
+class Journal:
+    active: str | None = None
+    history: tuple[str, ...] = ()  # older committed slots still kept, most recent first
+    versions: dict[str, str] = field(default_factory=dict)  # slot -> version
+    pending: Pending | None = None
+    outcome: Outcome | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"active": self.active, "history": list(self.history), "versions": dict(self.versions),
+                "pending": asdict(self.pending) if self.pending else None,
+                "outcome": asdict(self.outcome) if self.outcome else None}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Journal":
+        pending = data.get("pending")
+        outcome = data.get("outcome")
+        return cls(active=data.get("active"), history=tuple(data.get("history") or ()),
+                   versions=dict(data.get("versions") or {}),
+                   pending=Pending(**pending) if pending else None,
+                   outcome=Outcome(**outcome) if outcome else None)
+
+    # -- transitions (pure) ---------------------------------------------------------------------
+    def with_pending(self, pending: Pending | None) -> "Journal":
+        return replace(self, pending=pending)
+
+    def step(self, state: str, **changes: Any) -> "Journal":
+        if self.pending is None:
+            raise RuntimeError(f"cannot move to {state!r}: nothing in flight")
+        return replace(self, pending=replace(self.pending, state=state, **changes))
+
+    def committed(self, slot: str, version: str, keep: int, outcome: Outcome) -> "Journal":
+        """``slot`` becomes active; the old active goes first in history; keep at most ``keep`` slots."""
+        history = [s for s in ((self.active,) + self.history) if s and s != slot]
+        history = history[: max(keep - 1, 1)]
+        kept = {slot, *history}
+        versions = {s: v for s, v in {**self.versions, slot: version}.items() if s in kept}
+        return Journal(active=slot, history=tuple(history), versions=versions, pending=None, outcome=outcome)
+
+    def finished(self, outcome: Outcome) -> "Journal":
+        """The in-flight work ended without changing what is committed."""
+        return replace(self, pending=None, outcome=outcome)
+
+    def slot_for_version(self, version_key: tuple[int, ...] | None, parse: Any) -> str | None:
+        """The kept history slot with that version (None = the most recent previous one)."""
+        if version_key is None:
+            return self.history[0] if self.history else None
+        for slot in self.history:
+            if parse(self.versions.get(slot, "0")) == version_key:
+                return slot
+        return None
+
+
+class SlotStore:
+    """File I/O for the journal, the slots and the staging area, confined to ``state_dir``."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.root = Path(state_dir).resolve()
+        self.slots = self.root / "slots"
+        self.staging = self.root / "staging"
+        for d in (self.root, self.slots, self.staging):
+            d.mkdir(parents=True, exist_ok=True)
+        self.journal_path = self.root / JOURNAL_NAME
+
+    def _inside(self, base: Path, name: str) -> Path:
+        if not _SAFE.match(name) or name in (".", ".."):
+            raise ConfigError(f"{name!r} is not a plain name; refusing a path outside {base}")
+        path = (base / name).resolve()
+        if path.parent != base:
+            raise ConfigError(f"{name!r} escapes {base}")
+        return path
+
+    def slot_dir(self, slot: str) -> Path:
+        return self._inside(self.slots, slot)
+
+    def staging_dir(self, rollout_id: str) -> Path:
+        return self._inside(self.staging, rollout_id)
+
+    # -- journal --------------------------------------------------------------------------------
+    def read_journal(self) -> Journal:
+        """The persisted journal, or an empty one on first start.
+
+        Raises:
+            ConfigError: the journal exists but is unreadable (never silently start from scratch).
+        """
+        if not self.journal_path.exists():
+            return Journal()
+        try:
+            return Journal.from_json(json.loads(self.journal_path.read_text(encoding="utf-8")))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ConfigError(f"{self.journal_path}: unreadable OTA journal ({exc})") from exc
+
+    def write_journal(self, journal: Journal) -> None:
+        atomic_write_json(self.journal_path, journal.to_json())
+
+    # -- slots ----------------------------------------------------------------------------------
+    def install(self, slot: str, model_file: Path, raw_manifest: dict[str, Any] | None,
+                signature: str | None, crash: Any = None) -> Path:
+        """Copy a verified model into a fresh slot; every file is written atomically and fsynced.
+
+        The model is written last-but-not-least: a half-written slot is never named by the
+        journal, so a crash here leaves an orphan that :meth:`prune` deletes.
+        """
+        target = self.slot_dir(slot)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp = self._inside(self.slots, f"{slot}.tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        with open(model_file, "rb") as src, open(tmp / MODEL_NAME, "wb") as dst:
+            half = False
+            while block := src.read(1 << 20):
+                dst.write(block)
+                if crash and not half:
+                    half = True
+                    dst.flush()
+                    crash("slot-partial")
+            dst.flush()
+            os.fsync(dst.fileno())
+        if raw_manifest is not None:
+            atomic_write_json(tmp / MANIFEST_NAME, raw_manifest)
+        if signature:
+            atomic_write_bytes(tmp / SIGNATURE_NAME, (signature + "\n").encode("ascii"))
+        fsync_dir(tmp)
+        os.replace(tmp, target)
+        fsync_dir(self.slots)
+        return target
+
+    def model_path(self, slot: str) -> Path:
+        return self.slot_dir(slot) / MODEL_NAME
+
+    def remove_slot(self, slot: str) -> None:
+        path = self.slot_dir(slot)
+        if path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+
+    def prune(self, keep: set[str], keep_staging: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
+        """Delete slot and staging directories that nothing references (leftovers of a crash)."""
+        removed = []
+        for base, keepers in ((self.slots, keep), (self.staging, keep_staging)):
+            for entry in base.iterdir():
+                if entry.name not in keepers:
+                    shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+                    removed.append(entry.name)
+        return removed

@@ -1,0 +1,206 @@
+"""Decide whether an update may proceed: pure functions, no I/O (python-tuf style).
+
+Each check takes typed values and either returns or raises with "expected X, got Y". The manager
+(:mod:`agent.ota.manager`) does the downloading, writing and swapping around them, so everything
+here is testable without a network, a disk or an interpreter.
+
+What each check stops:
+
+- :func:`parse_update` / :func:`parse_rollback`: malformed commands, ids that would escape the
+  staging directory, unknown URL schemes.
+- :func:`check_manifest`: a bad or missing signature (when keys are configured), a replayed or
+  older manifest (anti-downgrade: only an explicit rollback may go back), an artifact built for
+  an incompatible device, an oversize model.
+- :func:`check_file`: a truncated, padded or corrupted download (size, then sha256).
+- :func:`check_contract`: a model whose inputs/outputs differ from the active one's, unless its
+  manifest says ``new_contract: true``.
+- :func:`check_report`: whatever the child-process validation found (unresolved ops, golden
+  mismatch, NaN/Inf, too slow).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from agent.errors import ArtifactError, ConfigError
+from agent.manifest import Manifest, parse_manifest, parse_version
+from agent.profiles import Profile
+from agent.signing import verify_manifest
+
+__all__ = [
+    "UpdateRequest",
+    "RollbackRequest",
+    "DeviceFacts",
+    "parse_update",
+    "parse_rollback",
+    "check_manifest",
+    "profile_compatible",
+    "check_file",
+    "check_contract",
+    "check_report",
+]
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_SCHEMES = ("http://", "https://", "file://")
+
+
+@dataclass(frozen=True)
+class UpdateRequest:
+    rollout_id: str
+    manifest: Manifest
+    raw: dict[str, Any]
+    signature: str | None
+    url: str
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+
+@dataclass(frozen=True)
+class RollbackRequest:
+    rollout_id: str
+    to: str | None  # version, or None for the previous one
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What the checks need to know about this device, taken once per operation."""
+
+    profile: Profile
+    trusted_keys: tuple[Any, ...]
+    committed_version: str | None
+    active_manifest: Manifest | None
+
+
+def _rollout_id(cmd: Mapping[str, Any]) -> str:
+    rid = cmd.get("rollout_id") or cmd.get("id")
+    if not isinstance(rid, str) or not _ID.match(rid) or rid in (".", ".."):
+        raise ConfigError(f"rollout_id {rid!r}: expected 1-64 letters, digits, '_', '.', '-' "
+                          "(it names a directory under the agent's state_dir)")
+    return rid
+
+
+def parse_update(cmd: Mapping[str, Any]) -> UpdateRequest:
+    """Turn an ``update`` command into a typed request.
+
+    Raises:
+        ConfigError: missing fields, a rollout id that is not a plain name, an unsupported URL.
+        ArtifactError: the manifest does not fit schema v1.
+    """
+    if not isinstance(cmd, Mapping):
+        raise ConfigError(f"update command: expected a JSON object, got {type(cmd).__name__}")
+    rid = _rollout_id(cmd)
+    raw = cmd.get("manifest")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"update command: 'manifest' must be the manifest object, got {type(raw).__name__}")
+    url = cmd.get("artifact_url")
+    if not isinstance(url, str) or not url.startswith(_SCHEMES):
+        raise ConfigError(f"update command: artifact_url {url!r}: expected an http://, https:// or file:// URL")
+    sig = cmd.get("signature")
+    if sig is not None and not isinstance(sig, str):
+        raise ConfigError("update command: 'signature' must be base64 text or null")
+    manifest = parse_manifest(raw, "update manifest")
+    return UpdateRequest(rollout_id=rid, manifest=manifest, raw=dict(raw), signature=sig or None, url=url)
+
+
+def parse_rollback(cmd: Mapping[str, Any]) -> RollbackRequest:
+    """Raises ConfigError for a malformed rollback command."""
+    if not isinstance(cmd, Mapping):
+        raise ConfigError(f"rollback command: expected a JSON object, got {type(cmd).__name__}")
+    to = cmd.get("to")
+    if to is not None:
+        if not isinstance(to, str):
+            raise ConfigError(f"rollback command: 'to' must be a version string or null, got {to!r}")
+        try:
+            parse_version(to)
+        except ArtifactError as exc:
+            raise ConfigError(f"rollback command: {exc}") from exc
+    return RollbackRequest(rollout_id=_rollout_id(cmd), to=to)
+
+
+def profile_compatible(device: Profile, built_for: Profile | None, name: str) -> str | None:
+    """None when a model built for profile ``name`` may run here, else the reason.
+
+    Same profile name always fits. Another profile fits when it targets the same accelerator and
+    the same quantized input/output dtypes (and full-integer requirement): the model then needs
+    nothing this device lacks. An unknown profile name does not fit.
+    """
+    if name == device.name:
+        return None
+    if built_for is None:
+        return f"artifact was built for profile {name!r}, which this device does not know (it is {device.name!r})"
+    for what, want, got in (
+        ("accelerator", device.runtime.accelerator, built_for.runtime.accelerator),
+        ("input dtype", device.quantization.input_dtype, built_for.quantization.input_dtype),
+        ("output dtype", device.quantization.output_dtype, built_for.quantization.output_dtype),
+        ("require_full_integer", device.quantization.require_full_integer,
+         built_for.quantization.require_full_integer),
+    ):
+        if want != got:
+            return (f"artifact was built for profile {name!r} ({what} {got}), "
+                    f"this device is {device.name!r} ({what} {want})")
+    return None
+
+
+def check_manifest(req: UpdateRequest, facts: DeviceFacts,
+                   resolve_profile: Callable[[str], Profile | None]) -> None:
+    """Signature, anti-downgrade, device fit and size limits, in that order.
+
+    Raises:
+        SignatureError: keys are configured and the signature is missing or does not verify.
+        ArtifactError: not newer than the committed version, built for another kind of device,
+            or larger than this device accepts.
+    """
+    verify_manifest(req.raw, req.signature, list(facts.trusted_keys))
+    m = req.manifest
+    if facts.committed_version is not None:
+        have = parse_version(facts.committed_version)
+        if m.version_key <= have:
+            raise ArtifactError(f"version {m.version} is not newer than the committed {facts.committed_version}; "
+                                "an older or equal version is only installed by an explicit rollback")
+    if not m.deployable:
+        raise ArtifactError("manifest says deployable: false (the converter's checks failed)")
+    built_for = None if m.profile == facts.profile.name else resolve_profile(m.profile)
+    reason = profile_compatible(facts.profile, built_for, m.profile)
+    if reason:
+        raise ArtifactError(reason)
+    limits = facts.profile.limits
+    max_model = int(limits.max_model_mb * 1024 * 1024)
+    max_download = int(limits.max_download_mb * 1024 * 1024)
+    if m.model.size > min(max_model, max_download):
+        raise ArtifactError(f"model is {m.model.size} bytes, expected at most {min(max_model, max_download)} "
+                            f"(profile {facts.profile.name} limits)")
+
+
+def check_file(manifest: Manifest, size: int, sha256: str) -> None:
+    """Raises ArtifactError when the downloaded file is not the one the manifest describes."""
+    if size != manifest.model.size:
+        raise ArtifactError(f"downloaded file is {size} bytes, manifest says {manifest.model.size} "
+                            "(truncated or padded)")
+    if sha256 != manifest.model.sha256:
+        raise ArtifactError(f"sha256 mismatch: manifest says {manifest.model.sha256[:16]}..., "
+                            f"file has {sha256[:16]}... (corrupted or substituted)")
+
+
+def _contract(specs: Any) -> list[tuple[str, tuple[int, ...], str]]:
+    return [(t.name, tuple(t.shape), t.dtype) for t in specs]
+
+
+def check_contract(new: Manifest, active: Manifest | None) -> None:
+    """Raises ArtifactError when inputs/outputs change without ``new_contract: true``."""
+    if active is None or new.new_contract:
+        return
+    for kind, want, got in (("inputs", _contract(active.inputs), _contract(new.inputs)),
+                            ("outputs", _contract(active.outputs), _contract(new.outputs))):
+        if want != got:
+            raise ArtifactError(f"{kind} changed: active model has {want}, new model has {got}; "
+                                "set new_contract: true in the manifest if this is intended")
+
+
+def check_report(report: Any) -> None:
+    """Raises ArtifactError with the validator's reason when the child-process validation failed."""
+    if not report.ok:
+        raise ArtifactError(f"validation failed: {report.reason}")
