@@ -1,0 +1,169 @@
+"""Helpers for the agent service tests: a real agent subprocess, a plain MQTT observer.
+
+Not a test module (no ``test_`` prefix). Everything is real: the agent runs as
+``python -m agent.cli run --config ...`` against a private Mosquitto; the observer is a plain
+paho client, as the fleet tool would be.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import yaml
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from tests.support.waiting import wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+
+__all__ = ["AgentProcess", "Observer", "agent_config", "command", "REPO"]
+
+
+def agent_config(tmp: Path, broker_url: str, *, device_id: str = "pi-1", group: str = "g1",
+                 model: Path | None = None, **sections: Any) -> dict[str, Any]:
+    """A config dict with test-friendly timings (short keepalive and intervals)."""
+    cfg: dict[str, Any] = {
+        "device_id": device_id, "group": group, "profile": "x86-dev", "state_dir": str(tmp / "state"),
+        "broker": {"url": broker_url, "keepalive_s": 2, "reconnect_min_s": 0.5, "reconnect_max_s": 1},
+        "http": {"listen": None},
+        "telemetry": {"interval_s": 0.5},
+        "cache": {"enabled": False},
+    }
+    if model is not None:
+        cfg["model"] = str(model)
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+class AgentProcess:
+    """``edge-agent run`` as a child process, with its stderr kept in a file."""
+
+    def __init__(self, workdir: Path, config: dict[str, Any]) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path = self.workdir / "agent.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = self.workdir / "agent.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "AgentProcess":
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+        env.pop("NOTIFY_SOCKET", None)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(self.config_path)],
+                                     cwd=REPO, env=env, stdout=log, stderr=log)
+        return self
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(5)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop_quietly(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+class Observer:
+    """A plain MQTT 5 client that records everything under ``edgefleet/#``.
+
+    ``session=True`` keeps a persistent session (the broker queues QoS 1 messages for it while
+    it or the broker is away -- with broker persistence on).
+    """
+
+    def __init__(self, port: int, *, topic: str = "edgefleet/#", session: bool = False,
+                 username: str | None = None, password: str | None = None, client_id: str | None = None) -> None:
+        self.messages: list[tuple[str, dict[str, Any] | None, bool, Any]] = []
+        self._lock = threading.Lock()
+        self.topic = topic
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"obs-{uuid.uuid4().hex[:8]}",
+                                  protocol=paho.MQTTv5)
+        if username:
+            self.client.username_pw_set(username, password)
+        self.client.on_message = self._on_message
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = self._on_subscribe
+        self.subscribed = threading.Event()
+        self.granted: list[Any] = []
+        props = None
+        if session:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 600
+        self.client.reconnect_delay_set(1, 1)
+        self.client.connect("127.0.0.1", port, keepalive=5, clean_start=not session, properties=props)
+        self.client.loop_start()
+        wait_for(self.subscribed.is_set, 10, what="observer subscription")
+
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        if not rc.is_failure:
+            client.subscribe(self.topic, qos=1)
+
+    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, codes: Any, props: Any) -> None:
+        self.granted = list(codes)
+        self.subscribed.set()
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        try:
+            body = json.loads(msg.payload)
+        except ValueError:
+            body = None
+        props = getattr(msg, "properties", None)
+        with self._lock:
+            self.messages.append((msg.topic, body, bool(msg.retain), props))
+
+    def on(self, suffix: str) -> list[dict[str, Any]]:
+        """Bodies of messages whose topic ends with ``suffix``, in arrival order."""
+        with self._lock:
+            return [b for t, b, _, _ in self.messages if t.endswith(suffix) and b is not None]
+
+    def raw(self) -> list[tuple[str, dict[str, Any] | None, bool, Any]]:
+        with self._lock:
+            return list(self.messages)
+
+    def publish(self, topic: str, payload: bytes | str | dict[str, Any], *, response_topic: str | None = None,
+                correlation: bytes | None = None) -> None:
+        if isinstance(payload, dict):
+            payload = json.dumps(payload)
+        props = None
+        if response_topic or correlation:
+            props = Properties(PacketTypes.PUBLISH)
+            if response_topic:
+                props.ResponseTopic = response_topic
+            if correlation:
+                props.CorrelationData = correlation
+        self.client.publish(topic, payload, qos=1, properties=props).wait_for_publish(5)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def command(name: str, cid: str | None = None, ts: float | None = None, ttl_s: float = 60.0,
+            **fields: Any) -> dict[str, Any]:
+    return {"id": cid or uuid.uuid4().hex, "ts": time.time() if ts is None else ts, "ttl_s": ttl_s, **fields}
+

@@ -1,0 +1,205 @@
+"""The agent as a process against a real Mosquitto: birth, Last Will, clean shutdown, commands."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.protocol import ROOT
+from tests.integration.service_support import AgentProcess, Observer, agent_config, command
+from tests.support.artifacts import OTA_MODELS, build_artifact
+from tests.support.waiting import wait_for
+
+DEV = f"{ROOT}/devices/pi-1"
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory: pytest.TempPathFactory):
+    return build_artifact(OTA_MODELS / "clf_a.tflite", tmp_path_factory.mktemp("art") / "v1", version="1")
+
+
+def online_state(obs: Observer) -> dict | None:
+    states = obs.on(f"{DEV}/state")
+    return states[-1] if states and states[-1]["online"] else None
+
+
+def test_birth_is_retained_and_kill_9_publishes_the_last_will_within_1_5_keepalive(
+        broker, artifact, tmp_path: Path) -> None:
+    agent = AgentProcess(tmp_path, agent_config(tmp_path, broker.url, model=artifact.dir)).start()
+    try:
+        probe = Observer(broker.port, topic=f"{DEV}/state")
+        wait_for(lambda: online_state(probe), 20, what="birth")
+        probe.close()
+        # A subscriber arriving later still sees the birth: it is retained.
+        late = Observer(broker.port, topic=f"{DEV}/state")
+        state = wait_for(lambda: online_state(late), 5, what="retained birth")
+        assert late.raw()[0][2] is True
+        assert state["device_id"] == "pi-1" and state["group"] == "g1" and state["profile"] == "x86-dev"
+        assert state["model"] == {"name": "clf", "version": "1", "sha256": artifact.manifest.model.sha256}
+        assert state["boot"] == 1 and state["agent_version"]
+        agent.kill9()
+        killed = time.monotonic()
+        offline = wait_for(lambda: [s for s in late.on(f"{DEV}/state") if not s["online"]], 3.0,
+                           what="Last Will")
+        assert time.monotonic() - killed <= 1.5 * 2
+        assert offline[-1]["device_id"] == "pi-1" and offline[-1]["boot"] == 1
+        late.close()
+    finally:
+        agent.stop_quietly()
+    # The boot counter is persisted: the next start is boot 2.
+    again = AgentProcess(tmp_path, agent_config(tmp_path, broker.url, model=artifact.dir)).start()
+    try:
+        obs = Observer(broker.port, topic=f"{DEV}/#")
+        wait_for(lambda: (s := online_state(obs)) and s["boot"] == 2, 20, what="second birth")
+        assert again.terminate() == 0
+        wait_for(lambda: not obs.on(f"{DEV}/state")[-1]["online"], 5, what="offline on clean stop")
+        events = [e["event"] for e in obs.on(f"{DEV}/events")]
+        assert "stopping" in events
+        retained = Observer(broker.port, topic=f"{DEV}/state")
+        wait_for(lambda: retained.on(f"{DEV}/state"), 5, what="retained offline state")
+        assert retained.on(f"{DEV}/state")[-1]["online"] is False
+        retained.close()
+        obs.close()
+    finally:
+        again.stop_quietly()
+
+
+@pytest.fixture(scope="module")
+def running(broker, artifact, tmp_path_factory: pytest.TempPathFactory):
+    """One agent for the command tests (boot and birth cost ~2 s; share them)."""
+    tmp = tmp_path_factory.mktemp("cmd-agent")
+    cfg = agent_config(tmp, broker.url, device_id="pi-cmd", group="cmdgroup", model=artifact.dir,
+                       telemetry={"interval_s": 5})
+    agent = AgentProcess(tmp, cfg).start()
+    obs = Observer(broker.port, topic=f"{ROOT}/#")
+    wait_for(lambda: any(b.get("online") for b in obs.on("pi-cmd/state")), 20, what="agent birth")
+    yield agent, obs
+    obs.close()
+    agent.stop_quietly()
+
+
+def reply_for(obs: Observer, cid: str | None, suffix: str, timeout: float = 5.0) -> dict:
+    return wait_for(lambda: next((b for b in obs.on(suffix) if b.get("id") == cid), None), timeout,
+                    what=f"reply to {cid} on {suffix}")
+
+
+CMD = f"{ROOT}/devices/pi-cmd/cmd"
+
+
+def test_status_command_replies_on_the_default_response_topic(running) -> None:
+    agent, obs = running
+    cmd = command("status")
+    obs.publish(f"{CMD}/status", cmd)
+    reply = reply_for(obs, cmd["id"], f"{CMD}/status/response")
+    assert reply["ok"] is True and reply["device_id"] == "pi-cmd"
+    assert reply["result"]["state"]["model"]["name"] == "clf"
+    assert reply["result"]["mqtt"]["protocol"] == "5"
+
+
+def test_mqtt5_response_topic_and_correlation_data_are_honoured(running) -> None:
+    agent, obs = running
+    cmd = command("status")
+    obs.publish(f"{CMD}/status", cmd, response_topic=f"{ROOT}/replies/ops-1", correlation=b"corr-42")
+    reply_for(obs, cmd["id"], f"{ROOT}/replies/ops-1")
+    props = next(p for t, b, _, p in obs.raw() if t.endswith("replies/ops-1") and b["id"] == cmd["id"])
+    assert props.CorrelationData == b"corr-42"
+
+
+def test_group_command_reaches_the_device(running) -> None:
+    agent, obs = running
+    cmd = command("status")
+    obs.publish(f"{ROOT}/groups/cmdgroup/cmd/status", cmd)
+    assert reply_for(obs, cmd["id"], f"{CMD}/status/response")["ok"] is True
+
+
+def test_duplicate_id_gets_the_same_reply_without_running_again(running) -> None:
+    agent, obs = running
+    cmd = command("status")
+    obs.publish(f"{CMD}/status", cmd)
+    first = reply_for(obs, cmd["id"], f"{CMD}/status/response")
+    time.sleep(0.2)  # a re-execution would report a different uptime and timestamp
+    obs.publish(f"{CMD}/status", cmd)
+    wait_for(lambda: len([b for b in obs.on(f"{CMD}/status/response") if b["id"] == cmd["id"]]) == 2, 5,
+             what="second reply")
+    replies = [b for b in obs.on(f"{CMD}/status/response") if b["id"] == cmd["id"]]
+    assert replies[0] == replies[1] == first
+
+
+def test_expired_malformed_and_unknown_commands_get_error_replies_and_the_agent_keeps_running(running) -> None:
+    agent, obs = running
+    expired = command("status", ts=time.time() - 120, ttl_s=60)
+    obs.publish(f"{CMD}/status", expired)
+    assert "expired" in reply_for(obs, expired["id"], f"{CMD}/status/response")["error"]
+    obs.publish(f"{CMD}/config", b"{not json")
+    bad = reply_for(obs, None, f"{CMD}/config/response")
+    assert bad["ok"] is False and "malformed" in bad["error"]
+    unknown = command("reboot")
+    obs.publish(f"{CMD}/reboot", unknown)
+    assert "unknown command 'reboot'" in reply_for(obs, unknown["id"], f"{CMD}/reboot/response")["error"]
+    no_id = {"ts": time.time()}
+    obs.publish(f"{CMD}/status", no_id)
+    wait_for(lambda: [b for b in obs.on(f"{CMD}/status/response") if b["id"] is None], 5, what="no-id reply")
+    bad_cfg = command("config", telemetry={"interval_s": -3})
+    obs.publish(f"{CMD}/config", bad_cfg)
+    assert "interval_s" in reply_for(obs, bad_cfg["id"], f"{CMD}/config/response")["error"]
+    ok = command("status")
+    obs.publish(f"{CMD}/status", ok)
+    assert reply_for(obs, ok["id"], f"{CMD}/status/response")["ok"] is True
+    assert agent.proc.poll() is None
+
+
+def test_config_command_changes_the_telemetry_interval(running) -> None:
+    agent, obs = running
+    cmd = command("config", telemetry={"interval_s": 0.2})
+    obs.publish(f"{CMD}/config", cmd)
+    reply = reply_for(obs, cmd["id"], f"{CMD}/config/response")
+    assert reply["ok"] and reply["result"]["applied"]["telemetry"]["interval_s"] == 0.2
+    before = len(obs.on("pi-cmd/telemetry"))
+    time.sleep(1.5)
+    assert len(obs.on("pi-cmd/telemetry")) - before >= 4  # was one per 5 s
+    back = command("config", telemetry={"interval_s": 5})
+    obs.publish(f"{CMD}/config", back)
+    assert reply_for(obs, back["id"], f"{CMD}/config/response")["ok"]
+
+
+def test_config_command_turns_the_cache_off_and_on(running) -> None:
+    agent, obs = running
+    on = command("config", cache={"enabled": True, "near_threshold": 0.01})
+    obs.publish(f"{CMD}/config", on)
+    assert reply_for(obs, on["id"], f"{CMD}/config/response", 15)["ok"]
+    status = command("status")
+    obs.publish(f"{CMD}/status", status)
+    engine = reply_for(obs, status["id"], f"{CMD}/status/response")["result"]["host"]["engine"]
+    assert engine["cache"]["enabled"] is True and engine["cache"]["config"]["near_threshold"] == 0.01
+    off = command("config", cache={"enabled": False})
+    obs.publish(f"{CMD}/config", off)
+    assert reply_for(obs, off["id"], f"{CMD}/config/response", 15)["ok"]
+    status = command("status")
+    obs.publish(f"{CMD}/status", status)
+    engine = reply_for(obs, status["id"], f"{CMD}/status/response")["result"]["host"]["engine"]
+    assert engine["cache"]["enabled"] is False
+
+
+def test_a_restart_does_not_execute_a_remembered_command_again(broker, artifact, tmp_path: Path) -> None:
+    cfg = agent_config(tmp_path, broker.url, device_id="pi-mem", model=artifact.dir, telemetry={"interval_s": 5})
+    obs = Observer(broker.port, topic=f"{ROOT}/devices/pi-mem/#")
+    agent = AgentProcess(tmp_path, cfg).start()
+    try:
+        wait_for(lambda: any(b.get("online") for b in obs.on("pi-mem/state")), 20, what="birth")
+        cmd = command("status")
+        topic = f"{ROOT}/devices/pi-mem/cmd/status"
+        obs.publish(topic, cmd)
+        first = reply_for(obs, cmd["id"], "pi-mem/cmd/status/response")
+        assert agent.terminate() == 0
+        agent.start()
+        wait_for(lambda: [b for b in obs.on("pi-mem/state") if b.get("online") and b["boot"] == 2], 20,
+                 what="second birth")
+        obs.publish(topic, cmd)
+        wait_for(lambda: len([b for b in obs.on("pi-mem/cmd/status/response") if b["id"] == cmd["id"]]) == 2,
+                 5, what="reply after restart")
+        assert [b for b in obs.on("pi-mem/cmd/status/response") if b["id"] == cmd["id"]][1] == first
+    finally:
+        obs.close()
+        agent.stop_quietly()
