@@ -1,0 +1,9 @@
+"""edgefleet fleet tool (``edge-fleet``): registry, staged rollouts, live watch and export over MQTT.
+
+Host-side only. It reads the contract from :mod:`agent.protocol`, :mod:`agent.manifest` and
+:mod:`agent.signing` so devices and the fleet tool cannot drift apart.
+"""
+
+from __future__ import annotations
+
+__all__: list[str] = []

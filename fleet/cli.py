@@ -1,0 +1,397 @@
+"""``edge-fleet``: the operator's tool for a fleet of edgefleet devices.
+
+Subcommands: keygen, devices, deploy, status, rollback, watch, export, simulate. Every failure is
+one ``error:`` line and a non-zero exit (via :func:`agent.clitools.run_main`); a rollout that
+aborts or fails exits 1.
+
+``deploy`` always drives the rollout to its end (the process is the rollout's engine): ``--wait``
+adds live progress lines, without it only the final summary is printed. A deploy that was killed
+is continued with ``deploy --resume ROLLOUT_ID``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from agent.clitools import run_main
+from agent.errors import ConfigError
+
+__all__ = ["build_parser", "main"]
+
+EXIT_ROLLOUT_FAILED = 1
+
+
+def _broker(args: argparse.Namespace, fallback: str | None = None) -> str:
+    url = args.broker or os.environ.get("EDGEFLEET_BROKER") or fallback
+    if not url:
+        raise ConfigError("no broker: pass --broker mqtt://host:port (or set EDGEFLEET_BROKER)")
+    return str(url)
+
+
+def _targets(parser: argparse.ArgumentParser) -> None:
+    sel = parser.add_mutually_exclusive_group()
+    sel.add_argument("--device", nargs="+", action="extend", metavar="ID", help="device id(s)")
+    sel.add_argument("--group", help="every device whose state names this group")
+    sel.add_argument("--all", action="store_true", help="every device with a retained state")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-fleet", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+        return p
+
+    def broker(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--broker", help="mqtt://[user:pass@]host[:port] or mqtts://... (env EDGEFLEET_BROKER)")
+
+    def data_dir(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data-dir", help="where rollouts are kept (env EDGEFLEET_DATA, "
+                                          "default ~/.local/share/edgefleet)")
+
+    p = add("keygen", "create an Ed25519 signing key pair (signing.key, signing.pub)")
+    p.add_argument("--out", required=True, help="directory for the key files")
+
+    p = add("devices", "list every device from the retained states")
+    broker(p)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--settle", type=float, default=0.4, help="seconds without a new retained state before done")
+
+    p = add("deploy", "staged rollout of an artifact: canary, growing waves, abort and roll back")
+    p.add_argument("artifact", nargs="?", help="artifact directory (model.tflite + manifest.json)")
+    broker(p)
+    _targets(p)
+    p.add_argument("--sign-key", help="sign (or re-sign) the manifest with this Ed25519 key")
+    p.add_argument("--canary", default="1", help="devices in the canary batch: N or N%% (default 1)")
+    p.add_argument("--wave-base", type=int, default=5, help="devices in the first wave after the canary")
+    p.add_argument("--wave-factor", type=float, default=2.0, help="growth of each later wave")
+    p.add_argument("--max-failure-pct", type=float, default=10.0, help="abort above this failure share")
+    p.add_argument("--min-executed", type=int, default=5, help="finished devices before the share counts")
+    p.add_argument("--device-timeout", type=float, default=300.0, help="seconds for one device to finish")
+    p.add_argument("--artifact-url", help="base URL of an existing HTTP/S3 server holding model.tflite")
+    p.add_argument("--serve", default="0.0.0.0:0", help="HOST:PORT for the built-in artifact server")
+    p.add_argument("--advertise", help="host name devices use to reach the built-in server")
+    p.add_argument("--wait", action="store_true", help="show live progress")
+    p.add_argument("--json", action="store_true", help="final summary as JSON")
+    p.add_argument("--no-rollback-on-abort", action="store_true")
+    p.add_argument("--force", action="store_true", help="deploy deployable: false artifacts; resend to "
+                                                         "devices already on the version")
+    p.add_argument("--resume", metavar="ROLLOUT_ID", help="continue a rollout whose fleet tool was stopped")
+    data_dir(p)
+
+    p = add("status", "rollouts and per-device execution states (from the data dir)")
+    p.add_argument("rollout_id", nargs="?")
+    p.add_argument("--json", action="store_true")
+    data_dir(p)
+
+    p = add("rollback", "roll devices back to their previous (or a given) version")
+    broker(p)
+    _targets(p)
+    p.add_argument("--to", help="version to go back to (default: the previous one)")
+    p.add_argument("--wait", action="store_true", help="wait for every device's answer")
+    p.add_argument("--device-timeout", type=float, default=120.0)
+    p.add_argument("--json", action="store_true")
+    data_dir(p)
+
+    p = add("watch", "live table of devices and fleet totals")
+    broker(p)
+    p.add_argument("--group")
+    p.add_argument("--frames", type=int, help="print this many frames and exit")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between frames")
+
+    p = add("export", "record device messages to .jsonl or .csv")
+    broker(p)
+    p.add_argument("--out", required=True, help="FILE.jsonl or FILE.csv")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds to record")
+
+    p = add("simulate", "run simulated devices (for demos and benchmarks)")
+    from fleet.simulator import add_arguments
+
+    add_arguments(p)
+    return parser
+
+
+# -- subcommands ----------------------------------------------------------------------------
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from agent.signing import generate_keypair
+
+    key, pub = generate_keypair(Path(args.out))
+    print(f"wrote {key} (keep it secret) and {pub} (install on devices as a trusted key)")
+    return 0
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    from fleet.registry import collect
+
+    registry = collect(_broker(args), settle_s=args.settle)
+    devices = registry.known()
+    if args.json:
+        print(json.dumps([d.to_json() for d in devices], indent=2))
+        return 0
+    now = time.time()
+    header = ("DEVICE", "ONLINE", "GROUP", "PROFILE", "MODEL", "AGENT", "LAST TELEMETRY")
+    rows = []
+    for d in devices:
+        model = f"{d.model.get('name', '?')}@{d.model.get('version', '?')}" if d.model else "-"
+        tel = f"{now - d.telemetry_ts:.0f}s ago" if d.telemetry_ts else "-"
+        rows.append((d.device_id, "online" if d.online else "offline", d.group or "-", d.profile or "-",
+                     model, d.agent_version or "-", tel))
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
+    for r in [header, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    online = sum(1 for d in devices if d.online)
+    print(f"{len(devices)} device(s), {online} online")
+    return 0
+
+
+def _progress_printer(stream: Any) -> Any:
+    def show(rollout: Any, s: dict[str, int]) -> None:
+        parts = [f"{s.get('SUCCEEDED', 0)} succeeded"]
+        for key in ("FAILED", "REJECTED", "TIMED_OUT", "CANCELED", "IN_PROGRESS", "QUEUED"):
+            if s.get(key):
+                parts.append(f"{s[key]} {key.lower().replace('_', ' ')}")
+        if s.get("rolled_back"):
+            parts.append(f"{s['rolled_back']} rolled back")
+        stream.write(f"{time.strftime('%H:%M:%S')} {rollout.id} wave {s['wave'] + 1}/{rollout.waves} "
+                     f"{rollout.state}: {', '.join(parts)}\n")
+        stream.flush()
+    return show
+
+
+def _summary(store: Any, rollout_id: str) -> dict[str, Any]:
+    from fleet.rollout import summarize
+
+    r = store.rollout(rollout_id)
+    execs = store.executions(rollout_id)
+    counts = summarize(execs)
+    return {"rollout_id": r.id, "kind": r.kind, "state": r.state, "reason": r.reason, "name": r.name,
+            "version": r.version, "waves": r.waves, "current_wave": r.current_wave, "created": r.created,
+            "updated": r.updated, "artifact_url": r.artifact_url, "policy": r.policy,
+            "counts": {k: v for k, v in counts.items()},
+            "rolled_back": sum(1 for e in execs if e.rollback_state == "SUCCEEDED"),
+            "executions": [{"device_id": e.device_id, "wave": e.wave, "state": e.state, "ota_state": e.ota_state,
+                            "rollback": e.rollback_state, "reason": e.reason, "prev_version": e.prev_version}
+                           for e in execs]}
+
+
+def _print_final(summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    c = summary["counts"]
+    what = f"{summary['name']}@{summary['version']}" if summary["kind"] == "deploy" else \
+        f"rollback to {summary['version'] or 'previous'}"
+    print(f"rollout {summary['rollout_id']} ({what}): {summary['state']}"
+          + (f" - {summary['reason']}" if summary["reason"] else ""))
+    print(f"  {c.get('SUCCEEDED', 0)} succeeded, {c['failures']} failed, {c.get('CANCELED', 0)} canceled, "
+          f"{summary['rolled_back']} rolled back, of {len(summary['executions'])} device(s)")
+    for e in summary["executions"]:
+        if e["state"] != "SUCCEEDED" or e["rollback"]:
+            extra = f" rollback {e['rollback']}" if e["rollback"] else ""
+            print(f"  {e['device_id']}: {e['state']}{extra}" + (f" ({e['reason']})" if e["reason"] else ""))
+
+
+def _model_url(base: str, file: str) -> str:
+    return base if base.endswith(".tflite") else base.rstrip("/") + "/" + file
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from fleet.artifacts import ArtifactServer
+    from fleet.mqttclient import connect
+    from fleet.registry import collect, select_devices
+    from fleet.rollout import Policy, parse_canary
+    from fleet.runner import RolloutRunner, check_signing, create_deploy, load_artifact, resume_check
+    from fleet.store import Store
+
+    store = Store.open(args.data_dir)
+    server = None
+    try:
+        if args.resume:
+            if args.artifact or args.device or args.group or args.all:
+                raise ConfigError("--resume continues a stored rollout: give no artifact or targets")
+            rollout = store.rollout(args.resume)
+            resume_check(rollout)
+            execs = store.executions(rollout.id)
+            broker = _broker(args, rollout.broker)
+            if rollout.serve:
+                server = ArtifactServer(rollout.serve, advertise=args.advertise)
+                url = server.add(f"/{rollout.sha256}/model.tflite", Path(rollout.artifact_dir or ".") / "model.tflite")
+                if url != rollout.artifact_url:
+                    from dataclasses import replace
+
+                    rollout = replace(rollout, artifact_url=url)
+        else:
+            if not args.artifact:
+                raise ConfigError("deploy needs an ARTIFACT_DIR (or --resume ROLLOUT_ID)")
+            broker = _broker(args)
+            artifact = load_artifact(args.artifact, args.sign_key, force=args.force)
+            registry = collect(broker)
+            devices = select_devices(registry, args.device, args.group, args.all)
+            check_signing(artifact, devices)
+            policy = Policy(canary=parse_canary(args.canary, len(devices)), wave_base=args.wave_base,
+                            wave_factor=args.wave_factor, max_failure_pct=args.max_failure_pct,
+                            min_executed=args.min_executed, device_timeout_s=args.device_timeout,
+                            rollback_on_abort=not args.no_rollback_on_abort)
+            serve = None
+            if args.artifact_url:
+                url = _model_url(args.artifact_url, artifact.manifest.model.file)
+            else:
+                server = ArtifactServer(args.serve, advertise=args.advertise)
+                url = server.add(f"/{artifact.manifest.model.sha256}/model.tflite", artifact.model_path)
+                host = args.serve.rpartition(":")[0] or "0.0.0.0"
+                serve = f"{host}:{server.port}"
+            rollout, execs = create_deploy(store, artifact, devices, policy, url, serve, broker, force=args.force)
+        out = sys.stderr if args.json else sys.stdout
+        if args.wait or args.resume:
+            out.write(f"rollout {rollout.id}: {len(execs)} device(s) in {rollout.waves} wave(s); "
+                      f"artifact at {rollout.artifact_url}\n")
+            out.flush()
+        with connect(broker, client_id=f"edge-fleet-{rollout.id}", persistent=True) as client:
+            runner = RolloutRunner(store, client, rollout, execs,
+                                   progress=_progress_printer(out) if args.wait else None)
+            if args.resume:  # retained states credit devices that finished while we were away
+                from fleet.registry import STATE_TOPICS
+
+                client.subscribe(STATE_TOPICS)
+            final = runner.run()
+        _print_final(_summary(store, final.id), args.json)
+        return 0 if final.state == "SUCCEEDED" else EXIT_ROLLOUT_FAILED
+    finally:
+        if server:
+            server.close()
+        store.close()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from fleet.rollout import summarize
+    from fleet.store import Store
+
+    store = Store.open(args.data_dir)
+    try:
+        if args.rollout_id:
+            summary = _summary(store, args.rollout_id)
+            if args.json:
+                print(json.dumps(summary, indent=2))
+                return 0
+            c = summary["counts"]
+            print(f"rollout {summary['rollout_id']} {summary['kind']} {summary['name'] or ''}@"
+                  f"{summary['version'] or 'previous'}: {summary['state']}"
+                  + (f" - {summary['reason']}" if summary["reason"] else ""))
+            print(f"  wave {summary['current_wave'] + 1}/{summary['waves']}, {c.get('SUCCEEDED', 0)} succeeded, "
+                  f"{c['failures']} failed, {summary['rolled_back']} rolled back")
+            header = ("DEVICE", "WAVE", "STATE", "OTA", "ROLLBACK", "REASON")
+            rows = [(e["device_id"], str(e["wave"]), e["state"], e["ota_state"] or "-", e["rollback"] or "-",
+                     e["reason"] or "") for e in summary["executions"]]
+            widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
+            for r in [header, *rows]:
+                print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+            return 0
+        rollouts = store.rollouts()
+        listing = []
+        for r in rollouts:
+            counts = summarize(store.executions(r.id))
+            listing.append({"rollout_id": r.id, "kind": r.kind, "state": r.state, "name": r.name,
+                            "version": r.version, "created": r.created, "devices": sum(
+                                v for k, v in counts.items() if k not in ("executed", "failures")),
+                            "succeeded": counts.get("SUCCEEDED", 0), "failures": counts["failures"],
+                            "reason": r.reason})
+        if args.json:
+            print(json.dumps(listing, indent=2))
+            return 0
+        if not listing:
+            print(f"no rollouts in {store.path}")
+        for r in listing:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"]))
+            print(f"{r['rollout_id']}  {when}  {r['kind']:<8} {r['name'] or '-'}@{r['version'] or 'previous'}  "
+                  f"{r['state']:<11} {r['succeeded']}/{r['devices']} succeeded, {r['failures']} failed")
+        return 0
+    finally:
+        store.close()
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from fleet.mqttclient import connect
+    from fleet.registry import collect, select_devices
+    from fleet.rollout import decide
+    from fleet.runner import RolloutRunner, create_rollback
+    from fleet.store import Store
+
+    broker = _broker(args)
+    if args.to is not None:
+        from agent.manifest import parse_version
+
+        parse_version(args.to)
+    registry = collect(broker)
+    devices = select_devices(registry, args.device, args.group, args.all)
+    store = Store.open(args.data_dir)
+    try:
+        rollout, execs = create_rollback(store, devices, args.to, broker, args.device_timeout)
+        with connect(broker, client_id=f"edge-fleet-{rollout.id}", persistent=args.wait) as client:
+            runner = RolloutRunner(store, client, rollout, execs,
+                                   progress=_progress_printer(sys.stderr if args.json else sys.stdout)
+                                   if args.wait else None)
+            if args.wait:
+                final = runner.run()
+            else:
+                d = decide(rollout, execs, runner.policy, time.time())
+                runner._send(d.send_update, rollback=False, now=time.time())
+                print(f"rollback {rollout.id} sent to {len(d.send_update)} device(s); "
+                      f"use --wait to follow it")
+                return 0
+        _print_final(_summary(store, final.id), args.json)
+        return 0 if final.state == "SUCCEEDED" else EXIT_ROLLOUT_FAILED
+    finally:
+        store.close()
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from fleet.watch import watch
+
+    if args.frames is not None and args.frames < 1:
+        raise ConfigError("--frames: expected at least 1")
+    if args.interval <= 0:
+        raise ConfigError("--interval: expected seconds > 0")
+    watch(_broker(args), group=args.group, frames=args.frames, interval=args.interval)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fleet.export import export
+
+    n = export(_broker(args), args.out, args.duration)
+    print(f"wrote {n} record(s) to {args.out}")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from fleet.simulator import run_from_args
+
+    return run_from_args(args)
+
+
+HANDLERS = {"keygen": cmd_keygen, "devices": cmd_devices, "deploy": cmd_deploy, "status": cmd_status,
+            "rollback": cmd_rollback, "watch": cmd_watch, "export": cmd_export, "simulate": cmd_simulate}
+
+
+def _main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    return int(HANDLERS[args.command](args))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,359 @@
+"""The I/O around the planner: check the artifact, create the rollout, send commands, fold answers in.
+
+Order of every send: persist the command id (and the send time) first, then publish. After a
+crash, ``--resume`` re-sends the same id only to devices that never answered (devices drop a
+repeated id), and reads the retained states to credit devices that finished while we were down.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from agent.errors import ArtifactError, ConfigError, SignatureError
+from agent.manifest import Manifest, load_manifest, sha256_file
+from agent.protocol import ROOT, decode, device_cmd_topic, make_command, parse_device_topic
+from agent.signing import load_private_key, sign_manifest
+from fleet.mqttclient import FleetClient, Message
+from fleet.registry import Device
+from fleet.rollout import Policy, apply_event, apply_reply, decide, plan_waves, summarize, unanswered
+from fleet.store import Execution, Rollout, Store
+
+__all__ = [
+    "EVENT_TOPICS",
+    "Artifact",
+    "RolloutRunner",
+    "check_signing",
+    "command_id",
+    "create_deploy",
+    "create_rollback",
+    "load_artifact",
+]
+
+EVENT_TOPICS = (f"{ROOT}/devices/+/events", f"{ROOT}/devices/+/cmd/+/response")
+Progress = Callable[[Rollout, dict[str, int]], None]
+
+
+class Artifact:
+    """A checked artifact directory: manifest, the raw dict that is signed, signature, model path."""
+
+    def __init__(self, directory: Path, manifest: Manifest, raw: dict[str, Any], signature: str | None) -> None:
+        self.directory = directory
+        self.manifest = manifest
+        self.raw = raw
+        self.signature = signature
+
+    @property
+    def model_path(self) -> Path:
+        return self.directory / self.manifest.model.file
+
+
+def load_artifact(directory: Path | str, sign_key: Path | str | None = None, force: bool = False) -> Artifact:
+    """Load and check an artifact before anything is sent.
+
+    Raises:
+        ArtifactError: no valid manifest, model file missing or not matching its sha256 / size,
+            or ``deployable: false`` without ``force``.
+        ConfigError: the signing key cannot be read.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ArtifactError(f"{directory}: not a directory (expected an artifact dir from edge-convert)")
+    manifest, raw, signature = load_manifest(directory)
+    if not manifest.deployable and not force:
+        raise ArtifactError(f"{directory}: manifest says deployable: false (the converter's checks failed; "
+                            "see report.md, or pass --force)")
+    model = directory / manifest.model.file
+    if not model.is_file():
+        raise ArtifactError(f"{directory}: {manifest.model.file} is missing")
+    size = model.stat().st_size
+    if size != manifest.model.size:
+        raise ArtifactError(f"{model}: {size} bytes, manifest says {manifest.model.size}")
+    digest = sha256_file(model)
+    if digest != manifest.model.sha256:
+        raise ArtifactError(f"{model}: sha256 {digest[:12]}..., manifest says {manifest.model.sha256[:12]}...")
+    if sign_key is not None:
+        signature = sign_manifest(raw, load_private_key(sign_key))
+    return Artifact(directory, manifest, raw, signature)
+
+
+def check_signing(artifact: Artifact, devices: Sequence[Device]) -> None:
+    """Refuse an unsigned artifact when a target device says it only takes signed updates.
+
+    Raises:
+        SignatureError: unsigned and at least one device advertises ``signed_updates: true``.
+    """
+    if artifact.signature:
+        return
+    strict = [d.device_id for d in devices if d.signed_updates is True]
+    if strict:
+        raise SignatureError(f"{len(strict)} target device(s) require signed updates (e.g. {strict[0]}) and "
+                             f"{artifact.directory} has no manifest.json.sig: pass --sign-key")
+
+
+def command_id(rollout_id: str, device_id: str, kind: str) -> str:
+    """The one command id for (rollout, device, kind): the same on every re-send."""
+    return hashlib.sha256(f"{rollout_id}/{device_id}/{kind}".encode()).hexdigest()[:32]
+
+
+def new_rollout_id() -> str:
+    return time.strftime("r%Y%m%d-%H%M%S-", time.gmtime()) + uuid.uuid4().hex[:6]
+
+
+def create_deploy(store: Store, artifact: Artifact, devices: Sequence[Device], policy: Policy,
+                  artifact_url: str | None, serve: str | None, broker: str, force: bool = False,
+                  now: float | None = None) -> tuple[Rollout, list[Execution]]:
+    """Persist a new rollout and its executions; devices already on the target are SUCCEEDED at once."""
+    now = time.time() if now is None else now
+    rid = new_rollout_id()
+    m = artifact.manifest
+    waves = plan_waves([d.device_id for d in devices], policy.canary, policy.wave_base, policy.wave_factor)
+    by_id = {d.device_id: d for d in devices}
+    execs = []
+    for w, ids in enumerate(waves):
+        for did in ids:
+            dev = by_id[did]
+            e = Execution(rid, did, w, prev_version=dev.model_version, updated_ts=now)
+            if not force and dev.model_sha256 == m.model.sha256 and dev.model_version == m.version:
+                e = replace(e, state="SUCCEEDED", reason="already running this version")
+            execs.append(e)
+    rollout = Rollout(id=rid, kind="deploy", created=now, updated=now, state="IN_PROGRESS",
+                      policy=policy.to_json(), current_wave=0, waves=len(waves),
+                      artifact_dir=str(artifact.directory.resolve()), name=m.name, version=m.version,
+                      sha256=m.model.sha256, manifest=artifact.raw, signature=artifact.signature,
+                      artifact_url=artifact_url, serve=serve, broker=broker)
+    store.save(rollout, execs, [(rid, None, "created", {"devices": len(execs), "waves": [len(w) for w in waves]})],
+               now=now)
+    return rollout, execs
+
+
+def create_rollback(store: Store, devices: Sequence[Device], to: str | None, broker: str,
+                    timeout_s: float, now: float | None = None) -> tuple[Rollout, list[Execution]]:
+    """Persist an operator rollback (one wave, no canary)."""
+    now = time.time() if now is None else now
+    rid = new_rollout_id()
+    # never aborts (min_executed above the fleet size); any failure makes the result FAILED
+    policy = Policy(canary=0, wave_base=max(1, len(devices)), device_timeout_s=timeout_s,
+                    max_failure_pct=0, min_executed=len(devices) + 1, rollback_on_abort=False)
+    execs = [Execution(rid, d.device_id, 0, prev_version=d.model_version, updated_ts=now) for d in devices]
+    rollout = Rollout(id=rid, kind="rollback", created=now, updated=now, state="IN_PROGRESS",
+                      policy=policy.to_json(), current_wave=0, waves=1, version=to, broker=broker)
+    store.save(rollout, execs, [(rid, None, "created", {"devices": len(execs), "to": to})], now=now)
+    return rollout, execs
+
+
+class RolloutRunner:
+    """Drive one rollout to a final state over an open MQTT connection."""
+
+    def __init__(self, store: Store, client: FleetClient, rollout: Rollout, executions: Sequence[Execution],
+                 progress: Progress | None = None, tick_s: float = 0.2, batch: int = 20000) -> None:
+        self.store = store
+        self.client = client
+        self.rollout = rollout
+        self.policy = Policy.from_json(rollout.policy)
+        self.execs: dict[str, Execution] = {e.device_id: e for e in executions}
+        self.progress = progress
+        self.tick_s = tick_s
+        self.batch = batch
+        self.reply_topic = f"{ROOT}/fleet/{client.client_id}/responses"
+        self._cmds: dict[str, tuple[str, str]] = {}
+        for e in executions:
+            self._cmds[command_id(rollout.id, e.device_id, "update")] = (e.device_id, "update")
+            self._cmds[command_id(rollout.id, e.device_id, "rollback")] = (e.device_id, "rollback")
+        self._last_summary: dict[str, int] | None = None
+        self.sent_updates = 0
+        self.sent_rollbacks = 0
+
+    # -- sending ----------------------------------------------------------------------------
+    def _update_payload(self, e: Execution) -> dict[str, Any]:
+        if self.rollout.kind == "rollback":
+            return self._rollback_payload(e, to=self.rollout.version)
+        cmd = make_command("update", ttl_s=self.policy.device_timeout_s, rollout_id=self.rollout.id,
+                           manifest=self.rollout.manifest, signature=self.rollout.signature,
+                           artifact_url=self.rollout.artifact_url)
+        cmd["id"] = command_id(self.rollout.id, e.device_id, "update")
+        return cmd
+
+    def _rollback_payload(self, e: Execution, to: str | None) -> dict[str, Any]:
+        cmd = make_command("rollback", ttl_s=self.policy.device_timeout_s, to=to, rollout_id=self.rollout.id)
+        cmd["id"] = command_id(self.rollout.id, e.device_id, "rollback")
+        return cmd
+
+    def _send(self, ids: Sequence[str], rollback: bool, now: float) -> list[Execution]:
+        """Persist ids and send times, then publish. Returns the changed executions (already saved)."""
+        if not ids:
+            return []
+        changed = []
+        for did in ids:
+            e = self.execs[did]
+            if rollback:
+                e = replace(e, rollback_state="IN_PROGRESS",
+                            rollback_id=command_id(self.rollout.id, did, "rollback"), rollback_sent_ts=now)
+            else:
+                e = replace(e, command_id=command_id(self.rollout.id, did, "update"), sent_ts=now)
+            self.execs[did] = e
+            changed.append(e)
+        kind = "rollback" if rollback else "update"
+        self.store.save(None, changed, [(self.rollout.id, None, f"send_{kind}", {"devices": len(changed)})], now=now)
+        infos = []
+        for e in changed:
+            if rollback:
+                payload = self._rollback_payload(e, to=e.prev_version)
+                topic = device_cmd_topic(e.device_id, "rollback")
+            else:
+                payload = self._update_payload(e)
+                topic = device_cmd_topic(e.device_id, "rollback" if self.rollout.kind == "rollback" else "update")
+            infos.append(self.client.publish(topic, payload, response_topic=self.reply_topic,
+                                             correlation=payload["id"].encode()))
+        self.client.flush(infos, timeout=max(10.0, len(infos) / 500))
+        if rollback:
+            self.sent_rollbacks += len(changed)
+        else:
+            self.sent_updates += len(changed)
+        return changed
+
+    def _resend_unanswered(self, now: float) -> None:
+        """On resume: the same command id again to devices that never answered; nobody else."""
+        updates, rollbacks = unanswered(list(self.execs.values()))
+        self._send(updates, rollback=False, now=now)
+        self._send(rollbacks, rollback=True, now=now)
+
+    # -- receiving --------------------------------------------------------------------------
+    def _fold(self, msg: Message, now: float) -> Execution | None:
+        parsed = parse_device_topic(msg.topic)
+        if msg.topic == self.reply_topic or (parsed and parsed[1].endswith("/response")):
+            try:
+                reply = decode(msg.payload)
+            except (ValueError, UnicodeDecodeError):
+                return None
+            cid = (msg.correlation or b"").decode("utf-8", "replace") or str(reply.get("id", ""))
+            found = self._cmds.get(cid)
+            if not found:
+                return None
+            did, kind = found
+            e = self.execs.get(did)
+            if e is None:
+                return None
+            if self.rollout.kind == "rollback":
+                return self._fold_rollback_reply(e, reply, now)
+            return apply_reply(e, reply, kind, now)
+        if not parsed:
+            return None
+        did, kind = parsed
+        e = self.execs.get(did)
+        if e is None or not msg.payload:
+            return None
+        try:
+            payload = decode(msg.payload)
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if kind == "events":
+            if payload.get("event") != "ota" or payload.get("rollout_id") != self.rollout.id:
+                return None
+            if self.rollout.kind == "rollback":
+                return self._fold_rollback_event(e, payload, now)
+            return apply_event(e, payload, now)
+        if kind == "state" and self.rollout.kind == "deploy":
+            # credit a device that finished while nobody listened (resume after a crash)
+            model = payload.get("model") or {}
+            if (not e.terminal and e.command_id is not None and isinstance(model, dict)
+                    and model.get("sha256") == self.rollout.sha256 and model.get("version") == self.rollout.version):
+                return replace(e, state="SUCCEEDED", ota_state="committed", answered=True, updated_ts=now,
+                               reason="running the new version (from its retained state)")
+        return None
+
+    @staticmethod
+    def _fold_rollback_reply(e: Execution, reply: dict[str, Any], now: float) -> Execution | None:
+        if e.terminal:
+            return None
+        if reply.get("ok"):
+            return None if e.answered else replace(e, answered=True, state="IN_PROGRESS", updated_ts=now)
+        return replace(e, answered=True, state="REJECTED", updated_ts=now,
+                       reason=f"command refused: {reply.get('error') or 'refused'}")
+
+    @staticmethod
+    def _fold_rollback_event(e: Execution, event: dict[str, Any], now: float) -> Execution | None:
+        if e.terminal or not event.get("rollback"):
+            return None
+        state = event.get("state")
+        if state == "committed":
+            return replace(e, state="SUCCEEDED", ota_state=state, answered=True, updated_ts=now,
+                           reason=f"now on {event.get('version')}")
+        if state in ("failed", "rejected", "rolled_back"):
+            return replace(e, state="FAILED", ota_state=state, answered=True, updated_ts=now,
+                           reason=str(event.get("reason") or state))
+        return replace(e, state="IN_PROGRESS", ota_state=str(state), answered=True, updated_ts=now)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self, clock: Callable[[], float] = time.time) -> Rollout:
+        """Drive the rollout until it reaches SUCCEEDED, FAILED or ABORTED; returns the final rollout."""
+        self.client.subscribe((self.reply_topic,) + EVENT_TOPICS)
+        self._resend_unanswered(clock())
+        while True:
+            now = clock()
+            d = decide(self.rollout, list(self.execs.values()), self.policy, now)
+            for e in d.changed:
+                self.execs[e.device_id] = e
+            history: list[tuple[str | None, str | None, str, dict[str, Any] | None]] = [
+                (self.rollout.id, e.device_id, e.state, {"reason": e.reason}) for e in d.changed]
+            if (d.state, d.current_wave) != (self.rollout.state, self.rollout.current_wave):
+                history.append((self.rollout.id, None, d.state, {"wave": d.current_wave, "reason": d.reason}))
+            self.rollout = replace(self.rollout, state=d.state, current_wave=d.current_wave, reason=d.reason,
+                                   updated=now)
+            self.store.save(self.rollout, d.changed, history, now=now)
+            self._send(d.send_update, rollback=False, now=now)
+            self._send(d.send_rollback, rollback=True, now=now)
+            self._report()
+            if self.rollout.terminal:
+                return self.rollout
+            self._receive(clock)
+
+    def _receive(self, clock: Callable[[], float]) -> None:
+        try:
+            first = self.client.messages.get(timeout=self.tick_s)
+        except queue.Empty:
+            return
+        now = clock()
+        changed: dict[str, Execution] = {}
+        history: list[tuple[str | None, str | None, str, dict[str, Any] | None]] = []
+        msg: Message | None = first
+        n = 0
+        while msg is not None and n < self.batch:
+            new = self._fold(msg, now)
+            if new is not None:
+                old = self.execs[new.device_id]
+                self.execs[new.device_id] = changed[new.device_id] = new
+                if new.state != old.state or new.rollback_state != old.rollback_state:
+                    history.append((self.rollout.id, new.device_id,
+                                    new.state if new.state != old.state else f"rollback_{new.rollback_state}",
+                                    {"ota_state": new.ota_state, "reason": new.reason}))
+            n += 1
+            try:
+                msg = self.client.messages.get_nowait()
+            except queue.Empty:
+                msg = None
+        if changed:
+            self.store.save(None, list(changed.values()), history, now=now)
+
+    def _report(self) -> None:
+        if self.progress is None:
+            return
+        summary = summarize(list(self.execs.values()))
+        summary["rolled_back"] = sum(1 for e in self.execs.values() if e.rollback_state == "SUCCEEDED")
+        summary["wave"] = self.rollout.current_wave
+        key = dict(summary, state=self.rollout.state)  # type: ignore[arg-type]
+        if key != self._last_summary:
+            self._last_summary = key
+            self.progress(self.rollout, summary)
+
+
+def resume_check(rollout: Rollout) -> None:
+    """Raises ConfigError when a rollout cannot be resumed."""
+    if rollout.terminal:
+        raise ConfigError(f"rollout {rollout.id} already ended ({rollout.state}); nothing to resume")

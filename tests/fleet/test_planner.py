@@ -1,0 +1,187 @@
+"""The rollout planner and the store as pure logic: waves, thresholds, timeouts, abort, resume."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from agent.errors import ConfigError
+from fleet.rollout import Policy, apply_event, apply_reply, decide, parse_canary, plan_waves, unanswered
+from fleet.store import Execution, Rollout, Store
+
+T0 = 1_000_000.0
+
+
+def _rollout(n_waves: int, state: str = "IN_PROGRESS", wave: int = 0) -> Rollout:
+    return Rollout(id="r1", kind="deploy", created=T0, updated=T0, state=state, policy={}, current_wave=wave,
+                   waves=n_waves, version="2", sha256="ab" * 32)
+
+
+def _execs(waves: list[list[str]]) -> list[Execution]:
+    return [Execution("r1", d, w, prev_version="1") for w, ids in enumerate(waves) for d in ids]
+
+
+def _set(execs: list[Execution], ids: list[str], **changes) -> list[Execution]:
+    return [replace(e, **changes) if e.device_id in ids else e for e in execs]
+
+
+def _sent(execs, ids, at=T0):
+    return [replace(e, command_id=f"c-{e.device_id}", sent_ts=at) if e.device_id in ids else e for e in execs]
+
+
+def test_waves_start_with_the_canary_and_grow_by_the_factor():
+    ids = [f"d{i}" for i in range(20)]
+    waves = plan_waves(ids, canary=2, wave_base=3, wave_factor=2)
+    assert [len(w) for w in waves] == [2, 3, 6, 9]
+    assert [d for w in waves for d in w] == ids
+
+
+def test_no_canary_means_the_first_wave_is_the_base():
+    assert [len(w) for w in plan_waves(list("abcdefg"), 0, 2, 1.5)] == [2, 3, 2]
+
+
+@pytest.mark.parametrize("text,total,expected", [("3", 10, 3), ("10%", 50, 5), ("1%", 10, 1), ("0", 5, 0),
+                                                  ("200", 5, 5), ("100%", 7, 7)])
+def test_canary_accepts_counts_and_shares(text, total, expected):
+    assert parse_canary(text, total) == expected
+
+
+@pytest.mark.parametrize("bad", ["-1", "x", "150%", ""])
+def test_canary_rejects_nonsense(bad):
+    with pytest.raises(ConfigError):
+        parse_canary(bad, 10)
+
+
+def test_policy_rejects_impossible_thresholds():
+    with pytest.raises(ConfigError):
+        Policy(max_failure_pct=120)
+    with pytest.raises(ConfigError):
+        Policy(wave_factor=0.5)
+
+
+def test_first_decision_sends_only_the_canary():
+    execs = _execs([["a"], ["b", "c"]])
+    d = decide(_rollout(2), execs, Policy(canary=1), T0)
+    assert d.send_update == ("a",) and d.state == "IN_PROGRESS" and d.current_wave == 0
+
+
+def test_next_wave_starts_only_when_the_canary_has_finished():
+    execs = _sent(_execs([["a"], ["b", "c"]]), ["a"])
+    assert decide(_rollout(2), execs, Policy(canary=1), T0 + 1).send_update == ()
+    execs = _set(execs, ["a"], state="SUCCEEDED", ota_state="committed", answered=True)
+    d = decide(_rollout(2), execs, Policy(canary=1), T0 + 1)
+    assert d.current_wave == 1 and d.send_update == ("b", "c")
+
+
+def test_any_canary_failure_aborts_and_cancels_the_unsent_waves():
+    execs = _sent(_execs([["a", "b"], ["c", "d"]]), ["a", "b"])
+    execs = _set(execs, ["a"], state="SUCCEEDED", ota_state="committed", answered=True)
+    execs = _set(execs, ["b"], state="REJECTED", ota_state="rejected", answered=True, reason="golden")
+    d = decide(_rollout(2), execs, Policy(canary=2, min_executed=10), T0 + 1)
+    assert d.state == "ABORTING" and "canary" in d.reason
+    assert {e.device_id: e.state for e in d.changed} == {"c": "CANCELED", "d": "CANCELED"}
+    assert d.send_rollback == ("a",), "the canary device that committed goes back"
+
+
+def test_abort_waits_for_in_flight_devices_and_rolls_back_late_commits():
+    pol = Policy(canary=0, wave_base=4, min_executed=2, max_failure_pct=25)
+    execs = _sent(_execs([["a", "b", "c", "d"]]), ["a", "b", "c", "d"])
+    execs = _set(execs, ["a", "b"], state="FAILED", ota_state="failed", answered=True)
+    d = decide(_rollout(1), execs, pol, T0 + 1)
+    assert d.state == "ABORTING" and "above --max-failure-pct 25" in d.reason
+    aborting = replace(_rollout(1), state="ABORTING", reason=d.reason)
+    assert decide(aborting, execs, pol, T0 + 2).state == "ABORTING"  # c, d still running
+    execs = _set(execs, ["c"], state="SUCCEEDED", ota_state="committed", answered=True)
+    execs = _set(execs, ["d"], state="REJECTED", ota_state="rejected", answered=True)
+    d = decide(aborting, execs, pol, T0 + 3)
+    assert d.send_rollback == ("c",) and d.state == "ABORTING"
+    execs = _set(execs, ["c"], rollback_state="SUCCEEDED")
+    assert decide(aborting, execs, pol, T0 + 4).state == "ABORTED"
+
+
+def test_no_rollback_on_abort_leaves_updated_devices_alone():
+    pol = Policy(canary=1, rollback_on_abort=False)
+    execs = _sent(_execs([["a"], ["b"]]), ["a"])
+    execs = _set(execs, ["a"], state="REJECTED", ota_state="rejected", answered=True)
+    d = decide(_rollout(2), execs, pol, T0 + 1)
+    assert d.send_rollback == () and d.state == "ABORTED"
+
+
+def test_failures_below_the_minimum_executed_do_not_abort():
+    pol = Policy(canary=0, wave_base=10, min_executed=5, max_failure_pct=10)
+    execs = _sent(_execs([[f"d{i}" for i in range(10)]]), [f"d{i}" for i in range(10)])
+    execs = _set(execs, ["d0"], state="FAILED", answered=True)
+    execs = _set(execs, ["d1", "d2"], state="SUCCEEDED", ota_state="committed", answered=True)
+    assert decide(_rollout(1), execs, pol, T0 + 1).state == "IN_PROGRESS"
+    execs = _set(execs, ["d3", "d4"], state="SUCCEEDED", ota_state="committed", answered=True)
+    assert decide(_rollout(1), execs, pol, T0 + 1).state == "ABORTING"  # 1 of 5 = 20% > 10%
+
+
+def test_silent_devices_time_out_and_count_as_failures():
+    pol = Policy(canary=1, device_timeout_s=30)
+    execs = _sent(_execs([["a"], ["b"]]), ["a"])
+    assert decide(_rollout(2), execs, pol, T0 + 29).state == "IN_PROGRESS"
+    d = decide(_rollout(2), execs, pol, T0 + 31)
+    assert [(e.device_id, e.state) for e in d.changed if e.device_id == "a"] == [("a", "TIMED_OUT")]
+    assert d.state in ("ABORTING", "ABORTED")
+
+
+def test_all_waves_done_within_threshold_is_succeeded_otherwise_failed():
+    pol = Policy(canary=0, wave_base=10, min_executed=100, max_failure_pct=10)
+    ids = [f"d{i}" for i in range(10)]
+    execs = _set(_sent(_execs([ids]), ids), ids, state="SUCCEEDED", ota_state="committed", answered=True)
+    assert decide(_rollout(1), _set(execs, ["d0"], state="FAILED"), pol, T0).state == "SUCCEEDED"
+    assert decide(_rollout(1), _set(execs, ["d0", "d1"], state="FAILED"), pol, T0).state == "FAILED"
+
+
+def test_devices_already_on_the_version_skip_their_wave():
+    execs = _execs([["a"], ["b"], ["c"]])
+    execs = _set(execs, ["a", "b"], state="SUCCEEDED", reason="already running this version")
+    d = decide(_rollout(3), execs, Policy(canary=1), T0)
+    assert d.current_wave == 2 and d.send_update == ("c",)
+
+
+def test_events_map_to_aws_style_execution_states():
+    e = Execution("r1", "a", 0, command_id="c", sent_ts=T0)
+    e1 = apply_event(e, {"event": "ota", "state": "downloading"}, T0 + 1)
+    assert e1.state == "IN_PROGRESS" and e1.answered
+    assert apply_event(e1, {"state": "committed"}, T0 + 2).state == "SUCCEEDED"
+    assert apply_event(e1, {"state": "rejected", "reason": "sig"}, T0 + 2).state == "REJECTED"
+    rb = apply_event(e1, {"state": "rolled_back", "reason": "NaN"}, T0 + 2)
+    assert rb.state == "FAILED" and "NaN" in rb.reason
+    timed_out = replace(e1, state="TIMED_OUT")
+    assert apply_event(timed_out, {"state": "committed"}, T0 + 3).ota_state == "committed", \
+        "a late commit is remembered so an abort rolls that device back"
+
+
+def test_a_refused_command_is_a_rejection_with_the_devices_reason():
+    e = Execution("r1", "a", 0, command_id="c", sent_ts=T0)
+    r = apply_reply(e, {"id": "c", "ok": False, "error": "signature required"}, "update", T0 + 1)
+    assert r.state == "REJECTED" and "signature required" in r.reason
+    assert apply_reply(e, {"id": "c", "ok": True}, "update", T0 + 1).state == "IN_PROGRESS"
+
+
+def test_resume_resends_only_to_devices_that_never_answered():
+    execs = _execs([["a", "b", "c", "d"]])
+    execs = _sent(execs, ["a", "b", "c"])
+    execs = _set(execs, ["a"], answered=True, state="IN_PROGRESS")
+    execs = _set(execs, ["b"], answered=True, state="SUCCEEDED")
+    updates, rollbacks = unanswered(execs)
+    assert updates == ["c"], "a and b answered; d was never sent (its wave decides that)"
+    assert rollbacks == []
+
+
+def test_store_round_trips_rollouts_and_executions(tmp_path):
+    store = Store.open(tmp_path)
+    r = replace(_rollout(2), manifest={"name": "m", "version": "2"}, policy=Policy().to_json())
+    execs = _sent(_execs([["a"], ["b"]]), ["a"])
+    store.save(r, execs, [("r1", None, "created", {"n": 2})])
+    store.close()
+    again = Store.open(tmp_path)
+    assert again.rollout("r1") == r
+    assert again.executions("r1") == execs
+    assert again.history("r1")[0]["detail"] == {"n": 2}
+    assert again._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    with pytest.raises(ConfigError, match="unknown rollout"):
+        again.rollout("nope")
