@@ -1,0 +1,185 @@
+"""Pure OTA decisions: signatures, anti-downgrade, device fit, file checks, contract, probation verdicts, journal."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from agent.errors import ArtifactError, ConfigError, SignatureError
+from agent.ota.probation import ProbationCounters, ProbationPolicy, judge
+from agent.ota.slots import Journal, Outcome, Pending, SlotStore
+from agent.ota.verify import DeviceFacts, check_contract, check_file, check_manifest, parse_rollback, \
+    parse_update, profile_compatible
+from agent.profiles import load_profile
+from agent.signing import Ed25519PrivateKey, sign_manifest
+from tests.support.artifacts import OTA_MODELS, build_artifact
+
+KEY = Ed25519PrivateKey.generate()
+OTHER = Ed25519PrivateKey.generate()
+PROFILE = load_profile("x86-dev")
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory):
+    return build_artifact(OTA_MODELS / "clf_a2.tflite", tmp_path_factory.mktemp("v2"), version="2", key=KEY)
+
+
+def facts(committed: str | None = "1", keys=(KEY.public_key(),)) -> DeviceFacts:
+    return DeviceFacts(PROFILE, tuple(keys), committed, None)
+
+
+def request(art, **changes):
+    cmd = {"id": "c", **art.update_fields(rollout_id="r2"), **changes}
+    return parse_update(cmd)
+
+
+def check(req, f=None):
+    check_manifest(req, f or facts(), lambda name: load_profile(name) if name in ("rpi4", "x86-dev", "coral-usb") else None)
+
+
+def test_signed_newer_manifest_passes(art):
+    check(request(art))
+
+
+def test_unsigned_manifest_is_refused_when_keys_are_configured(art):
+    with pytest.raises(SignatureError, match="not signed"):
+        check(request(art, signature=None))
+
+
+def test_unsigned_manifest_is_accepted_when_no_keys_are_configured(art):
+    check(request(art, signature=None), facts(keys=()))
+
+
+def test_manifest_signed_by_an_untrusted_key_is_refused(art):
+    with pytest.raises(SignatureError, match="does not verify"):
+        check(request(art, signature=sign_manifest(art.raw, OTHER)))
+
+
+def test_manifest_edited_after_signing_is_refused(art):
+    raw = copy.deepcopy(art.raw)
+    raw["version"] = "9"
+    with pytest.raises(SignatureError):
+        check(request(art, manifest=raw))
+
+
+def test_replayed_older_manifest_is_refused(art):
+    with pytest.raises(ArtifactError, match="not newer than the committed 3"):
+        check(request(art), facts(committed="3"))
+
+
+def test_replayed_same_version_is_refused(art):
+    with pytest.raises(ArtifactError, match="not newer"):
+        check(request(art), facts(committed="2.0"))
+
+
+def test_artifact_for_an_unknown_profile_is_refused(art):
+    raw = {**art.raw, "profile": "toaster"}
+    with pytest.raises(ArtifactError, match="does not know"):
+        check(request(art, manifest=raw, signature=sign_manifest(raw, KEY)))
+
+
+def test_profile_compatibility_is_accelerator_and_dtypes():
+    assert profile_compatible(PROFILE, load_profile("rpi4"), "rpi4") is None
+    assert "accelerator" in profile_compatible(PROFILE, load_profile("coral-usb"), "coral-usb")
+
+
+def test_model_larger_than_the_device_limit_is_refused(art, tmp_path: Path):
+    small = tmp_path / "small.yaml"
+    small.write_text((Path(__file__).resolve().parents[2] / "device_profiles" / "x86-dev.yaml").read_text()
+                     .replace("limits: {max_model_mb: 256, latency_budget_ms: 200}",
+                              "limits: {max_model_mb: 256, latency_budget_ms: 200, max_download_mb: 0.001}"))
+    prof = load_profile(small)
+    with pytest.raises(ArtifactError, match="at most"):
+        check_manifest(request(art), DeviceFacts(prof, (KEY.public_key(),), "1", None), lambda n: PROFILE)
+
+
+def test_corrupted_or_truncated_file_is_refused(art):
+    m = art.manifest
+    with pytest.raises(ArtifactError, match="truncated"):
+        check_file(m, m.model.size - 1, m.model.sha256)
+    with pytest.raises(ArtifactError, match="sha256 mismatch"):
+        check_file(m, m.model.size, "0" * 64)
+
+
+def test_contract_change_needs_new_contract(art, tmp_path: Path):
+    wide = build_artifact(OTA_MODELS / "clf_wide.tflite", tmp_path / "w", version="3")
+    with pytest.raises(ArtifactError, match="outputs changed"):
+        check_contract(wide.manifest, art.manifest)
+    flagged = build_artifact(OTA_MODELS / "clf_wide.tflite", tmp_path / "w2", version="3", new_contract=True)
+    check_contract(flagged.manifest, art.manifest)
+
+
+@pytest.mark.parametrize("rid", ["../../etc", "a/b", "", ".."])
+def test_rollout_id_that_would_escape_state_dir_is_refused(art, rid):
+    with pytest.raises(ConfigError, match="rollout_id"):
+        parse_update({**art.update_fields(rollout_id=rid), "id": rid})
+
+
+def test_manifest_naming_a_file_outside_the_slot_is_refused(art):
+    raw = copy.deepcopy(art.raw)
+    raw["model"]["file"] = "../../model.tflite"
+    with pytest.raises(ArtifactError, match="plain file name"):
+        parse_update({**art.update_fields(), "manifest": raw})
+
+
+def test_slot_store_refuses_names_that_escape(tmp_path: Path):
+    store = SlotStore(tmp_path)
+    for bad in ("../x", "/etc", "a/../../b", ".."):
+        with pytest.raises(ConfigError):
+            store.slot_dir(bad)
+
+
+def test_rollback_command_needs_a_version_or_null():
+    assert parse_rollback({"id": "c1", "to": None}).to is None
+    with pytest.raises(ConfigError):
+        parse_rollback({"id": "c1", "to": "latest"})
+
+
+POLICY = ProbationPolicy(inferences=50, seconds=30, max_error_rate=0.01, min_agreement=0.9,
+                         shadow_fraction=0.25, max_latency_ms=100)
+
+
+def counters(**kw) -> ProbationCounters:
+    base = dict(calls=0, errors=0, nonfinite=0, p95_ms=1.0, shadow=0, agree=0, synthetic=0)
+    base.update(kw)
+    return ProbationCounters(**base)
+
+
+def test_probation_commits_after_enough_healthy_inferences():
+    assert judge(counters(calls=50, shadow=12, agree=12), POLICY, 1.0).decision == "commit"
+    assert judge(counters(calls=10), POLICY, 1.0).decision == "continue"
+
+
+def test_rollback_after_nan_outputs_in_probation():
+    v = judge(counters(calls=3, nonfinite=1), POLICY, 0.1)
+    assert v.decision == "rollback" and "NaN" in v.reason
+
+
+def test_rollback_after_errors_in_probation():
+    v = judge(counters(calls=20, errors=2, last_error="ModelError: boom"), POLICY, 1.0)
+    assert v.decision == "rollback" and "boom" in v.reason
+
+
+def test_rollback_after_slow_inferences_in_probation():
+    assert judge(counters(calls=20, p95_ms=500.0), POLICY, 1.0).decision == "rollback"
+
+
+def test_rollback_after_low_shadow_agreement():
+    v = judge(counters(calls=50, shadow=12, agree=6), POLICY, 1.0)
+    assert v.decision == "rollback" and "agreement" in v.reason
+
+
+def test_no_traffic_commits_on_golden_evidence_at_the_time_limit():
+    v = judge(counters(calls=0, synthetic=4), POLICY, 31.0)
+    assert v.decision == "commit" and "no live traffic" in v.reason
+
+
+def test_journal_commit_keeps_k_versions_and_round_trips():
+    j = Journal()
+    for i, slot in enumerate(["a", "b", "c", "d"], start=1):
+        j = j.with_pending(Pending("update", f"r{i}", str(i), "probation", slot=slot))
+        j = j.committed(slot, str(i), keep=3, outcome=Outcome(f"r{i}", str(i), "committed"))
+    assert j.active == "d" and j.history == ("c", "b") and set(j.versions) == {"b", "c", "d"}
+    assert Journal.from_json(j.to_json()) == j
