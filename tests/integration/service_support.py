@@ -28,7 +28,14 @@ from tests.support.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 
-__all__ = ["AgentProcess", "Observer", "agent_config", "command", "REPO"]
+__all__ = ["AgentProcess", "Observer", "agent_config", "broker_files_access", "command", "REPO"]
+
+
+def broker_files_access() -> str:
+    """Mosquitto started as root drops to the ``mosquitto`` user, which cannot enter pytest's
+    0700 temp dirs: keep it as the test's own user so it can read password files and write its
+    persistence file there (ignored by mosquitto when not started as root)."""
+    return "user root\n" if os.geteuid() == 0 else ""
 
 
 def agent_config(tmp: Path, broker_url: str, *, device_id: str = "pi-1", group: str = "g1",

@@ -10,7 +10,7 @@ import pytest
 
 from agent.outbox import Outbox
 from agent.protocol import ROOT
-from tests.integration.service_support import AgentProcess, Observer, agent_config
+from tests.integration.service_support import AgentProcess, Observer, agent_config, broker_files_access
 from tests.support.broker import MosquittoBroker, free_port
 from tests.support.waiting import wait_for
 
@@ -18,7 +18,7 @@ from tests.support.waiting import wait_for
 def persistent_broker(workdir: Path, port: int | None = None) -> MosquittoBroker:
     """A broker that keeps sessions and queued QoS 1 messages across its own restart."""
     workdir.mkdir(parents=True, exist_ok=True)
-    return MosquittoBroker(workdir, port=port, extra_config=(
+    return MosquittoBroker(workdir, port=port, extra_config=broker_files_access() + (
         f"persistence true\npersistence_location {workdir}/\nautosave_interval 1\n"))
 
 
