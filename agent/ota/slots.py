@@ -180,7 +180,7 @@ class SlotStore:
         tmp.mkdir()
         with open(model_file, "rb") as src, open(tmp / MODEL_NAME, "wb") as dst:
             half = False
-            while block := src.read(1 << 20):
+            while block := src.read(64 << 10):
                 dst.write(block)
                 if crash and not half:
                     half = True
