@@ -173,8 +173,9 @@ class AgentConfig(_Strict):
     state_dir: Path = Field(description="Everything the agent persists: models, journal, outbox, counters")
     model: Path | None = Field(default=None, description="Initial artifact dir or .tflite for the first boot")
     broker: BrokerConfig
-    trusted_keys: list[Path] = Field(default_factory=list, description="Ed25519 public keys (PEM) allowed to sign")
-    require_signature: bool = Field(default=True, description="Refuse updates without a trusted signature")
+    trusted_keys: list[Path] = Field(
+        default_factory=list,
+        description="Ed25519 public keys (PEM); when any is given, every update must be signed by one")
     http: HttpConfig = HttpConfig()
     source: SourceConfig = SourceConfig()
     sinks: SinksConfig = SinksConfig()

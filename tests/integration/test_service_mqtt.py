@@ -203,3 +203,29 @@ def test_a_restart_does_not_execute_a_remembered_command_again(broker, artifact,
     finally:
         obs.close()
         agent.stop_quietly()
+
+
+def test_update_and_rollback_commands_drive_ota_and_the_retained_state(running, tmp_path: Path) -> None:
+    agent, obs = running
+    v2 = build_artifact(OTA_MODELS / "clf_a2.tflite", tmp_path / "v2", version="2",
+                        probation={"inferences": 1, "seconds": 1})
+    update = command("update", **v2.update_fields(rollout_id="r-svc-1"))
+    obs.publish(f"{CMD}/update", update)
+    reply = reply_for(obs, update["id"], f"{CMD}/update/response")
+    assert reply["ok"] is True and reply["result"]["state"] == "queued"
+
+    def ota_states(rollout: str) -> list[str]:
+        return [e["state"] for e in obs.on("pi-cmd/events") if e.get("event") == "ota" and e.get("rollout_id") == rollout]
+
+    wait_for(lambda: "committed" in ota_states("r-svc-1"), 30, what="update committed")
+    assert ota_states("r-svc-1")[0] == "queued"
+    wait_for(lambda: obs.on("pi-cmd/state")[-1]["model"]["version"] == "2", 5, what="state shows version 2")
+    events = [e for e in obs.on("pi-cmd/events")]
+    assert [e["seq"] for e in events] == sorted(e["seq"] for e in events)
+    back = command("rollback", to=None, rollout_id="r-svc-back")
+    obs.publish(f"{CMD}/rollback", back)
+    assert reply_for(obs, back["id"], f"{CMD}/rollback/response")["ok"] is True
+    wait_for(lambda: "committed" in ota_states("r-svc-back"), 30, what="rollback committed")
+    done = [e for e in obs.on("pi-cmd/events") if e.get("rollout_id") == "r-svc-back" and e["state"] == "committed"]
+    assert done[-1]["rollback"] is True and done[-1]["version"] == "1"
+    wait_for(lambda: obs.on("pi-cmd/state")[-1]["model"]["version"] == "1", 5, what="state back to version 1")
