@@ -1,0 +1,119 @@
+"""``edge-convert``: the command line around :func:`converter.convert`.
+
+Exit codes: 0 deployable artifact written; 3 artifact written but NOT deployable (misses the
+profile's fidelity target, or would not run on its accelerator); 2 bad input (one ``error:`` line);
+1 a bug (one line, ``--debug`` for the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from agent.clitools import run_main
+from agent.errors import ConfigError
+
+__all__ = ["build_parser", "main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, through run_main, instead of usage + exit
+        raise ConfigError(message)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.3, got {text!r}") from exc
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="edge-convert", description="Convert a trained Keras/TensorFlow model into a checked "
+                "full-integer TFLite artifact for a device profile.")
+    p.add_argument("model", nargs="?", help=".keras, .h5/.hdf5 file or SavedModel directory")
+    p.add_argument("--profile", help="device profile name (see --list-profiles) or path to a .yaml")
+    p.add_argument("--calibration", help="samples: .npz (x or one array per input, optional y), .npy, or an image folder")
+    p.add_argument("--eval", dest="eval_data", help="held-out samples for the fidelity check (default: 20%% of --calibration)")
+    p.add_argument("--input-range", help="float range the model expects, e.g. 0,1 or -1,1 (images are scaled to it)")
+    p.add_argument("--prune-channels", type=_fraction, default=0.0, metavar="FRACTION",
+                   help="remove this fraction of filters per prunable layer (Keras models)")
+    p.add_argument("--sparsity", type=_fraction, default=0.0, metavar="FRACTION",
+                   help="zero this fraction of each kernel's smallest weights (smaller compressed artifact)")
+    p.add_argument("--finetune-epochs", type=int, default=3, metavar="N", help="distillation epochs after pruning")
+    p.add_argument("--version", default="1", help="artifact version, dotted numbers (default 1)")
+    p.add_argument("--name", help="artifact name (default: the model file name)")
+    p.add_argument("--sign-key", help="Ed25519 PEM private key; writes manifest.json.sig")
+    p.add_argument("--out", help="artifact directory to create (or a previous artifact to replace)")
+    p.add_argument("--list-profiles", action="store_true", help="print the shipped device profiles and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or summary line")
+    p.add_argument("--json", action="store_true", help="print the report summary as JSON on stdout")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and TensorFlow's own logs")
+    return p
+
+
+def _main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.list_profiles:
+        from agent.profiles import list_profiles
+        for profile in list_profiles():
+            print(profile.summary())
+        return 0
+    missing = [flag for flag, value in (("MODEL", args.model), ("--profile", args.profile),
+                                        ("--calibration", args.calibration), ("--out", args.out)) if not value]
+    if missing:
+        raise ConfigError(f"missing {', '.join(missing)} (see edge-convert --help)")
+    from agent.profiles import load_profile
+    from converter.data import parse_range
+
+    profile = load_profile(args.profile)  # fail on a bad profile before paying for TensorFlow
+    input_range = parse_range(args.input_range)
+    from converter.pipeline import convert
+    from converter.report import summary
+
+    result = convert(args.model, profile, args.calibration, args.out, eval_data=args.eval_data,
+                     input_range=input_range, prune_channels=args.prune_channels, sparsity=args.sparsity,
+                     finetune_epochs=args.finetune_epochs, version=args.version, name=args.name,
+                     sign_key=args.sign_key, progress=not args.quiet)
+    info = summary(result.report)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    elif not args.quiet:
+        agreement = info["top1_agreement_pct"]
+        print(f"{result.out_dir}: {info['name']} {info['version']} ({info['recipe']}, {info['size']} bytes, "
+              f"float {info['float_size']} bytes"
+              + (f", top-1 agreement {agreement:.2f}%" if agreement is not None else "") + ")")
+    if not result.deployable:
+        print("edge-convert: NOT deployable: " + "; ".join(result.reasons) + f" (see {result.out_dir}/report.md)",
+              file=sys.stderr)
+    return result.exit_code
+
+
+def _silence_native_stderr() -> None:
+    """Send TensorFlow's C++ logging (fd 2) to /dev/null, keep Python's sys.stderr on the terminal."""
+    try:
+        keep = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        sys.stderr = os.fdopen(keep, "w", buffering=1)
+    except OSError:
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point. In-process callers (tests) pass ``argv`` and keep their stderr untouched."""
+    if argv is None and "--debug" not in sys.argv[1:]:
+        _silence_native_stderr()
+    return run_main(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

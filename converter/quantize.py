@@ -1,0 +1,140 @@
+"""Full-integer quantization recipes on top of ``tf.lite.TFLiteConverter``.
+
+A :class:`Recipe` names one way to quantize (per-channel or per-tensor weights, 16-bit
+activations, some layers kept in float). The plain full-int8 recipe is the baseline the fidelity
+search has to beat; :func:`sensitive_tensors` uses TensorFlow's quantization debugger to find
+which layers lose the most, so the remedies touch as little of the model as possible.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.errors import ConversionError
+from converter._tf import tf
+from converter.data import SampleSet
+
+__all__ = ["MAX_CALIBRATION", "Recipe", "convert_float", "quantize", "sensitive_tensors"]
+
+MAX_CALIBRATION = 300  # samples; more rarely moves the ranges and costs linear time
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to quantize; ``name`` is what the report shows."""
+
+    name: str
+    per_channel: bool = True
+    int16_activations: bool = False
+    float_tensors: tuple[str, ...] = field(default=())
+
+    @property
+    def full_integer(self) -> bool:
+        return not self.float_tensors
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[-1] if text else type(exc).__name__)[:300]
+
+
+def _representative(samples: SampleSet, progress: Progress | None,
+                    as_list: bool = False) -> Callable[[], Iterator[Any]]:
+    """Calibration feed: dicts keyed by signature input for the converter; lists (inputs in
+    name order, which is the interpreter's order for our exported signatures) for the debugger."""
+    n = min(len(samples), MAX_CALIBRATION)
+
+    def gen() -> Iterator[Any]:
+        for i in range(n):
+            if progress:
+                progress(1)
+            feed = samples.sample(i)
+            yield [feed[k] for k in sorted(feed)] if as_list else feed
+    return gen
+
+
+def convert_float(saved_model_dir: Path) -> bytes:
+    """The float32 ``.tflite``: the reference every quantized candidate is measured against.
+
+    Raises:
+        ConversionError: the graph uses ops TFLite cannot express.
+    """
+    try:
+        return bytes(tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir)).convert())
+    except Exception as exc:  # ConverterError, RuntimeError, ValueError depending on the phase
+        raise ConversionError(f"float TFLite conversion failed: {_first_line(exc)}") from exc
+
+
+def _converter(saved_model_dir: Path, recipe: Recipe, calibration: SampleSet, io_dtype: str,
+               progress: Progress | None, allow_float: bool = False) -> tf.lite.TFLiteConverter:
+    conv = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir))
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = _representative(calibration, progress)
+    ops = tf.lite.OpsSet
+    if recipe.int16_activations:
+        conv.target_spec.supported_ops = [ops.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+        conv.inference_input_type = conv.inference_output_type = tf.int16
+    else:
+        conv.target_spec.supported_ops = ([ops.TFLITE_BUILTINS_INT8, ops.TFLITE_BUILTINS] if recipe.float_tensors or allow_float
+                                          else [ops.TFLITE_BUILTINS_INT8])
+        conv.inference_input_type = conv.inference_output_type = tf.as_dtype(io_dtype)
+    if not recipe.per_channel:
+        conv._experimental_disable_per_channel = True
+    return conv
+
+
+def quantize(saved_model_dir: Path, recipe: Recipe, calibration: SampleSet, io_dtype: str = "int8",
+             progress: Progress | None = None) -> bytes:
+    """Convert with ``recipe``, calibrating on (up to ``MAX_CALIBRATION``) samples.
+
+    Raises:
+        ConversionError: an op has no integer kernel (full-integer recipes) or calibration failed.
+    """
+    conv = _converter(saved_model_dir, recipe, calibration, io_dtype, progress)
+    try:
+        if recipe.float_tensors:
+            options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=list(recipe.float_tensors))
+            debugger = tf.lite.experimental.QuantizationDebugger(
+                converter=conv, debug_dataset=_representative(calibration, None, as_list=True), debug_options=options)
+            return bytes(debugger.get_nondebug_quantized_model())
+        return bytes(conv.convert())
+    except Exception as exc:  # the converter raises ConverterError, RuntimeError or ValueError
+        raise ConversionError(f"quantization recipe {recipe.name!r} failed: {_first_line(exc)}") from exc
+
+
+def sensitive_tensors(saved_model_dir: Path, calibration: SampleSet, io_dtype: str, per_channel: bool,
+                      debug_samples: int = 64) -> list[tuple[str, float]]:
+    """Quantized tensors ranked by quantization error (RMSE / scale), worst first.
+
+    This is the metric TensorFlow's quantization-debugger guide uses to pick layers for selective
+    quantization: the error in units of one quantization step.
+
+    Raises:
+        ConversionError: the debugger could not run the model.
+    """
+    conv = _converter(saved_model_dir, Recipe("debug", per_channel=per_channel), calibration, io_dtype, None,
+                      allow_float=True)
+    subset = calibration.take(slice(0, debug_samples))
+    try:
+        debugger = tf.lite.experimental.QuantizationDebugger(
+            converter=conv, debug_dataset=_representative(subset, None, as_list=True))
+        debugger.run()
+        dump = io.StringIO()
+        debugger.layer_statistics_dump(dump)
+    except Exception as exc:
+        raise ConversionError(f"quantization debugger failed: {_first_line(exc)}") from exc
+    ranked = []
+    for row in csv.DictReader(io.StringIO(dump.getvalue())):
+        scale = float(row.get("scale") or 0.0)
+        if scale > 0:
+            ranked.append((row["tensor_name"], float(np.sqrt(max(float(row["mean_squared_error"]), 0.0))) / scale))
+    ranked.sort(key=lambda item: -item[1])
+    return ranked

@@ -1,0 +1,123 @@
+"""convert(): the artifact is complete, valid, signed and honest; failures leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from agent.errors import ConfigError, ModelError
+from agent.manifest import load_manifest, sha256_file
+from agent.profiles import profile_dir
+from agent.signing import load_public_key, verify_manifest
+from converter import convert
+from converter.inspect import make_interpreter
+
+
+def test_artifact_manifest_validates_matches_model_and_signature_verifies(digits_result, signing_keys) -> None:
+    out = digits_result.out_dir
+    manifest, raw, signature = load_manifest(out)
+    assert manifest.deployable and digits_result.exit_code == 0
+    assert manifest.name == "digits" and manifest.version == "1.2" and manifest.profile == "x86-dev"
+    assert manifest.model.sha256 == sha256_file(out / "model.tflite")
+    assert manifest.model.size == (out / "model.tflite").stat().st_size
+    assert manifest.source.format == "keras" and len(manifest.source.sha256) == 64
+    assert [(t.name, t.shape, t.dtype) for t in manifest.inputs] == [("image", [1, 8, 8, 1], "int8")]
+    assert [(t.name, t.shape, t.dtype) for t in manifest.outputs] == [("probs", [1, 10], "int8")]
+    assert manifest.inputs[0].quantization.scale[0] > 0
+    assert manifest.preprocessing.layout == "NHWC"
+    assert verify_manifest(raw, signature, [load_public_key(signing_keys[1])])
+    assert manifest.baseline.class_histogram and abs(sum(manifest.baseline.class_histogram) - 1) < 1e-6
+    assert 0.5 < manifest.baseline.mean_confidence <= 1
+    assert manifest.fidelity["top1_agreement_pct"] >= 98
+
+
+def test_golden_samples_replay_on_the_artifact_within_atol(digits_result) -> None:
+    manifest, _, _ = load_manifest(digits_result.out_dir)
+    assert 3 <= len(manifest.golden.samples) <= 8 and manifest.golden.atol > 0
+    runner = make_interpreter((digits_result.out_dir / "model.tflite").read_bytes()).get_signature_runner()
+    detail = runner.get_output_details()["probs"]
+    scale, zero = detail["quantization"]
+    for inputs, expected in manifest.golden_arrays():
+        got = (runner(**{k: v[None] if v.ndim == 3 else v for k, v in inputs.items()})["probs"].astype(np.int64)
+               - zero) * scale
+        assert np.max(np.abs(got.ravel() - expected["probs"])) <= manifest.golden.atol
+        assert got.argmax() == expected["probs"].argmax()
+
+
+def test_report_has_float_vs_int8_table_recipes_and_host_labelled_latency(digits_result) -> None:
+    out = digits_result.out_dir
+    report = json.loads((out / "report.json").read_text())
+    assert report["chosen"]["size"] <= 0.3 * report["float"]["size"]
+    assert report["recipes"][0]["name"] == "int8 per-channel"
+    assert report["chosen"]["host_latency_ms"] > 0
+    md = (out / "report.md").read_text()
+    assert "| size |" in md and "host latency (this machine" in md and "## Recipes tried" in md
+
+
+def test_strict_profile_tries_remedies_and_writes_a_not_deployable_artifact(digits, tmp_path: Path) -> None:
+    data = yaml.safe_load((profile_dir() / "x86-dev.yaml").read_text())
+    data.update(name="x86-strict", fidelity={"max_top1_drop_pct": 0, "min_top1_agreement_pct": 100, "min_cosine": 1.0})
+    strict = tmp_path / "strict.yaml"
+    strict.write_text(yaml.safe_dump(data))
+    result = convert(digits.keras_path, strict, digits.calibration, tmp_path / "out", eval_data=digits.evaluation,
+                     latency_runs=3)
+    assert not result.deployable and result.exit_code == 3
+    names = [r["name"] for r in result.report["recipes"]]
+    assert names[:3] == ["int8 per-channel", "int8 per-tensor", "16x8 (int16 activations)"]
+    assert any("float fallback" in n for n in names)
+    manifest, _, _ = load_manifest(tmp_path / "out")
+    assert manifest.deployable is False and manifest.fidelity["misses"]
+    assert (tmp_path / "out" / "report.md").is_file()
+
+
+def test_saved_model_with_two_inputs_and_outputs_converts_with_batch_1(two_output_saved_model, tmp_path: Path) -> None:
+    model_dir, samples = two_output_saved_model
+    result = convert(model_dir, "rpi4", samples, tmp_path / "out", latency_runs=3)
+    m = result.manifest
+    assert [t.name for t in m.inputs] == ["hint", "pixels"] and m.inputs[1].shape == [1, 64]
+    assert len(m.outputs) == 2 and {t.shape[-1] for t in m.outputs} == {1, 10}
+    assert m.source.format == "saved_model" and set(m.golden.samples[0].outputs) == {t.name for t in m.outputs}
+
+
+def test_pruned_h5_conversion_is_smaller_and_reports_pruning(digits, tmp_path: Path) -> None:
+    result = convert(digits.h5_path, "rpi4", digits.calibration, tmp_path / "out", eval_data=digits.evaluation,
+                     prune_channels=0.3, sparsity=0.5, finetune_epochs=2, latency_runs=3)
+    assert result.manifest.source.format == "h5"
+    pruning = result.report["pruning"]
+    assert pruning["params_after"] < 0.6 * pruning["params_before"] and pruning["sparsity"] >= 0.49
+    assert result.report["chosen"]["gzip_size"] < 0.5 * result.report["float"]["gzip_size"]
+
+
+def test_out_dir_that_is_not_an_artifact_is_refused_and_left_untouched(digits, tmp_path: Path) -> None:
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "thesis.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="not a previous artifact"):
+        convert(digits.keras_path, "x86-dev", digits.calibration, out)
+    assert (out / "thesis.txt").read_text() == "keep me"
+
+
+def test_failed_conversion_leaves_no_partial_artifact_or_temp_dir(digits, tmp_path: Path) -> None:
+    bad = tmp_path / "nan.npy"
+    x = digits.x[:20].copy()
+    x[3, 0, 0, 0] = np.nan
+    np.save(bad, x)
+    with pytest.raises(ConfigError, match="NaN"):
+        convert(digits.keras_path, "x86-dev", bad, tmp_path / "out")
+    with pytest.raises(ModelError, match="unsupported model format"):
+        convert(bad, "x86-dev", bad, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.npy"]
+
+
+def test_previous_artifact_is_replaced_whole(digits_result, digits, tmp_path: Path) -> None:
+    out = tmp_path / "art"
+    first = convert(digits.keras_path, "x86-dev", digits.calibration, out, version="1", latency_runs=3)
+    (out / "manifest.json.sig").write_text("stale")
+    second = convert(digits.keras_path, "x86-dev", digits.calibration, out, version="2", latency_runs=3)
+    assert first.manifest.version == "1" and load_manifest(out)[0].version == "2" == second.manifest.version
+    assert not (out / "manifest.json.sig").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]

@@ -1,0 +1,56 @@
+"""Pruning on Keras 3: filters really disappear, residual branches are left alone, sparsity holds."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from converter._tf import keras
+from converter.pruning import apply_sparsity, finetune, kernel_sparsity, plan_channel_pruning, prune_channels
+
+
+def _accuracy(model, x, y) -> float:
+    return float(np.mean(model.predict(x, verbose=0).argmax(1) == y))
+
+
+def test_channel_pruning_removes_filters_downstream_and_finetune_recovers_accuracy(digits) -> None:
+    x_tr, y_tr = digits.x[:digits.n_train], digits.y[:digits.n_train]
+    x_te, y_te = digits.x[digits.n_train:], digits.y[digits.n_train:]
+    pruned, summary = prune_channels(digits.model, 0.3)
+    assert pruned.count_params() < 0.6 * digits.model.count_params()
+    assert pruned.get_layer("conv2d").filters == 24  # 32 * 0.7 rounded to a multiple of 4
+    assert pruned.get_layer("batch_normalization").gamma.shape == (24,)
+    assert pruned.get_layer("probs").units == 10  # the output layer keeps its classes
+    assert any("probs" in s for s in summary.skipped)
+    finetune(pruned, digits.model, [x_tr], y_tr, epochs=3)
+    assert _accuracy(pruned, x_te, y_te) >= _accuracy(digits.model, x_te, y_te) - 0.03
+
+
+def test_pruning_zero_fraction_keeps_the_function_exactly(digits) -> None:
+    same, _ = prune_channels(digits.model, 0.0)
+    x = digits.x[:16]
+    assert np.allclose(same.predict(x, verbose=0), digits.model.predict(x, verbose=0), atol=1e-5)
+
+
+def test_layers_feeding_a_residual_add_are_left_untouched() -> None:
+    inp = keras.Input((8, 8, 4))
+    a = keras.layers.Conv2D(4, 1, name="branch")(inp)
+    s = keras.layers.Add(name="residual")([a, inp])
+    h = keras.layers.Conv2D(8, 3, name="body")(s)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    out = keras.layers.Dense(3, name="head")(h)
+    model = keras.Model(inp, out)
+    plans, skipped = plan_channel_pruning(model, 0.5)
+    assert [p.layer for p in plans] == ["body"]
+    assert any(s.startswith("branch: output feeds Add") for s in skipped)
+    pruned, _ = prune_channels(model, 0.5)
+    assert pruned.get_layer("branch").filters == 4 and pruned.get_layer("body").filters == 4
+    assert pruned.predict(np.zeros((1, 8, 8, 4), np.float32), verbose=0).shape == (1, 3)
+
+
+def test_magnitude_pruning_reaches_sparsity_and_finetune_does_not_regrow_weights(digits) -> None:
+    model = keras.models.clone_model(digits.model)
+    model.set_weights(digits.model.get_weights())
+    masks = apply_sparsity(model, 0.5)
+    assert abs(kernel_sparsity(model) - 0.5) < 0.01
+    finetune(model, digits.model, [digits.x[:400]], None, epochs=1, masks=masks)
+    assert kernel_sparsity(model) >= 0.49
