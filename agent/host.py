@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from agent.errors import ModelError
 from agent.manifest import Manifest
@@ -29,14 +30,14 @@ from agent.profiles import Profile
 
 __all__ = ["ModelHost", "Observer"]
 
-Observer = Callable[[Any, Any, float, Optional[BaseException]], None]
+Observer = Callable[[Any, Any, float, BaseException | None], None]
 """``observer(inputs, outputs_or_None, latency_s, error_or_None)``; must be quick and never raise."""
 
 
 class _Generation:
     """One engine plus the count of calls currently inside it."""
 
-    __slots__ = ("engine", "manifest", "info", "inflight", "cond", "retired")
+    __slots__ = ("cond", "engine", "inflight", "info", "manifest", "retired")
 
     def __init__(self, engine: Any, manifest: Manifest | None, info: dict[str, str] | None) -> None:
         self.engine = engine
@@ -247,7 +248,7 @@ class ModelHost:
         if gen is not None:
             try:
                 out["engine"] = gen.engine.stats()
-            except Exception as exc:  # stats must never break a telemetry tick
+            except Exception as exc:  # noqa: BLE001 (stats must never break a telemetry tick)
                 out["engine"] = {"error": str(exc)}
         return out
 
@@ -263,7 +264,7 @@ class ModelHost:
             if gen is not None:
                 gen.retire_and_close(self._drain_timeout_s)
 
-    def __enter__(self) -> "ModelHost":
+    def __enter__(self) -> ModelHost:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,6 +1,7 @@
 """Build the tiny models the OTA tests use and write them to tests/data/models/ota/.
 
 Run once on the host (needs TensorFlow; the agent never does): ``python scripts/make_ota_test_models.py``.
+``--big PATH`` writes a ~4 MB model with the same contract instead (scripts/bench_ota.py uses it).
 The outputs are committed, so tests never convert anything. Every model but ``nan`` and
 ``custom_op`` shares one contract: input ``[1, 32, 32, 3]`` int8, output ``[1, 4]`` int8.
 
@@ -21,8 +22,8 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import numpy as np
+import tensorflow as tf
 
 OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "models" / "ota"
 SHAPE = (1, 32, 32, 3)
@@ -103,7 +104,28 @@ def custom_op():
     return fn
 
 
+def big(seed: int = 5):
+    """~4 MB int8 classifier with the common contract (for scripts/bench_ota.py, not committed)."""
+    rng = np.random.default_rng(seed)
+    w1 = tf.constant(rng.normal(0, 0.02, (32 * 32 * 3, 1024)).astype(np.float32))
+    w2 = tf.constant(rng.normal(0, 0.05, (1024, 1024)).astype(np.float32))
+    w3 = tf.constant(rng.normal(0, 0.1, (1024, 4)).astype(np.float32))
+
+    @tf.function(input_signature=[tf.TensorSpec(SHAPE, tf.float32, name="image")])
+    def fn(x):
+        h = tf.nn.relu(tf.matmul(tf.reshape(x, (1, -1)), w1))
+        h = tf.nn.relu(tf.matmul(h, w2))
+        return tf.nn.softmax(tf.matmul(h, w3))
+
+    return fn
+
+
 def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--big":
+        data = _int8(big())
+        Path(sys.argv[2]).write_bytes(data)
+        print(f"big        {len(data):8d} bytes -> {sys.argv[2]}")
+        return 0
     OUT.mkdir(parents=True, exist_ok=True)
     models = {
         "clf_a": _int8(classifier(1)),

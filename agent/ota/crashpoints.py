@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["CRASH_POINTS", "crash_point", "ENV_VAR"]
+__all__ = ["CRASH_POINTS", "ENV_VAR", "crash_point"]
 
 ENV_VAR = "EDGEFLEET_CRASH_AT"
 

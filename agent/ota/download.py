@@ -16,19 +16,18 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
-from typing import Callable
 
 from agent.errors import ArtifactError, TransportError
 
-__all__ = ["DownloadPolicy", "DownloadResult", "download", "check_space"]
+__all__ = ["DownloadPolicy", "DownloadResult", "check_space", "download"]
 
 
 @dataclass(frozen=True)
@@ -121,18 +120,17 @@ def _attempt(url: str, scheme: str, part: Path, size: int, policy: DownloadPolic
         return have
     if scheme == "file":
         path = Path(urllib.request.url2pathname(urllib.parse.urlsplit(url).path))
+        if not path.is_file():
+            raise TransportError(f"artifact not found: {path}")
         try:
-            src = open(path, "rb")
-        except FileNotFoundError as exc:
-            raise TransportError(f"artifact not found: {path}") from exc
+            with open(path, "rb") as src:
+                src.seek(have)
+                return _copy(src, part, have, size, policy, on_chunk, append=True)
         except OSError as exc:
             raise TransportError(f"cannot read {path}: {exc}") from exc
-        with src:
-            src.seek(have)
-            return _copy(src, part, have, size, policy, on_chunk, append=True)
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
-        response = urllib.request.urlopen(request, timeout=policy.timeout_s)  # noqa: S310 (scheme checked)
+        response = urllib.request.urlopen(request, timeout=policy.timeout_s)
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and have:
             part.unlink(missing_ok=True)  # our partial file does not fit the server's: start over
@@ -140,7 +138,7 @@ def _attempt(url: str, scheme: str, part: Path, size: int, policy: DownloadPolic
         if 400 <= exc.code < 500:
             raise TransportError(f"HTTP {exc.code} {exc.reason} for {url}; not retrying") from exc
         raise _Retry(f"HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, HTTPException, OSError) as exc:
+    except (urllib.error.URLError, TimeoutError, ConnectionError, HTTPException, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise _Retry(f"{type(exc).__name__}: {reason}") from None
     with response:
@@ -149,7 +147,7 @@ def _attempt(url: str, scheme: str, part: Path, size: int, policy: DownloadPolic
             have = 0
         try:
             return _copy(response, part, have, size, policy, on_chunk, append=append)
-        except (socket.timeout, TimeoutError, ConnectionError, HTTPException, OSError) as exc:
+        except (TimeoutError, ConnectionError, HTTPException, OSError) as exc:
             raise _Retry(f"transfer broken: {type(exc).__name__}: {exc}") from None
 
 

@@ -26,9 +26,10 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from agent.atomic import atomic_write_json
 from agent.errors import ArtifactError, ConfigError, EdgefleetError, ModelError, TransportError
@@ -37,8 +38,16 @@ from agent.ota.crashpoints import crash_point
 from agent.ota.download import DownloadPolicy, download
 from agent.ota.probation import ProbationWatcher, Verdict, judge, policy_for
 from agent.ota.slots import Journal, Outcome, Pending, SlotStore, slot_name
-from agent.ota.verify import (DeviceFacts, UpdateRequest, check_contract, check_file, check_manifest,
-                              check_report, parse_rollback, parse_update)
+from agent.ota.verify import (
+    DeviceFacts,
+    UpdateRequest,
+    check_contract,
+    check_file,
+    check_manifest,
+    check_report,
+    parse_rollback,
+    parse_update,
+)
 from agent.profiles import Profile, load_profile
 
 __all__ = ["OtaManager"]
@@ -125,12 +134,12 @@ class OtaManager:
                     if req is None:
                         self._finish("rejected", "agent restarted and the update command was lost")
                     else:
-                        resume = lambda req=req: self._run_update(req)  # noqa: E731
+                        resume = lambda req=req: self._run_update(req)
                 elif p.kind == "update":
                     self._finish("rolled_back", f"agent restarted during {p.state}; kept the committed "
                                  f"version {self._version(j.active)}")
                 else:
-                    resume = lambda: self._run_rollback()  # noqa: E731
+                    resume = lambda: self._run_rollback()
             j = self._journal
             keep = {s for s in (j.active, *j.history) if s}
             if j.pending and j.pending.kind == "rollback" and j.pending.slot:
@@ -426,7 +435,7 @@ class OtaManager:
         event.update({k: v for k, v in extra.items() if v is not None})
         try:
             self.emit_event(event)
-        except Exception:  # noqa: BLE001 (a broken sink must not break the update)
+        except Exception:
             log.exception("emit_event failed for %s", event)
 
     def _step(self, state: str, **changes: Any) -> None:
@@ -513,7 +522,7 @@ class OtaManager:
                 job()
             except _Stopping:
                 return
-            except Exception as exc:  # noqa: BLE001 (a bug must not leave the journal claiming work)
+            except Exception as exc:
                 log.exception("OTA job failed")
                 with self._lock:
                     if self._journal.pending is not None:

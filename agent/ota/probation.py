@@ -32,7 +32,7 @@ import numpy as np
 from agent.manifest import Manifest
 from agent.profiles import Profile
 
-__all__ = ["ProbationPolicy", "ProbationCounters", "Verdict", "ProbationWatcher", "judge", "policy_for"]
+__all__ = ["ProbationCounters", "ProbationPolicy", "ProbationWatcher", "Verdict", "judge", "policy_for"]
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,7 @@ class ProbationWatcher:
             x, top_new = self._queue.popleft()
             try:
                 prev = infer_previous(x)
-            except Exception:  # the old model failing on an input is not the new model's fault
+            except Exception:  # noqa: BLE001, S112 (the old model failing is not the new model's fault)
                 continue
             if prev is None:
                 continue

@@ -30,7 +30,7 @@ from agent.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
 from agent.errors import ArtifactError, ConfigError
 from agent.manifest import MANIFEST_NAME, MODEL_NAME, SIGNATURE_NAME
 
-__all__ = ["Journal", "Pending", "Outcome", "SlotStore", "slot_name", "JOURNAL_NAME"]
+__all__ = ["JOURNAL_NAME", "Journal", "Outcome", "Pending", "SlotStore", "slot_name"]
 
 JOURNAL_NAME = "journal.json"
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -82,7 +82,7 @@ class Journal:
                 "outcome": asdict(self.outcome) if self.outcome else None}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Journal":
+    def from_json(cls, data: dict[str, Any]) -> Journal:
         pending = data.get("pending")
         outcome = data.get("outcome")
         return cls(active=data.get("active"), history=tuple(data.get("history") or ()),
@@ -91,15 +91,15 @@ class Journal:
                    outcome=Outcome(**outcome) if outcome else None)
 
     # -- transitions (pure) ---------------------------------------------------------------------
-    def with_pending(self, pending: Pending | None) -> "Journal":
+    def with_pending(self, pending: Pending | None) -> Journal:
         return replace(self, pending=pending)
 
-    def step(self, state: str, **changes: Any) -> "Journal":
+    def step(self, state: str, **changes: Any) -> Journal:
         if self.pending is None:
             raise RuntimeError(f"cannot move to {state!r}: nothing in flight")
         return replace(self, pending=replace(self.pending, state=state, **changes))
 
-    def committed(self, slot: str, version: str, keep: int, outcome: Outcome) -> "Journal":
+    def committed(self, slot: str, version: str, keep: int, outcome: Outcome) -> Journal:
         """``slot`` becomes active; the old active goes first in history; keep at most ``keep`` slots."""
         history = [s for s in ((self.active,) + self.history) if s and s != slot]
         history = history[: max(keep - 1, 1)]
@@ -107,7 +107,7 @@ class Journal:
         versions = {s: v for s, v in {**self.versions, slot: version}.items() if s in kept}
         return Journal(active=slot, history=tuple(history), versions=versions, pending=None, outcome=outcome)
 
-    def finished(self, outcome: Outcome) -> "Journal":
+    def finished(self, outcome: Outcome) -> Journal:
         """The in-flight work ended without changing what is committed."""
         return replace(self, pending=None, outcome=outcome)
 

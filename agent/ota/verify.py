@@ -21,8 +21,9 @@ What each check stops:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from agent.errors import ArtifactError, ConfigError
 from agent.manifest import Manifest, parse_manifest, parse_version
@@ -30,16 +31,16 @@ from agent.profiles import Profile
 from agent.signing import verify_manifest
 
 __all__ = [
-    "UpdateRequest",
-    "RollbackRequest",
     "DeviceFacts",
-    "parse_update",
-    "parse_rollback",
-    "check_manifest",
-    "profile_compatible",
-    "check_file",
+    "RollbackRequest",
+    "UpdateRequest",
     "check_contract",
+    "check_file",
+    "check_manifest",
     "check_report",
+    "parse_rollback",
+    "parse_update",
+    "profile_compatible",
 ]
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

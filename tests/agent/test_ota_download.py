@@ -15,7 +15,8 @@ DATA = bytes(range(256)) * 400  # 100 KiB
 
 
 def policy(**kw) -> DownloadPolicy:
-    base = dict(max_bytes=1 << 20, timeout_s=2.0, retries=3, backoff_s=0.01, reserve_bytes=0, chunk_bytes=8192)
+    base = {"max_bytes": 1 << 20, "timeout_s": 2.0, "retries": 3, "backoff_s": 0.01, "reserve_bytes": 0,
+            "chunk_bytes": 8192}
     base.update(kw)
     return DownloadPolicy(**base)
 

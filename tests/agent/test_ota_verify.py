@@ -10,8 +10,15 @@ import pytest
 from agent.errors import ArtifactError, ConfigError, SignatureError
 from agent.ota.probation import ProbationCounters, ProbationPolicy, judge
 from agent.ota.slots import Journal, Outcome, Pending, SlotStore
-from agent.ota.verify import DeviceFacts, check_contract, check_file, check_manifest, parse_rollback, \
-    parse_update, profile_compatible
+from agent.ota.verify import (
+    DeviceFacts,
+    check_contract,
+    check_file,
+    check_manifest,
+    parse_rollback,
+    parse_update,
+    profile_compatible,
+)
 from agent.profiles import load_profile
 from agent.signing import Ed25519PrivateKey, sign_manifest
 from tests.support.artifacts import OTA_MODELS, build_artifact
@@ -26,8 +33,8 @@ def art(tmp_path_factory):
     return build_artifact(OTA_MODELS / "clf_a2.tflite", tmp_path_factory.mktemp("v2"), version="2", key=KEY)
 
 
-def facts(committed: str | None = "1", keys=(KEY.public_key(),)) -> DeviceFacts:
-    return DeviceFacts(PROFILE, tuple(keys), committed, None)
+def facts(committed: str | None = "1", keys=None) -> DeviceFacts:
+    return DeviceFacts(PROFILE, (KEY.public_key(),) if keys is None else tuple(keys), committed, None)
 
 
 def request(art, **changes):
@@ -142,7 +149,7 @@ POLICY = ProbationPolicy(inferences=50, seconds=30, max_error_rate=0.01, min_agr
 
 
 def counters(**kw) -> ProbationCounters:
-    base = dict(calls=0, errors=0, nonfinite=0, p95_ms=1.0, shadow=0, agree=0, synthetic=0)
+    base = {"calls": 0, "errors": 0, "nonfinite": 0, "p95_ms": 1.0, "shadow": 0, "agree": 0, "synthetic": 0}
     base.update(kw)
     return ProbationCounters(**base)
 

@@ -75,7 +75,8 @@ def run_driver(tmp: Path, setup, crash_at: str | None, update: str | None, rollb
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
     if crash_at:
         env[ENV_VAR] = crash_at
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+                          check=False)
     return proc.returncode, proc.stderr[-3000:]
 
 

@@ -74,7 +74,7 @@ class Traffic:
                 self.failed.append(exc)
             time.sleep(self.interval_s)
 
-    def __enter__(self) -> "Traffic":
+    def __enter__(self) -> Traffic:
         self._thread.start()
         return self
 

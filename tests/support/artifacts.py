@@ -29,7 +29,7 @@ import numpy as np
 from agent.manifest import MANIFEST_NAME, MODEL_NAME, SIGNATURE_NAME, Manifest, parse_manifest
 from agent.signing import sign_manifest
 
-__all__ = ["Artifact", "build_artifact", "copy_artifact", "OTA_MODELS", "MODELS", "interpreter_for"]
+__all__ = ["MODELS", "OTA_MODELS", "Artifact", "build_artifact", "copy_artifact", "interpreter_for"]
 
 MODELS = Path(__file__).resolve().parents[1] / "data" / "models"
 OTA_MODELS = MODELS / "ota"
@@ -70,7 +70,7 @@ class Artifact:
 def _named(interp: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Input/output details named like the agent's Engine names them (signature keys when there is one)."""
     try:
-        sigs = interp._get_full_signature_list()  # noqa: SLF001
+        sigs = interp._get_full_signature_list()
     except AttributeError:
         sigs = {}
     ins, outs = interp.get_input_details(), interp.get_output_details()

@@ -40,7 +40,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--profile", default="x86-dev")
     args = ap.parse_args(argv)
 
-    events = open(args.events, "a", encoding="utf-8")
+    events = open(args.events, "a", encoding="utf-8")  # noqa: SIM115 (open for the whole run)
     lock = threading.Lock()
 
     def emit(event: dict) -> None:

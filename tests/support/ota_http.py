@@ -47,7 +47,7 @@ class ArtifactServer:
             def log_message(self, *args: object) -> None:  # keep test output clean
                 pass
 
-            def do_GET(self) -> None:  # noqa: N802 (http.server API)
+            def do_GET(self) -> None:
                 rng = self.headers.get("Range")
                 server.log.requests.append((self.path, rng))
                 route = server.routes.get(self.path)
@@ -102,7 +102,7 @@ class ArtifactServer:
     def requests_for(self, path: str) -> list[str | None]:
         return [r for p, r in self.log.requests if p == path]
 
-    def start(self) -> "ArtifactServer":
+    def start(self) -> ArtifactServer:
         self._thread.start()
         return self
 
@@ -111,7 +111,7 @@ class ArtifactServer:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    def __enter__(self) -> "ArtifactServer":
+    def __enter__(self) -> ArtifactServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
