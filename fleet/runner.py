@@ -315,31 +315,42 @@ class RolloutRunner:
             self._receive(clock)
 
     def _receive(self, clock: Callable[[], float]) -> None:
-        try:
-            first = self.client.messages.get(timeout=self.tick_s)
-        except queue.Empty:
-            return
-        now = clock()
+        """Fold every answer that arrives within one tick, then save them in one transaction.
+
+        The planner runs once per tick, not once per message: its O(devices) pass stays at a few
+        per second however many answers a large fleet sends.
+        """
+        deadline = time.monotonic() + self.tick_s
         changed: dict[str, Execution] = {}
         history: list[tuple[str | None, str | None, str, dict[str, Any] | None]] = []
-        msg: Message | None = first
         n = 0
-        while msg is not None and n < self.batch:
-            new = self._fold(msg, now)
-            if new is not None:
-                old = self.execs[new.device_id]
-                self.execs[new.device_id] = changed[new.device_id] = new
-                if new.state != old.state or new.rollback_state != old.rollback_state:
-                    history.append((self.rollout.id, new.device_id,
-                                    new.state if new.state != old.state else f"rollback_{new.rollback_state}",
-                                    {"ota_state": new.ota_state, "reason": new.reason}))
-            n += 1
+        now = clock()
+        while n < self.batch:
+            left = deadline - time.monotonic()
             try:
-                msg = self.client.messages.get_nowait()
+                msg = self.client.messages.get(timeout=left) if left > 0 else self.client.messages.get_nowait()
             except queue.Empty:
-                msg = None
+                break
+            n += 1
+            new = self._fold(msg, now)
+            if new is None:
+                continue
+            old = self.execs[new.device_id]
+            self.execs[new.device_id] = changed[new.device_id] = new
+            if new.state != old.state or new.rollback_state != old.rollback_state:
+                history.append((self.rollout.id, new.device_id,
+                                new.state if new.state != old.state else f"rollback_{new.rollback_state}",
+                                {"ota_state": new.ota_state, "reason": new.reason}))
+            if new.terminal and not old.terminal and self._wave_done(new.wave):
+                break  # the planner can start the next wave now
         if changed:
             self.store.save(None, list(changed.values()), history, now=now)
+
+    def _wave_done(self, wave: int) -> bool:
+        """Cheap check for small fleets: the last device of the current wave just finished."""
+        if wave != self.rollout.current_wave or len(self.execs) > 1000:
+            return False
+        return all(e.terminal for e in self.execs.values() if e.wave <= wave)
 
     def _report(self) -> None:
         if self.progress is None:

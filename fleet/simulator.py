@@ -123,8 +123,8 @@ class Simulator:
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> Simulator:
         self._client.connect()
-        for dev in self.devices.values():
-            self._publish_state(dev, online=True)
+        births = [self._publish_state(dev, online=True) for dev in self.devices.values()]
+        self._client.flush(births, timeout=max(30.0, len(births) / 200))
         groups = sorted({d.group for d in self.devices.values()})
         self._client.subscribe([f"{ROOT}/devices/+/cmd/+"] + [f"{ROOT}/groups/{g}/cmd/+" for g in groups])
         for target in (self._dispatch_loop, self._timer_loop):
@@ -409,7 +409,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     sim.start()
-    print(f"simulating {args.count} devices on {sim.url.display()} (Ctrl-C to stop)", flush=True)
+    print(f"ready: simulating {args.count} devices on {sim.url.display()} (Ctrl-C to stop)", flush=True)
     try:
         stop.wait()
     except KeyboardInterrupt:

@@ -1,0 +1,186 @@
+"""Benchmark the fleet tool against fleet size with simulated devices; print markdown, write JSON/PNG.
+
+    .venv/bin/python scripts/bench_fleet.py --out bench/fleet.json --plot bench/fleet.png [--sizes 1000,5000,10000]
+
+For each fleet size a private Mosquitto and one simulator process (``python -m fleet.simulator``,
+all devices on one connection, no model) are started; then ``edge-fleet`` runs as its own
+process and its wall time and peak RSS are read from ``wait4``:
+
+* ``devices --json``: read every retained state (settle window 0.4 s included);
+* ``deploy --canary 1% --wave-base 5%-of-fleet --wave-factor 2``: a full staged rollout where every
+  simulated device walks the seven OTA states (7 events + 1 reply + 1 retained state each);
+* ``watch --frames 3 --interval 1`` while every device sends telemetry every ``--telemetry-interval``
+  seconds (so the message rate grows with the fleet).
+
+The simulator shares the two cores with the fleet tool, so absolute times include its work;
+the question answered is whether the fleet tool's cost grows about linearly with fleet size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.support.broker import MosquittoBroker  # noqa: E402
+
+
+def timed(cmd: list[str], timeout: float = 600) -> dict[str, Any]:
+    """Run ``cmd``; wall seconds, peak RSS (MB) and exit code of that one child."""
+    start = time.monotonic()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=err)
+        deadline = start + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.02)
+        wall = time.monotonic() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return {"wall_s": round(wall, 3), "max_rss_mb": round(usage.ru_maxrss / 1024, 1),
+                "cpu_s": round(usage.ru_utime + usage.ru_stime, 3), "exit": proc.returncode,
+                "stdout": out.read().decode(errors="replace"), "stderr": err.read().decode(errors="replace")}
+
+
+def start_simulator(url: str, count: int, telemetry_s: float) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-m", "fleet.simulator", "--broker", url, "--count", str(count),
+                             "--prefix", "b", "--group", "bench", "--step-delay", "0.01",
+                             "--telemetry-interval", str(telemetry_s)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("ready"):
+        proc.kill()
+        raise RuntimeError(f"simulator did not start: {line} {proc.stderr.read() if proc.stderr else ''}")
+    return proc
+
+
+def make_artifact(directory: Path) -> Path:
+    from tests.fleet.conftest import make_artifact as build
+
+    return build(directory, "2")
+
+
+def bench_size(n: int, workdir: Path, telemetry_s: float) -> dict[str, Any]:
+    fleet = [sys.executable, "-m", "fleet.cli"]
+    row: dict[str, Any] = {"devices": n}
+    with MosquittoBroker(workdir / f"broker-{n}") as broker:
+        sim = start_simulator(broker.url, n, telemetry_s=0)
+        try:
+            r = timed(fleet + ["devices", "--broker", broker.url, "--json"])
+            found = len(json.loads(r["stdout"])) if r["exit"] == 0 else 0
+            row["devices_cmd"] = {k: r[k] for k in ("wall_s", "max_rss_mb", "cpu_s", "exit")} | {"found": found}
+            art = make_artifact(workdir / f"art-{n}")
+            r = timed(fleet + ["deploy", str(art), "--broker", broker.url, "--all", "--canary", "1%",
+                               "--wave-base", str(max(1, n // 20)), "--wave-factor", "2",
+                               "--device-timeout", "300", "--serve", "127.0.0.1:0", "--json",
+                               "--data-dir", str(workdir / f"data-{n}")])
+            state = json.loads(r["stdout"])["state"] if r["exit"] in (0, 1) and r["stdout"] else r["stderr"][-300:]
+            waves = json.loads(r["stdout"])["waves"] if r["exit"] in (0, 1) and r["stdout"] else None
+            row["deploy_cmd"] = {k: r[k] for k in ("wall_s", "max_rss_mb", "cpu_s", "exit")} | {
+                "state": state, "waves": waves}
+        finally:
+            sim.terminate()
+            sim.wait(60)
+        sim = start_simulator(broker.url, n, telemetry_s=telemetry_s)
+        try:
+            time.sleep(min(telemetry_s, 5))
+            r = timed(fleet + ["watch", "--broker", broker.url, "--frames", "3", "--interval", "1"])
+            lines = r["stdout"].strip().splitlines()
+            row["watch_cmd"] = {k: r[k] for k in ("wall_s", "max_rss_mb", "cpu_s", "exit")} | {
+                "totals": lines[-1] if lines else r["stderr"][-200:],
+                "telemetry_msgs_per_s": round(n / telemetry_s, 1)}
+        finally:
+            sim.terminate()
+            sim.wait(60)
+    return row
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    out = ["| devices | devices: s | devices: MB | deploy: s | deploy: MB | deploy: waves, result | "
+           "watch (3 frames): s | watch: MB | watch: CPU s | telemetry msg/s |",
+           "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        d, p, w = r["devices_cmd"], r["deploy_cmd"], r["watch_cmd"]
+        out.append(f"| {r['devices']} | {d['wall_s']:.2f} | {d['max_rss_mb']:.0f} | {p['wall_s']:.1f} | "
+                   f"{p['max_rss_mb']:.0f} | {p['waves']}, {p['state']} | {w['wall_s']:.2f} | "
+                   f"{w['max_rss_mb']:.0f} | {w['cpu_s']:.2f} | {w['telemetry_msgs_per_s']:.0f} |")
+    if len(rows) >= 2:
+        a, b = rows[0], rows[-1]
+        k = b["devices"] / a["devices"]
+        out.append("")
+        out.append(f"From {a['devices']} to {b['devices']} devices ({k:.0f}x): `devices` CPU time "
+                   f"x{b['devices_cmd']['cpu_s'] / max(a['devices_cmd']['cpu_s'], 1e-3):.1f}, `deploy` CPU time "
+                   f"x{b['deploy_cmd']['cpu_s'] / max(a['deploy_cmd']['cpu_s'], 1e-3):.1f} "
+                   f"(wall x{b['deploy_cmd']['wall_s'] / max(a['deploy_cmd']['wall_s'], 1e-3):.1f}), `watch` CPU "
+                   f"x{b['watch_cmd']['cpu_s'] / max(a['watch_cmd']['cpu_s'], 1e-3):.1f}; peak RSS "
+                   f"{a['deploy_cmd']['max_rss_mb']:.0f} -> {b['deploy_cmd']['max_rss_mb']:.0f} MB for deploy.")
+    return "\n".join(out) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [r["devices"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("devices_cmd", "devices"), ("deploy_cmd", "deploy"), ("watch_cmd", "watch (3 frames)")):
+        ax1.plot(sizes, [r[key]["cpu_s"] for r in rows], marker="o", label=label)
+        ax2.plot(sizes, [r[key]["max_rss_mb"] for r in rows], marker="o", label=label)
+    ax1.set_xlabel("simulated devices")
+    ax1.set_ylabel("edge-fleet CPU time (s)")
+    ax2.set_xlabel("simulated devices")
+    ax2.set_ylabel("edge-fleet peak RSS (MB)")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("edge-fleet cost against fleet size (simulated devices, one Mosquitto)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1000,5000,10000")
+    parser.add_argument("--telemetry-interval", type=float, default=10.0, help="seconds, for the watch run")
+    parser.add_argument("--out", help="write the figures as JSON here")
+    parser.add_argument("--plot", help="write a PNG here")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
+        for n in sizes:
+            print(f"fleet size {n} ...", file=sys.stderr, flush=True)
+            rows.append(bench_size(n, Path(tmp), args.telemetry_interval))
+    print("Wall time, CPU time and peak RSS of one `edge-fleet` process per command "
+          "(simulator in a separate process on the same cores).\n")
+    print(markdown(rows))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"rows": rows, "telemetry_interval_s": args.telemetry_interval},
+                                             indent=2))
+    if args.plot:
+        plot(rows, Path(args.plot))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
