@@ -337,9 +337,12 @@ class OtaManager:
             self.host.release_previous()
             self._report_outcome(details=details)
         else:
+            if self.host.previous_info is None:  # nothing committed before: nothing to return to
+                self._finish("failed", f"probation failed and there is no previous model to return to: "
+                             f"{verdict.reason}", details=details)
+                return
             t0 = time.perf_counter()
-            if self.host.previous_info is not None:
-                self.host.revert()
+            self.host.revert()
             self.last_revert_s = time.perf_counter() - t0
             crash_point("rollback-reverted")
             self._finish("rolled_back", verdict.reason, details=details)
