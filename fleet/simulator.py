@@ -225,9 +225,10 @@ class Simulator:
         self._client.publish(telemetry_topic(dev.device_id), {
             "seq": seq, "ts": time.time(), "window_s": self.telemetry_interval, "inferences": n,
             "throughput": n / self.telemetry_interval, "latency_ms": {"p50": 4.0, "p95": 6.5, "p99": 9.0},
-            "cache": {"hits": n // 4, "lookups": n, "hit_rate": 0.25}, "errors": 0, "cpu_percent": 20.0,
+            "cache": {"enabled": True, "hit_rate": 0.25, "exact_hits": n // 4, "near_hits": 0,
+                      "misses": n - n // 4}, "errors": 0, "cpu_percent": 20.0,
             "rss_mb": 60.0, "temp_c": None, "disk_free_mb": 1000.0, "model": dev.model,
-            "drift": {"score": 0.01, "alert": False}}, qos=0)
+            "drift": {"samples": n, "tvd": 0.01, "confidence_delta": 0.0, "mean_confidence": 0.9}}, qos=0)
         if not self._stop.is_set():
             self._later(self.telemetry_interval, lambda: self._telemetry_tick(dev))
 

@@ -37,7 +37,7 @@ def telemetry_fields(t: dict[str, Any] | None) -> dict[str, Any]:
         hit = cache.get("hits", 0) / cache["lookups"]
     return {"throughput": t.get("throughput"), "p50": lat.get("p50"), "p95": lat.get("p95"),
             "p99": lat.get("p99"), "cache_hit_rate": hit, "errors": t.get("errors"),
-            "drift": drift.get("score", drift.get("psi")), "drift_alert": drift.get("alert")}
+            "drift": drift.get("tvd", drift.get("score")), "drift_alert": drift.get("alert")}
 
 
 def _ago(ts: float | None, now: float) -> str:
