@@ -84,13 +84,18 @@ class Traffic:
 
 
 class Device:
-    def __init__(self, state_dir: Path, arts, profile=PROFILE, **kw) -> None:
+    """An OtaManager + ModelHost with v1 installed and, unless ``quiet``, live background traffic."""
+
+    def __init__(self, state_dir: Path, arts, profile=PROFILE, quiet: bool = False, **kw) -> None:
         self.events: list[dict] = []
         self.host = ModelHost(profile, autotune=False)
+        self.traffic: Traffic | None = None
         kw = {"reserve_free_mb": 0, "backoff_s": 0.01, "download_timeout_s": 2.0, **kw}
         self.ota = OtaManager(state_dir, profile, [KEY.public_key()], self.host, self.events.append, **kw)
         self.ota.boot()
         self.ota.install_initial(arts["v1"].dir)
+        if not quiet:
+            self.traffic = Traffic(self.host, interval_s=0.003).__enter__()
 
     def update(self, art, rollout_id: str, url: str | None = None, **changes) -> dict:
         return self.ota.handle_update({"id": rollout_id, **art.update_fields(url, rollout_id=rollout_id), **changes})
@@ -104,6 +109,9 @@ class Device:
         return [e["state"] for e in self.events if e["rollout_id"] == rollout_id]
 
     def close(self) -> None:
+        if self.traffic is not None:
+            self.traffic.__exit__()
+            assert self.traffic.failed == [], self.traffic.failed[:3]
         self.ota.close()
         self.host.close()
 
@@ -191,7 +199,7 @@ def test_rollback_after_low_shadow_agreement_in_probation(device, arts):
 def test_no_live_traffic_commits_on_golden_evidence(tmp_path, arts):
     quiet = build_artifact(OTA_MODELS / "clf_a2.tflite", tmp_path / "quiet", version="2", key=KEY, golden_samples=2,
                            probation={"inferences": 50, "seconds": 0.5})
-    d = Device(tmp_path / "state", arts)
+    d = Device(tmp_path / "state", arts, quiet=True)
     try:
         d.update(quiet, "r-quiet")
         final = d.final("r-quiet")
