@@ -25,8 +25,9 @@ import random
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import xxhash
@@ -74,17 +75,17 @@ class CacheConfig:
                 raise ConfigError(f"cache: {message}")
 
     @classmethod
-    def from_profile(cls, profile: Any, **overrides: Any) -> "CacheConfig":
+    def from_profile(cls, profile: Any, **overrides: Any) -> CacheConfig:
         """Settings from a profile's ``cache`` section (``enabled`` is the caller's business)."""
         c = profile.cache
-        values = dict(max_bytes=c.max_bytes, near_threshold=c.near_threshold, max_age_s=c.max_age_s,
-                      max_consecutive=c.max_consecutive, verify_fraction=c.verify_fraction,
-                      target_disagreement=c.target_disagreement)
+        values = {"max_bytes": c.max_bytes, "near_threshold": c.near_threshold, "max_age_s": c.max_age_s,
+                  "max_consecutive": c.max_consecutive, "verify_fraction": c.verify_fraction,
+                  "target_disagreement": c.target_disagreement}
         values.update(overrides)
         return cls(**values)
 
     @classmethod
-    def resolve(cls, cache: "bool | CacheConfig | dict[str, Any] | None", profile: Any) -> "CacheConfig | None":
+    def resolve(cls, cache: bool | CacheConfig | dict[str, Any] | None, profile: Any) -> CacheConfig | None:
         """``None``/``False`` -> off, ``True`` -> profile defaults, a dict -> profile defaults + overrides."""
         if cache is None or cache is False:
             return None

@@ -21,9 +21,10 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any
 
 import numpy as np
 
@@ -36,7 +37,7 @@ from agent.runtime import Runtime, get_runtime, open_interpreter
 
 __all__ = ["Engine", "Layout", "Outputs", "load_model_bytes"]
 
-Outputs = Union[np.ndarray, dict[str, np.ndarray]]
+Outputs = np.ndarray | dict[str, np.ndarray]
 _LATENCY_WINDOW = 2048
 _AUTOTUNE_BUDGET_S = 0.4
 
@@ -52,7 +53,7 @@ class Layout:
 class _Worker:
     """One interpreter and the bound methods the hot path needs (looked up once)."""
 
-    __slots__ = ("interpreter", "set_tensor", "invoke", "get_tensor", "tensor")
+    __slots__ = ("get_tensor", "interpreter", "invoke", "set_tensor", "tensor")
 
     def __init__(self, interpreter: Any) -> None:
         self.interpreter = interpreter
@@ -362,7 +363,7 @@ class Engine:
         self._workers = []
         self._pool = queue.SimpleQueue()
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Engine:  # noqa: PYI034 (3.10 has no typing.Self)
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 
 from agent.errors import ConfigError, InputError
 
-__all__ = ["cmd_infer", "cmd_validate", "cmd_bench", "default_profile", "load_array_file"]
+__all__ = ["cmd_bench", "cmd_infer", "cmd_validate", "default_profile", "load_array_file"]
 
 _DEFAULT_BY_ARCH = {"x86_64": "x86-dev", "amd64": "x86-dev", "aarch64": "generic-aarch64", "armv7l": "rpi3b"}
 
@@ -78,7 +78,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     named = result if isinstance(result, dict) else {engine.output_details[0].name: result}
     if args.json:
         body: dict[str, Any] = {"outputs": {k: v.tolist() for k, v in named.items()}}
-        if engine._is_classifier():  # noqa: SLF001 (same package)
+        if engine._is_classifier():
             body["top1"] = np.atleast_1d(engine.top1(result)).tolist()
         print(json.dumps(body))
     elif not args.output:

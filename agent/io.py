@@ -16,11 +16,11 @@ from agent.errors import InputError
 
 __all__ = [
     "TensorInfo",
+    "dequantize",
     "describe_tensors",
     "quantize",
-    "dequantize",
-    "to_model_dtype",
     "split_batch",
+    "to_model_dtype",
     "top1",
 ]
 
@@ -57,7 +57,7 @@ class TensorInfo:
 
 def _signature_names(interpreter: Any) -> tuple[dict[int, str], dict[int, str]]:
     try:
-        signatures = interpreter._get_full_signature_list()  # noqa: SLF001 (public in tf.lite, private here)
+        signatures = interpreter._get_full_signature_list()
     except AttributeError:
         return {}, {}
     if len(signatures) != 1:

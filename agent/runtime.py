@@ -22,13 +22,13 @@ from typing import Any
 from agent.errors import ConfigError, ModelError
 
 __all__ = [
-    "Runtime",
-    "RUNTIME_MODULES",
     "EDGETPU_LIBRARY",
-    "get_runtime",
-    "open_interpreter",
-    "load_edgetpu_delegate",
+    "RUNTIME_MODULES",
+    "Runtime",
     "describe_load_error",
+    "get_runtime",
+    "load_edgetpu_delegate",
+    "open_interpreter",
 ]
 
 # (name reported in stats, module to import); first importable wins.

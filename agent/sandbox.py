@@ -19,11 +19,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-__all__ = ["ValidationReport", "validate_model", "check_model"]
+__all__ = ["ValidationReport", "check_model", "validate_model"]
 
 _LATENCY_RUNS = 20
 _LATENCY_MAX_S = 2.0
@@ -47,7 +48,7 @@ class ValidationReport:
                 "golden": dict(self.golden), "details": dict(self.details)}
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "ValidationReport":
+    def from_json(cls, data: Mapping[str, Any]) -> ValidationReport:
         return cls(ok=bool(data["ok"]), reason=data.get("reason"), latency_ms=data.get("latency_ms"),
                    inputs=tuple(data.get("inputs") or ()), outputs=tuple(data.get("outputs") or ()),
                    golden=dict(data.get("golden") or {}), details=dict(data.get("details") or {}))
@@ -82,7 +83,7 @@ def validate_model(path: str | os.PathLike[str], profile: Any = None, manifest: 
         root = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env,
+            proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout_s, env=env,
                                   stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             return _fail(f"validation timed out after {timeout_s:g} s (the model hangs or is far too slow)")

@@ -12,7 +12,9 @@ Models (all batch 1):
     multi_io.tflite     float: inputs "a" (1,4) and "b" (1,6) -> outputs "sum" (1,3) and "prod" (1,2)
     custom_op.tflite    float.tflite with one op rewritten to the custom op "EdgefleetSecretOp"
     tiny.tflite         float32 (1,8) -> dense (1,4): the per-call overhead benchmark
-    manifest_*.json     nothing; golden samples are built by the tests from these models
+
+Artifact directories with golden samples are built by the tests from these files
+(tests/support/artifacts.py); corrupted variants are made at test time.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 CUSTOM_OP_NAME = "EdgefleetSecretOp"

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.runtime
 def test_runtime_is_litert_or_tflite_runtime_and_tensorflow_is_not_imported():
     code = ("import sys; from agent.runtime import get_runtime; print(get_runtime().name); "
             "print('tensorflow' in sys.modules)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=60)
     name, tf_loaded = proc.stdout.split()
     assert name in ("ai-edge-litert", "tflite-runtime")
     assert tf_loaded == "False"
