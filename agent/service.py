@@ -239,10 +239,9 @@ class AgentService:
         try:
             out = self.host.infer(x)
         except EdgefleetError:
-            self.metrics.record(time.perf_counter() - t0, error=True)
+            self.metrics.record(time.perf_counter() - t0, None, True)
             raise
-        top1, conf = summarize_output(out)
-        self.metrics.record(time.perf_counter() - t0, top1, conf)
+        self.metrics.record(time.perf_counter() - t0, out)
         return out
 
     def _process_file(self, path: Path, x: Any) -> None:

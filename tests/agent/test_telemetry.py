@@ -13,14 +13,23 @@ from agent.telemetry import Metrics, SystemStats, drift_report, read_temperature
 def test_window_counts_and_percentiles_then_resets() -> None:
     m = Metrics()
     for i in range(100):
-        m.record((i + 1) / 1000.0, top1=i % 2, confidence=0.9)
-    m.record(0.5, error=True)
+        m.record((i + 1) / 1000.0, np.array([0.9, 0.1]) if i % 2 else np.array([0.1, 0.9]))
+    m.record(0.5, None, error=True)
     w = m.take_window()
     assert w.inferences == 100 and w.errors == 1
     assert 49 <= w.p50_ms <= 52 and 94 <= w.p95_ms <= 96 and w.p99_ms <= 100
     again = m.take_window()
     assert again.inferences == 0 and again.p50_ms is None
     assert m.total_inferences == 100
+    assert m.drift(None)["samples"] == 100 and m.drift(None)["mean_confidence"] == 0.9
+
+
+def test_count_stays_exact_when_the_window_sample_is_capped() -> None:
+    m = Metrics(max_window=10, drift_per_window=4)
+    for _ in range(50):
+        m.record(0.001, np.array([0.2, 0.8]))
+    assert m.take_window().inferences == 50
+    assert m.drift(None)["samples"] == 4
 
 
 def test_drift_is_zero_for_the_baseline_distribution_and_one_for_a_disjoint_one() -> None:
