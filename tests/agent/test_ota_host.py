@@ -14,6 +14,7 @@ from agent.profiles import load_profile
 from tests.support.artifacts import OTA_MODELS, build_artifact
 
 PROFILE = load_profile("x86-dev")
+pytestmark = pytest.mark.runtime  # also runs under the tflite-runtime venv (make test-tflite)
 
 
 @pytest.fixture(scope="module")
