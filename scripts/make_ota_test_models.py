@@ -12,6 +12,10 @@ The outputs are committed, so tests never convert anything. Every model but ``na
 - ``slow.tflite``      same contract, ~850 MMAC of convolutions at 96x96: too slow for a tight budget.
 - ``nan.tflite``       float32 in/out, outputs sqrt(-1 - x^2) = NaN for every input.
 - ``custom_op.tflite`` float32, contains a MatrixInverse custom op no runtime resolves.
+- ``float_ok.tflite``  float32 in/out, sqrt(mean(x) * w + 2): finite for any input in [-1, 1].
+- ``float_nan_live.tflite`` same contract, sqrt(mean(x) * w + 0.5): finite on the golden and
+  synthetic inputs (mean near 0 or positive) but NaN on dark live frames (mean < -0.5), so
+  only probation on live traffic can catch it.
 """
 
 from __future__ import annotations
@@ -96,6 +100,18 @@ def nan():
     return fn
 
 
+def sqrt_of_mean(offset: float):
+    """float32 [1,32,32,3] -> [1,4]: sqrt(mean(x) * w + offset); NaN once mean(x) < -offset."""
+    w = tf.constant(np.array([[1.0, 0.5, 0.25, 0.125]], np.float32))
+
+    @tf.function(input_signature=[tf.TensorSpec(SHAPE, tf.float32, name="image")])
+    def fn(x):
+        m = tf.reduce_mean(x, axis=(1, 2, 3))[:, None]  # [1, 1]
+        return tf.sqrt(m * w + offset)
+
+    return fn
+
+
 def custom_op():
     @tf.function(input_signature=[tf.TensorSpec((1, 4, 4), tf.float32, name="matrix")])
     def fn(x):
@@ -135,6 +151,8 @@ def main() -> int:
         "slow": _int8(slow()),
         "nan": _float(nan()),
         "custom_op": _float(custom_op(), custom=True),
+        "float_ok": _float(sqrt_of_mean(2.0)),
+        "float_nan_live": _float(sqrt_of_mean(0.5)),
     }
     for name, data in models.items():
         (OUT / f"{name}.tflite").write_bytes(data)

@@ -364,3 +364,43 @@ def test_update_while_another_is_in_flight_is_refused(device, arts):
     with pytest.raises(ConfigError, match="busy"):
         device.update(arts["v3"], "r-b")
     assert device.final("r-a")["state"] == "committed"
+
+
+def test_rollback_after_nan_outputs_on_live_traffic_in_probation(tmp_path):
+    # float_nan_live passes validation (golden and synthetic inputs are bright) but returns NaN on
+    # the dark frames this device really sees: only probation on live traffic can catch it.
+    v1 = build_artifact(OTA_MODELS / "float_ok.tflite", tmp_path / "v1", version="1", key=KEY, golden_samples=2)
+    v2 = build_artifact(OTA_MODELS / "float_nan_live.tflite", tmp_path / "v2", version="2", key=KEY,
+                        golden_samples=2, probation={"inferences": 50, "seconds": 10})
+    events: list[dict] = []
+    host = ModelHost(PROFILE, autotune=False)
+    ota = OtaManager(tmp_path / "state", PROFILE, [KEY.public_key()], host, events.append, reserve_free_mb=0)
+    ota.boot()
+    ota.install_initial(v1.dir)
+    dark = np.full((1, 32, 32, 3), -0.9, np.float32)
+    stop, errors = threading.Event(), []
+
+    def frames():
+        while not stop.is_set():
+            try:
+                host.infer(dark)
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+            time.sleep(0.002)
+
+    feeder = threading.Thread(target=frames, daemon=True)
+    feeder.start()
+    try:
+        ota.handle_update({"id": "r-nan-live", **v2.update_fields(rollout_id="r-nan-live")})
+        final = wait_for(lambda: next((e for e in events if e["state"] in ("committed", "rolled_back", "rejected")),
+                                      None), 20, what="terminal event")
+        assert final["state"] == "rolled_back" and "NaN" in final["reason"], final
+        assert "validating" in [e["state"] for e in events], "it passed validation first"
+        assert host.model_info["version"] == "1"
+        assert np.all(np.isfinite(host.infer(dark)))
+        assert errors == []
+    finally:
+        stop.set()
+        feeder.join()
+        ota.close()
+        host.close()
