@@ -53,10 +53,11 @@ class Layout:
 class _Worker:
     """One interpreter and the bound methods the hot path needs (looked up once)."""
 
-    __slots__ = ("get_tensor", "interpreter", "invoke", "set_tensor", "tensor")
+    __slots__ = ("get_tensor", "interpreter", "invoke", "set_tensor", "tensor", "threads")
 
-    def __init__(self, interpreter: Any) -> None:
+    def __init__(self, interpreter: Any, threads: int) -> None:
         self.interpreter = interpreter
+        self.threads = threads
         self.set_tensor = interpreter.set_tensor
         self.invoke = interpreter.invoke
         self.get_tensor = interpreter.get_tensor
@@ -132,6 +133,7 @@ class Engine:
         if instances is not None and instances < 1:
             raise ConfigError(f"instances must be >= 1, got {instances}")
         layout = Layout(threads=threads or min(rt.threads, cores), instances=instances or rt.instances)
+        first_threads = layout.threads
         first, self.accelerator = open_interpreter(
             data, threads=layout.threads, accelerator=rt.accelerator,
             accelerator_required=rt.accelerator_required, runtime=self._runtime)
@@ -145,7 +147,7 @@ class Engine:
         if wants_autotune and threads is None and instances is None and self.accelerator != "edgetpu":
             layout = self._autotune(first, layout, cores)
         self.layout = layout
-        self._workers = self._build_pool(layout, first)
+        self._workers = self._build_pool(layout, first, first_threads)
         self._pool: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
         for worker in self._workers:
             self._pool.put(worker)
@@ -183,10 +185,11 @@ class Engine:
                                           accelerator_required=rt.accelerator_required, runtime=self._runtime)
         return interpreter
 
-    def _build_pool(self, layout: Layout, first: Any | None) -> list[_Worker]:
-        workers = [] if first is None else [_Worker(first)]
+    def _build_pool(self, layout: Layout, first: Any, first_threads: int) -> list[_Worker]:
+        """One worker per instance; the first interpreter is kept only if it has the chosen threads."""
+        workers = [_Worker(first, first_threads)] if first_threads == layout.threads else []
         while len(workers) < layout.instances:
-            workers.append(_Worker(self._open(layout.threads)))
+            workers.append(_Worker(self._open(layout.threads), layout.threads))
         return workers
 
     def _input_ranges(self) -> list[tuple[float, float]] | None:

@@ -203,3 +203,38 @@ def test_top1_helper_gives_class_per_sample(models, images):
     engine = Engine(models / "float.tflite", profile="x86-dev", autotune=False)
     out = engine.infer(images)
     np.testing.assert_array_equal(engine.top1(out), np.argmax(out, axis=-1))
+
+
+def test_pool_is_rebuilt_when_autotune_picks_another_thread_count(models, monkeypatch):
+    """The timing is replaced by a score that prefers one thread, so the choice is deterministic."""
+    import agent.engine as engine_module
+
+    monkeypatch.setattr(engine_module.os, "cpu_count", lambda: 2)
+    scores = iter([1.0, 5.0])  # threads=1 scores 1, threads=2 scores 5 -> two threads win
+    monkeypatch.setattr(engine_module, "_measure", lambda *a: next(scores))
+    engine = Engine(models / "tiny.tflite", profile="x86-dev")
+    assert (engine.layout.threads, engine.layout.instances) == (2, 1)
+    assert [w.threads for w in engine._workers] == [2]
+    scores = iter([5.0, 1.0])  # now one thread wins: the 2-thread first interpreter must not be kept
+    monkeypatch.setattr(engine_module, "_measure", lambda *a: next(scores))
+    engine = Engine(models / "tiny.tflite", profile="x86-dev")
+    assert engine.layout.threads == 1
+    assert [w.threads for w in engine._workers] == [1]
+    assert engine.infer(np.zeros((1, 8), np.float32)).shape == (1, 4)
+
+
+def test_throughput_objective_tries_several_instances(models, tmp_path, monkeypatch):
+    import agent.engine as engine_module
+
+    monkeypatch.setattr(engine_module.os, "cpu_count", lambda: 2)
+    text = (models.parents[2] / "device_profiles" / "x86-dev.yaml").read_text()
+    profile = tmp_path / "batchy.yaml"
+    profile.write_text(text.replace("name: x86-dev", "name: batchy").replace("objective: latency",
+                                                                             "objective: throughput"))
+    engine = Engine(models / "tiny.tflite", profile=str(profile))
+    layout = engine.stats()["layout"]
+    tried = {(c["threads"], c["instances"]) for c in layout["candidates"]}
+    assert {(1, 1), (1, 2), (2, 1)} <= tried and all(t * i <= 2 for t, i in tried)
+    assert layout["candidates"][0]["unit"] == "inferences/s"
+    assert len(engine._workers) == layout["instances"]
+    assert engine.infer(np.zeros((1, 8), np.float32)).shape == (1, 4)
