@@ -65,12 +65,12 @@ class _Generation:
         self.engine.close()
 
 
-def _model_info(engine: Any, manifest: Manifest | None, path: Path) -> dict[str, str]:
+def _model_info(engine: Any, manifest: Manifest | None, path: Path, name: str | None) -> dict[str, str]:
     sha = str(getattr(engine, "sha256", "") or "")
     if manifest is not None:
         return {"name": manifest.name, "version": manifest.version, "sha256": sha or manifest.model.sha256}
     stem = path.stem if path.suffix == ".tflite" else path.name
-    return {"name": stem, "version": "0", "sha256": sha}
+    return {"name": name or stem, "version": "0", "sha256": sha}
 
 
 class ModelHost:
@@ -96,7 +96,7 @@ class ModelHost:
         self._swaps = 0
 
     # -- building -----------------------------------------------------------------------------
-    def _build(self, model_path: Path, manifest: Manifest | None) -> _Generation:
+    def _build(self, model_path: Path, manifest: Manifest | None, name: str | None = None) -> _Generation:
         from agent.engine import Engine  # lazy: importing agent.host stays cheap
 
         try:
@@ -108,12 +108,13 @@ class ModelHost:
             raise ModelError(f"{model_path}: cannot load model: {exc}") from exc
         if manifest is None:
             manifest = getattr(engine, "manifest", None)
-        return _Generation(engine, manifest, _model_info(engine, manifest, Path(model_path)))
+        return _Generation(engine, manifest, _model_info(engine, manifest, Path(model_path), name))
 
     def activate(self, model_path: Path | str, manifest: Manifest | None = None, *,
-                 keep_previous: bool = False) -> dict[str, str]:
+                 keep_previous: bool = False, name: str | None = None) -> dict[str, str]:
         """Load ``model_path`` fully, then make it the active model.
 
+        ``name`` labels a bare model that has no manifest (version "0"); default: the file's stem.
         With ``keep_previous`` the engine it replaces stays loaded for :meth:`infer_previous` and
         :meth:`revert` until :meth:`release_previous`; otherwise it is closed once drained.
         Returns the new model's info.
@@ -123,7 +124,7 @@ class ModelHost:
         """
         if self._closed:
             raise RuntimeError("ModelHost is closed")
-        new = self._build(Path(model_path), manifest)  # outside the swap lock: slow, and may fail
+        new = self._build(Path(model_path), manifest, name)  # outside the swap lock: slow, and may fail
         with self._swap_lock:
             if self._closed:
                 new.engine.close()

@@ -62,6 +62,11 @@ class _Stopping(Exception):
     """close() was called: leave the journal as it is; the next boot finishes or undoes the work."""
 
 
+def _slot_label(slot: str) -> str:
+    """The model name part of ``<name>-v<version>-<sha12>`` (for bare models without a manifest)."""
+    return slot.rsplit("-", 2)[0]
+
+
 def _resolve_profile(name: str) -> Profile | None:
     try:
         return load_profile(name)
@@ -112,16 +117,18 @@ class OtaManager:
         self._idle = threading.Condition(self._lock)
         self.timeline: list[tuple[float, str, str]] = []  # (monotonic s, version, state), for benchmarks
         self.last_revert_s: float | None = None
+        self.boot_error: str | None = None
 
     # ================================================================== public API
     def boot(self) -> dict[str, str] | None:
         """Read the journal, finish or undo what was in flight, serve the committed model.
 
-        Returns the served model's info, or None when nothing is installed yet.
+        Returns the served model's info, or None when nothing is installed yet or no kept slot can
+        be loaded (then ``status()["boot_error"]`` says why, and the agent stays reachable so the
+        fleet can send a fix instead of the device crash-looping).
 
         Raises:
             ConfigError: the journal is unreadable.
-            ModelError: no committed or kept slot can be loaded.
         """
         with self._lock:
             self._journal = self.store.read_journal()
@@ -185,9 +192,10 @@ class OtaManager:
             safe = "".join(c if c.isalnum() or c in "_.-" else "_" for c in name)[:64] or "model"
             slot = slot_name(safe, version, sha)
             self.store.install(slot, model, raw, sig)
-            info = self.host.activate(self.store.model_path(slot), manifest)
-            self._persist(self._journal.committed(slot, version, self.keep_versions,
-                                                  Outcome("initial", version, "committed", reported=True)))
+            info = self.host.activate(self.store.model_path(slot), manifest, name=safe)
+            committed = self._journal.committed(slot, version, self.keep_versions,
+                                                Outcome("initial", version, "committed", reported=True))
+            self._persist(replace(committed, pending=self._journal.pending))  # a resumed update stays queued
         self._start_worker()
         return info
 
@@ -261,6 +269,7 @@ class OtaManager:
                 "kept": [{"slot": s, "version": self._version(s)} for s in j.history],
                 "pending": asdict(j.pending) if j.pending else None,
                 "last": asdict(j.outcome) if j.outcome else None,
+                "boot_error": self.boot_error,
             }
 
     def wait_idle(self, timeout: float = 30.0) -> bool:
@@ -399,7 +408,7 @@ class OtaManager:
         slot = p.slot
         try:
             manifest = self._slot_manifest(slot)
-            self.host.activate(self.store.model_path(slot), manifest)
+            self.host.activate(self.store.model_path(slot), manifest, name=_slot_label(slot))
         except EdgefleetError as exc:
             self._finish("failed", f"cannot activate version {p.version}: {exc}", rollback=True)
             return
@@ -483,7 +492,7 @@ class OtaManager:
                 model = self.store.model_path(slot)
                 if manifest is not None:
                     check_file(manifest, model.stat().st_size, sha256_file(model))
-                info = self.host.activate(model, manifest)
+                info = self.host.activate(model, manifest, name=_slot_label(slot))
             except (EdgefleetError, OSError) as exc:
                 errors.append(f"{slot}: {exc}")
                 log.error("committed slot %s unusable: %s", slot, exc)
@@ -493,7 +502,8 @@ class OtaManager:
                 self._persist(replace(j, active=slot, history=history))
             return info
         if errors:
-            raise ModelError("no committed model can be served: " + "; ".join(errors))
+            self.boot_error = "no committed model can be served: " + "; ".join(errors)
+            log.error("%s", self.boot_error)
         return None
 
     def _load_command(self, rollout_id: str) -> UpdateRequest | None:

@@ -404,3 +404,36 @@ def test_rollback_after_nan_outputs_on_live_traffic_in_probation(tmp_path):
         feeder.join()
         ota.close()
         host.close()
+
+
+def test_damaged_committed_model_falls_back_to_the_kept_previous_version(device, arts, tmp_path):
+    device.update(arts["v2"], "r2")
+    assert device.final("r2")["state"] == "committed"
+    device.ota.wait_idle(10)
+    active = device.ota.status()["active"]["slot"]
+    device.close()
+    model = device.ota.store.model_path(active)
+    data = bytearray(model.read_bytes())
+    data[100] ^= 0xFF  # bit rot on the SD card
+    model.write_bytes(bytes(data))
+    again = Device(tmp_path / "state", arts, quiet=True)
+    try:
+        assert again.host.model_info["version"] == "1"
+        assert again.ota.status()["active"]["version"] == "1"
+    finally:
+        again.close()
+
+
+def test_initial_bare_tflite_is_installed_once_as_version_0(tmp_path):
+    events: list[dict] = []
+    host = ModelHost(PROFILE, autotune=False)
+    ota = OtaManager(tmp_path / "state", PROFILE, [], host, events.append)
+    try:
+        assert ota.boot() is None
+        info = ota.install_initial(OTA_MODELS / "clf_a.tflite")
+        assert info["name"] == "clf_a" and info["version"] == "0"
+        assert ota.install_initial(OTA_MODELS / "clf_b.tflite") is None, "a committed model already exists"
+        assert host.model_info["name"] == "clf_a"
+    finally:
+        ota.close()
+        host.close()
