@@ -229,3 +229,24 @@ def test_update_and_rollback_commands_drive_ota_and_the_retained_state(running, 
     done = [e for e in obs.on("pi-cmd/events") if e.get("rollout_id") == "r-svc-back" and e["state"] == "committed"]
     assert done[-1]["rollback"] is True and done[-1]["version"] == "1"
     wait_for(lambda: obs.on("pi-cmd/state")[-1]["model"]["version"] == "1", 5, what="state back to version 1")
+
+
+def test_mqtt_3_1_1_works_without_response_topics(broker, tmp_path: Path) -> None:
+    from agent.config import parse_config
+    from agent.service import AgentService
+
+    cfg = agent_config(tmp_path, broker.url, device_id="pi-v311", broker={"protocol": "3.1.1"})
+    obs = Observer(broker.port, topic=f"{ROOT}/devices/pi-v311/#")
+    svc = AgentService(parse_config(cfg))
+    svc.start()
+    try:
+        wait_for(lambda: obs.on("pi-v311/state"), 10, what="birth over 3.1.1")
+        assert obs.on("pi-v311/state")[-1]["model"] is None  # no model configured: still reports
+        cmd = command("status")
+        # A Response Topic cannot reach a 3.1.1 client: the reply goes to the default topic.
+        obs.publish(f"{ROOT}/devices/pi-v311/cmd/status", cmd, response_topic=f"{ROOT}/replies/x")
+        reply = reply_for(obs, cmd["id"], "pi-v311/cmd/status/response")
+        assert reply["result"]["mqtt"]["protocol"] == "3.1.1"
+    finally:
+        svc.stop()
+        obs.close()
