@@ -160,7 +160,7 @@ class ArtifactServer:
         self._server.shutdown()
         self._server.server_close()
 
-    def __enter__(self) -> ArtifactServer:
+    def __enter__(self) -> ArtifactServer:  # noqa: PYI034 (py3.10: no typing.Self)
         return self
 
     def __exit__(self, *exc: object) -> None:

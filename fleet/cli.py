@@ -206,6 +206,18 @@ def _model_url(base: str, file: str) -> str:
     return base if base.endswith(".tflite") else base.rstrip("/") + "/" + file
 
 
+def _serve_again(address: str, advertise: str | None) -> Any:
+    """The artifact server on the address a resumed rollout used; a free port if that one is taken."""
+    from agent.errors import TransportError
+    from fleet.artifacts import ArtifactServer
+
+    try:
+        return ArtifactServer(address, advertise=advertise)
+    except TransportError:
+        host = address.rpartition(":")[0] or "0.0.0.0"
+        return ArtifactServer(f"{host}:0", advertise=advertise)
+
+
 def cmd_deploy(args: argparse.Namespace) -> int:
     from fleet.artifacts import ArtifactServer
     from fleet.mqttclient import connect
@@ -225,8 +237,10 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             execs = store.executions(rollout.id)
             broker = _broker(args, rollout.broker)
             if rollout.serve:
-                server = ArtifactServer(rollout.serve, advertise=args.advertise)
-                url = server.add(f"/{rollout.sha256}/model.tflite", Path(rollout.artifact_dir or ".") / "model.tflite")
+                server = _serve_again(rollout.serve, args.advertise)
+                model = Path(rollout.artifact_dir or ".") / str((rollout.manifest or {}).get("model", {}).get(
+                    "file", "model.tflite"))
+                url = server.add(f"/{rollout.sha256}/model.tflite", model)
                 if url != rollout.artifact_url:
                     from dataclasses import replace
 
@@ -265,6 +279,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
                 client.subscribe(STATE_TOPICS)
             final = runner.run()
+            client.close(end_session=True)  # the rollout is over: nothing should queue for it
         _print_final(_summary(store, final.id), args.json)
         return 0 if final.state == "SUCCEEDED" else EXIT_ROLLOUT_FAILED
     finally:
@@ -323,7 +338,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_rollback(args: argparse.Namespace) -> int:
     from fleet.mqttclient import connect
     from fleet.registry import collect, select_devices
-    from fleet.rollout import decide
     from fleet.runner import RolloutRunner, create_rollback
     from fleet.store import Store
 
@@ -343,11 +357,10 @@ def cmd_rollback(args: argparse.Namespace) -> int:
                                    if args.wait else None)
             if args.wait:
                 final = runner.run()
+                client.close(end_session=True)
             else:
-                d = decide(rollout, execs, runner.policy, time.time())
-                runner._send(d.send_update, rollback=False, now=time.time())
-                print(f"rollback {rollout.id} sent to {len(d.send_update)} device(s); "
-                      f"use --wait to follow it")
+                sent = runner.start()
+                print(f"rollback {rollout.id} sent to {sent} device(s); use --wait to follow it")
                 return 0
         _print_final(_summary(store, final.id), args.json)
         return 0 if final.state == "SUCCEEDED" else EXIT_ROLLOUT_FAILED

@@ -90,6 +90,8 @@ class FleetClient:
         self._sink = on_message or self.messages.put
         self._connected = threading.Event()
         self._failure: str | None = None
+        self._topics: list[tuple[str, int]] = []
+        self._closed = False
         self._acked: set[int] = set()
         self._ack_cond = threading.Condition()
         self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
@@ -108,6 +110,9 @@ class FleetClient:
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
             self._failure = str(reason)
+        elif self._connected.is_set() and self._topics:
+            # a reconnect (broker restart): the broker may have lost our subscriptions
+            client.subscribe(self._topics)
         self._connected.set()
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
@@ -146,6 +151,7 @@ class FleetClient:
     def subscribe(self, topics: Iterable[str], qos: int = 1, timeout: float = 5.0) -> None:
         """Subscribe and wait for the SUBACK, so retained messages are on their way on return."""
         topic_list = [(t, qos) for t in topics]
+        self._topics += [t for t in topic_list if t not in self._topics]
         rc, mid = self._client.subscribe(topic_list)
         if rc != mqtt.MQTT_ERR_SUCCESS:
             raise TransportError(f"subscribe to {self.url.display()} failed: {mqtt.error_string(rc)}")
@@ -178,13 +184,21 @@ class FleetClient:
             except (RuntimeError, ValueError) as exc:
                 raise TransportError(f"publish to {self.url.display()} failed: {exc}") from exc
 
-    def close(self) -> None:
+    def close(self, end_session: bool = False) -> None:
+        """Disconnect; ``end_session`` also drops a persistent session (nothing is queued for us)."""
+        if self._closed:
+            return
+        self._closed = True
+        props = None
+        if end_session and self.persistent:
+            props = Properties(PacketTypes.DISCONNECT)
+            props.SessionExpiryInterval = 0
         try:
-            self._client.disconnect()
+            self._client.disconnect(properties=props)
         finally:
             self._client.loop_stop()
 
-    def __enter__(self) -> FleetClient:
+    def __enter__(self) -> FleetClient:  # noqa: PYI034 (py3.10: no typing.Self)
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -99,7 +99,7 @@ def plan_waves(device_ids: Sequence[str], canary: int, wave_base: int, wave_fact
         ids = ids[canary:]
     size = float(wave_base)
     while ids:
-        n = max(1, int(round(size)))
+        n = max(1, round(size))
         waves.append(ids[:n])
         ids = ids[n:]
         size *= wave_factor

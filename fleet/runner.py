@@ -291,6 +291,12 @@ class RolloutRunner:
         return replace(e, state="IN_PROGRESS", ota_state=str(state), answered=True, updated_ts=now)
 
     # -- the loop ---------------------------------------------------------------------------
+    def start(self, clock: Callable[[], float] = time.time) -> int:
+        """Send the first batch and return how many devices got it, without following answers."""
+        now = clock()
+        d = decide(self.rollout, list(self.execs.values()), self.policy, now)
+        return len(self._send(d.send_update, rollback=False, now=now))
+
     def run(self, clock: Callable[[], float] = time.time) -> Rollout:
         """Drive the rollout until it reaches SUCCEEDED, FAILED or ABORTED; returns the final rollout."""
         self.client.subscribe((self.reply_topic,) + EVENT_TOPICS)

@@ -158,7 +158,7 @@ class Simulator:
         finally:
             self._client.close()
 
-    def __enter__(self) -> Simulator:
+    def __enter__(self) -> Simulator:  # noqa: PYI034 (py3.10: no typing.Self)
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

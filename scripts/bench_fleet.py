@@ -31,7 +31,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.support.broker import MosquittoBroker  # noqa: E402
+from tests.support.broker import MosquittoBroker
 
 
 def timed(cmd: list[str], timeout: float = 600) -> dict[str, Any]:
@@ -113,8 +113,8 @@ def bench_size(n: int, workdir: Path, telemetry_s: float) -> dict[str, Any]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    out = ["| devices | `devices` wall s / CPU s / MB | `deploy` wall s / CPU s / MB | deploy CPU per device | "
-           "waves, result | `watch` 3 frames wall s / CPU s / MB | telemetry msg/s during watch |",
+    out = [("| devices | `devices` wall s / CPU s / MB | `deploy` wall s / CPU s / MB | deploy CPU per device | "
+            "waves, result | `watch` 3 frames wall s / CPU s / MB | telemetry msg/s during watch |"),
            "|---:|---:|---:|---:|---|---:|---:|"]
     for r in rows:
         d, p, w = r["devices_cmd"], r["deploy_cmd"], r["watch_cmd"]

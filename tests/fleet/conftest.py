@@ -47,5 +47,5 @@ def fleet_broker(tmp_path_factory: pytest.TempPathFactory):
 
 def run_cli(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``edge-fleet`` as a separate process, as an operator would."""
-    return subprocess.run([sys.executable, "-m", "fleet.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "fleet.cli", *args], check=False, capture_output=True, text=True,
                           timeout=timeout, cwd=REPO, env=env)

@@ -9,6 +9,7 @@ devices, the rollout aborts and every device stays on the good model.
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 
 import pytest
@@ -59,7 +60,7 @@ def fleet(fleet_broker, tmp_path_factory):
         for a in agents:
             try:
                 a.proc.wait(15)
-            except Exception:
+            except subprocess.TimeoutExpired:
                 a.stop_quietly()
 
 
