@@ -63,7 +63,8 @@ def validate_model(path: str | os.PathLike[str], profile: Any = None, manifest: 
     """Check in a child process that the model at ``path`` loads, runs and matches its manifest.
 
     ``path`` is a ``.tflite`` file or an artifact directory (its manifest is used unless one is
-    given). ``profile`` is a name, a path or a Profile; ``manifest`` a Manifest, a dict or None.
+    given). ``profile`` is a name, a path or a Profile (``None``: the default for this machine's
+    architecture, see :func:`agent.engine_cli.default_profile`); ``manifest`` a Manifest, a dict or None.
     Never raises for a bad model, a crash or a timeout: those come back as ``ok=False``.
     """
     path = Path(path)
@@ -136,7 +137,9 @@ def check_model(model: str | os.PathLike[str], profile: Any = None, manifest: An
 
     try:
         if profile is None:
-            prof = load_profile("x86-dev")
+            from agent.engine_cli import default_profile
+
+            prof = load_profile(default_profile())
         elif isinstance(profile, Profile):
             prof = profile
         elif str(profile).endswith(".json"):
