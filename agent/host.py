@@ -265,7 +265,7 @@ class ModelHost:
             if gen is not None:
                 gen.retire_and_close(self._drain_timeout_s)
 
-    def __enter__(self) -> ModelHost:
+    def __enter__(self) -> ModelHost:  # noqa: PYI034 (py310: no typing.Self)
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -58,7 +58,7 @@ class PacedTraffic:
             nxt += self.period
             time.sleep(max(0.0, nxt - time.monotonic()))
 
-    def __enter__(self) -> PacedTraffic:
+    def __enter__(self) -> PacedTraffic:  # noqa: PYI034 (py310: no typing.Self)
         self._thread.start()
         return self
 

@@ -74,7 +74,7 @@ class Traffic:
                 self.failed.append(exc)
             time.sleep(self.interval_s)
 
-    def __enter__(self) -> Traffic:
+    def __enter__(self) -> Traffic:  # noqa: PYI034 (py310: no typing.Self)
         self._thread.start()
         return self
 

@@ -111,7 +111,7 @@ class ArtifactServer:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    def __enter__(self) -> ArtifactServer:
+    def __enter__(self) -> ArtifactServer:  # noqa: PYI034 (py310: no typing.Self)
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
