@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     broker(p)
     p.add_argument("--json", action="store_true")
     p.add_argument("--settle", type=float, default=0.4, help="seconds without a new retained state before done")
+    p.add_argument("--listen", type=float, default=0.0,
+                   help="also listen this many seconds for telemetry (telemetry is not retained)")
 
     p = add("deploy", "staged rollout of an artifact: canary, growing waves, abort and roll back")
     p.add_argument("artifact", nargs="?", help="artifact directory (model.tflite + manifest.json)")
@@ -134,7 +136,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def cmd_devices(args: argparse.Namespace) -> int:
     from fleet.registry import collect
 
-    registry = collect(_broker(args), settle_s=args.settle)
+    registry = collect(_broker(args), settle_s=args.settle, telemetry=args.listen > 0, listen_s=args.listen)
     devices = registry.known()
     if args.json:
         print(json.dumps([d.to_json() for d in devices], indent=2))

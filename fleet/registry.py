@@ -140,7 +140,7 @@ def drain_into(registry: Registry, client: FleetClient, settle_s: float, max_s: 
 
 
 def collect(broker: str, settle_s: float = 0.4, max_s: float = 30.0, telemetry: bool = False,
-            client: FleetClient | None = None) -> Registry:
+            client: FleetClient | None = None, listen_s: float = 0.0) -> Registry:
     """Read the retained device states from ``broker`` into a new :class:`Registry`.
 
     Raises:
@@ -152,6 +152,12 @@ def collect(broker: str, settle_s: float = 0.4, max_s: float = 30.0, telemetry: 
         registry = Registry()
         cli.subscribe(STATE_TOPICS + (TELEMETRY_TOPICS if telemetry else ()))
         drain_into(registry, cli, settle_s, max_s)
+        deadline = time.monotonic() + listen_s
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                registry.ingest(cli.messages.get(timeout=left))
+            except queue.Empty:
+                break
         return registry
     finally:
         if own:

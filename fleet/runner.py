@@ -113,7 +113,9 @@ def create_deploy(store: Store, artifact: Artifact, devices: Sequence[Device], p
     now = time.time() if now is None else now
     rid = new_rollout_id()
     m = artifact.manifest
-    waves = plan_waves([d.device_id for d in devices], policy.canary, policy.wave_base, policy.wave_factor)
+    # online devices first, so the canary is made of devices that can answer now
+    order = sorted(devices, key=lambda d: (not d.online, d.device_id))
+    waves = plan_waves([d.device_id for d in order], policy.canary, policy.wave_base, policy.wave_factor)
     by_id = {d.device_id: d for d in devices}
     execs = []
     for w, ids in enumerate(waves):

@@ -36,9 +36,10 @@ def test_devices_lists_online_and_offline_devices_from_retained_state(fleet_brok
         off = _sim(fleet_broker, "gone", n=1).start()
         off.stop()  # publishes a retained offline state, like a Last Will would
         wait_for(lambda: sim.devices["lst-00000"].seq > 0, 5, what="telemetry")
-        r = run_cli("devices", "--broker", fleet_broker.url, "--json")
+        r = run_cli("devices", "--broker", fleet_broker.url, "--json", "--listen", "0.6")
         assert r.returncode == 0, r.stderr
         devices = {d["device_id"]: d for d in json.loads(r.stdout)}
+        assert devices["lst-00000"]["last_telemetry_ts"] is not None and devices["gone-00000"]["last_telemetry_ts"] is None
         assert {"lst-00000", "lst-00001", "lst-00002", "gone-00000"} <= set(devices)
         assert devices["lst-00001"]["online"] is True and devices["gone-00000"]["online"] is False
         assert devices["lst-00001"]["model"]["version"] == "1" and devices["lst-00001"]["group"] == "lst"

@@ -105,3 +105,23 @@ def test_watch_table_shows_rows_and_totals_and_truncates():
     assert lines[1].split() == ["d0", "yes", "g", "m@1", "10.0", "0.0", "50", "1", "0.30", "0s"]
     assert "... 2 more devices" in text
     assert "fleet: 5 devices, 4 online, 50.0 inferences/s, worst p95 4.0 ms, 5 errors; versions 1: 5" in text
+
+
+def test_the_canary_is_taken_from_online_devices_first(tmp_path):
+    from agent.manifest import load_manifest
+    from fleet.rollout import Policy
+    from fleet.runner import Artifact, create_deploy
+    from fleet.store import Store
+    from tests.fleet.conftest import make_artifact
+
+    art_dir = make_artifact(tmp_path / "a", "2")
+    manifest, raw, sig = load_manifest(art_dir)
+    reg = Registry()
+    reg.ingest(_state("a-offline", online=False))
+    reg.ingest(_state("b-online"))
+    reg.ingest(_state("c-online"))
+    store = Store.open(tmp_path / "data")
+    rollout, execs = create_deploy(store, Artifact(art_dir, manifest, raw, sig), reg.known(),
+                                   Policy(canary=1, wave_base=5), "http://x/model.tflite", None, "mqtt://x")
+    assert [(e.device_id, e.wave) for e in execs] == [("b-online", 0), ("c-online", 1), ("a-offline", 1)]
+    assert rollout.waves == 2 and all(e.prev_version == "1" for e in execs)

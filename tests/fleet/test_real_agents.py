@@ -3,7 +3,8 @@
 Nothing is simulated: each agent runs the real OTA path (download from the fleet tool's HTTP
 server, signature check, validation in a child process, install, probation). A good model rolls
 out through a canary and growing waves; a broken one (NaN outputs) is rejected by the canary
-devices, the rollout aborts and every device stays on the good model.
+devices, the rollout aborts and every device stays on the good model; an operator rollback then
+takes all 20 back to the first version.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def fleet(fleet_broker, tmp_path_factory):
     try:
         wait_for(lambda: len(_versions(fleet_broker.url)) == N_AGENTS, 90, interval=1.0,
                  what=f"{N_AGENTS} agents online")
-        yield {"base": base, "key": key, "key_path": key_path, "agents": agents}
+        yield {"base": base, "key_path": key_path, "agents": agents}
     finally:
         for a in agents:
             if a.proc and a.proc.poll() is None:
@@ -65,7 +66,7 @@ def fleet(fleet_broker, tmp_path_factory):
 
 
 def test_rollout_to_20_real_agents_then_a_broken_model_aborts_after_the_canary(fleet, fleet_broker, tmp_path):
-    base, key = fleet["base"], fleet["key"]
+    base = fleet["base"]
     v2 = build_artifact(OTA_MODELS / "clf_a2.tflite", base / "v2", version="2", golden_samples=2,
                         probation=PROBATION)
     broken = build_artifact(OTA_MODELS / "nan.tflite", base / "v3", version="3", golden_samples=2,
@@ -97,5 +98,15 @@ def test_rollout_to_20_real_agents_then_a_broken_model_aborts_after_the_canary(f
     assert states[2:] == ["CANCELED"] * (N_AGENTS - 2), "no device past the canary was sent the broken model"
     versions = _versions(fleet_broker.url)
     assert len(versions) == N_AGENTS and set(versions.values()) == {"2"}, versions
-    print(f"\n20 real agents: good rollout {good_s:.1f}s, broken rollout aborted in {bad_s:.1f}s")
-    _ = key
+
+    # the operator changes their mind: every device back to the version it ran before (1)
+    t0 = time.monotonic()
+    back = run_cli("rollback", "--broker", fleet_broker.url, "--group", "fa", "--wait", "--json",
+                   "--device-timeout", "60", "--data-dir", data, timeout=120)
+    back_s = time.monotonic() - t0
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert json.loads(back.stdout)["counts"]["SUCCEEDED"] == N_AGENTS
+    wait_for(lambda: set(_versions(fleet_broker.url).values()) == {"1"}, 20, interval=1.0,
+             what="every agent reporting version 1 after the rollback")
+    print(f"\n20 real agents: good rollout {good_s:.1f}s, broken rollout aborted in {bad_s:.1f}s, "
+          f"rollback of all {back_s:.1f}s")
