@@ -186,39 +186,42 @@ class InferenceCache:
         return hasher.intdigest()
 
     def _signature(self, sample: Sequence[np.ndarray]) -> np.ndarray:
-        ranges = self._ranges
+        ranges = self._ranges  # filled once; two threads racing here compute the same range
         for i, (arr, info) in enumerate(zip(sample, self._inputs)):
             if ranges[i] is None:
                 ranges[i] = _value_range(arr, info)
         return input_signature(sample, self._inputs, ranges)  # type: ignore[arg-type]
 
     def lookup(self, sample: Sequence[np.ndarray]) -> Lookup:
-        """Decide for one sample (arrays in model dtype): exact hit, near hit (maybe to verify) or miss."""
+        """Decide for one sample (arrays in model dtype): exact hit, near hit (maybe to verify) or miss.
+
+        Hashing and the signature are computed outside the lock; only the decisions hold it.
+        """
         start = time.perf_counter()
-        key = self.key(sample) if self.config.max_bytes else 0
         cfg = self.config
-        with self._lock:
-            entry = self._entries.get(key) if cfg.max_bytes else None
-            if entry is not None:
-                self._entries.move_to_end(key)
-                self.exact_hits += 1
-                self._lookup_s += time.perf_counter() - start
-                self._lookups += 1
-                return Lookup("exact", entry[0], False, key, None)
-            signature = None
-            if cfg.near:
-                signature = self._signature(sample)
-                ref = self._reference
-                if (ref is not None and self._consecutive < cfg.max_consecutive
-                        and start - ref[2] <= cfg.max_age_s
-                        and signature_distance(signature, ref[0]) <= self.threshold):
-                    self._consecutive += 1
-                    verify = cfg.verify_fraction > 0 and self._rng.random() < cfg.verify_fraction
-                    if not verify:
-                        self.near_hits += 1
+        key = self.key(sample) if cfg.max_bytes else 0
+        if cfg.max_bytes:
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is not None:
+                    self._entries.move_to_end(key)
+                    self.exact_hits += 1
                     self._lookup_s += time.perf_counter() - start
                     self._lookups += 1
-                    return Lookup("near", ref[1], verify, key, signature)
+                    return Lookup("exact", entry[0], False, key, None)
+        signature = self._signature(sample) if cfg.near else None
+        with self._lock:
+            ref = self._reference
+            if (signature is not None and ref is not None and self._consecutive < cfg.max_consecutive
+                    and start - ref[2] <= cfg.max_age_s
+                    and signature_distance(signature, ref[0]) <= self.threshold):
+                self._consecutive += 1
+                verify = cfg.verify_fraction > 0 and self._rng.random() < cfg.verify_fraction
+                if not verify:
+                    self.near_hits += 1
+                self._lookup_s += time.perf_counter() - start
+                self._lookups += 1
+                return Lookup("near", ref[1], verify, key, signature)
             self.misses += 1
             self._lookup_s += time.perf_counter() - start
             self._lookups += 1

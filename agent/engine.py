@@ -148,7 +148,7 @@ class Engine:
             layout = self._autotune(first, layout, cores)
         self.layout = layout
         self._workers = self._build_pool(layout, first, first_threads)
-        self._pool: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
+        self._pool: queue.SimpleQueue[_Worker | None] = queue.SimpleQueue()  # None: closed
         for worker in self._workers:
             self._pool.put(worker)
         self._cache: InferenceCache | None = None
@@ -260,6 +260,9 @@ class Engine:
     def _run(self, sample: list[np.ndarray]) -> tuple[np.ndarray, ...]:
         """Invoke one worker on one sample (arrays already in model dtype). Returns raw outputs."""
         worker = self._pool.get()
+        if worker is None or self._closed:  # closed while this call waited: wake the next waiter too
+            self._pool.put(worker)
+            raise ModelError("engine is closed")
         try:
             for info, arr in zip(self.input_details, sample):
                 worker.set_tensor(info.index, arr.reshape(info.shape))
@@ -359,12 +362,21 @@ class Engine:
             self._cache.clear()
 
     def close(self) -> None:
-        """Release the interpreters; later calls to ``infer`` raise ModelError."""
+        """Release the idle interpreters; later calls to ``infer`` raise ModelError.
+
+        Calls already running finish normally (their interpreter is freed with the engine); calls
+        waiting for a free interpreter wake up with ModelError instead of waiting forever.
+        """
         self._closed = True
         if self._cache is not None:
             self._cache.clear()
         self._workers = []
-        self._pool = queue.SimpleQueue()
+        while True:
+            try:
+                self._pool.get_nowait()
+            except queue.Empty:
+                break
+        self._pool.put(None)
 
     def __enter__(self) -> Engine:  # noqa: PYI034 (3.10 has no typing.Self)
         return self

@@ -199,6 +199,29 @@ def test_closed_engine_refuses_to_infer(models, images):
         engine.infer(images[0])
 
 
+def test_close_wakes_a_call_waiting_for_an_interpreter(models, images):
+    engine = Engine(models / "int8.tflite", profile="x86-dev", autotune=False, instances=1)
+    busy = engine._pool.get()  # stands for a call in flight holding the only interpreter
+    errors: list[BaseException] = []
+    waiter = threading.Thread(target=lambda: _capture(errors, engine.infer, images[0]))
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive()  # waiting for the interpreter, as it should
+    engine.close()
+    waiter.join(5)
+    assert not waiter.is_alive() and isinstance(errors[0], ModelError)
+    engine._pool.put(busy)  # the in-flight call finishes after close
+    with pytest.raises(ModelError, match="closed"):
+        engine.infer(images[0])
+
+
+def _capture(errors: list[BaseException], fn, *args) -> None:
+    try:
+        fn(*args)
+    except BaseException as exc:  # noqa: BLE001 (handed to the test)
+        errors.append(exc)
+
+
 def test_top1_helper_gives_class_per_sample(models, images):
     engine = Engine(models / "float.tflite", profile="x86-dev", autotune=False)
     out = engine.infer(images)
