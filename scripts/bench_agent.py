@@ -138,13 +138,22 @@ def _noisy(img: np.ndarray, rng: np.random.Generator, sigma: float, gain: float 
 
 
 def make_stream(kind: str, frames: int, seed: int = 0) -> np.ndarray:
-    """Frames [T, 224, 224, 3] uint8 from a fixed camera: noise (sigma 2), lighting drift (+-6%)."""
+    """Frames [T, 224, 224, 3] uint8 from a fixed camera: noise (sigma 2), lighting drift (+-6%).
+
+    static_camera: one scene; moving_object: plus a 16x16 object crossing; scene_cuts: a new scene
+    every 40 frames; dissolve: continuous 60-frame cross-fades, where every frame is close to the
+    previous one and top-1 flips somewhere mid-fade.
+    """
     rng = np.random.default_rng(seed)
     out = np.empty((frames, SIZE, SIZE, 3), np.uint8)
     all_scenes = scenes()
     for t in range(frames):
         gain = 1.0 + 0.06 * np.sin(2 * np.pi * t / frames)
         scene = all_scenes[(t // 40) % len(all_scenes)] if kind == "scene_cuts" else all_scenes[0]
+        if kind == "dissolve":  # 60-frame cross-fades from one scene to the next: the slow-drift trap
+            k, phase = divmod(t, 60)
+            a, b = all_scenes[k % len(all_scenes)], all_scenes[(k + 1) % len(all_scenes)]
+            scene = (a.astype(np.float32) * (1 - phase / 60) + b.astype(np.float32) * (phase / 60)).astype(np.uint8)
         frame = _noisy(scene, rng, 2.0, gain)
         if kind == "moving_object":
             x = 20 + (t * 180) // frames
@@ -280,7 +289,7 @@ def main() -> int:
                                "lookup_us_mean": hit_engine.stats()["cache"]["lookup_us"]}
 
     streams: dict[str, Any] = {}
-    for kind in ("static_camera", "moving_object", "scene_cuts"):
+    for kind in ("static_camera", "moving_object", "scene_cuts", "dissolve"):
         frames = make_stream(kind, args.frames, seed=1)
         off = stream_run(model, frames, False, args.threads)
         on = stream_run(model, frames, True, args.threads)
