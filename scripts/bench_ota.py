@@ -146,6 +146,24 @@ def main() -> int:
         results["hot_swaps"] = {"swaps": len(swap_times), "requests": len(traffic.records),
                                 "failed_requests": traffic.failed(),
                                 "activate_median_ms": float(np.median(swap_times) * 1000)}
+
+        # 2b) what ModelHost adds per call (generation counter under a lock) vs the bare engine
+        host.activate(v1.dir)
+        x = np.zeros((1, 32, 32, 3), np.int8)
+        engine = host.engine
+        for _ in range(500):
+            host.infer(x)
+        reps = 5000
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            engine.infer(x)
+        bare = (time.perf_counter() - t0) / reps
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            host.infer(x)
+        hosted = (time.perf_counter() - t0) / reps
+        results["host_overhead_us"] = {"engine_us": bare * 1e6, "host_us": hosted * 1e6,
+                                       "overhead_us": (hosted - bare) * 1e6}
         host.activate(ota.store.model_path(ota.status()["active"]["slot"]))
 
         # 3) failed probation -> previous model serving again
@@ -180,6 +198,9 @@ def main() -> int:
     print(f"| failed requests during {args.runs} updates | {sum(r['failed_requests'] for r in act)} of "
           f"{sum(r['requests'] for r in act)} | 0 |")
     print(f"| failed requests during {hs['swaps']} bare hot swaps | {hs['failed_requests']} of {hs['requests']} | 0 |")
+    ho = results["host_overhead_us"]
+    print(f"| ModelHost.infer overhead per call (tiny model: engine {ho['engine_us']:.1f} us) | "
+          f"{ho['overhead_us']:.2f} us | |")
     print(f"| failed probation -> previous model serving | {fp['revert_ms']:.2f} ms ({fp['final']}) | <= 1000 ms |")
     print(f"| probation start -> rolled back (verdict needs 100 live inferences) | "
           f"{fp['probation_to_rolled_back_ms']:.0f} ms | |")
