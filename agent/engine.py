@@ -143,6 +143,7 @@ class Engine:
             if not info.shape or info.shape[0] != 1:
                 raise ModelError(f"input {info.name!r} has shape {list(info.shape)}; expected batch 1")
         self._autotune_report: list[dict[str, Any]] = []
+        self._autotune_note: str | None = None
         wants_autotune = rt.autotune if autotune is None else autotune
         if wants_autotune and threads is None and instances is None and self.accelerator != "edgetpu":
             layout = self._autotune(first, layout, cores)
@@ -219,10 +220,20 @@ class Engine:
             return default
         zeros = [np.zeros(t.shape, t.dtype) for t in self.input_details]
         budget = _AUTOTUNE_BUDGET_S / len(candidates)
+        for info, z in zip(self.input_details, zeros):
+            first.set_tensor(info.index, z)
+        t0 = time.perf_counter()
+        first.invoke()  # also the warm-up of the first interpreter
+        one_call = time.perf_counter() - t0
+        if one_call > budget / 4:  # too slow to measure in the budget: keep the profile's layout
+            self._autotune_note = (f"skipped: one inference takes {one_call * 1000:.1f} ms, too long for the "
+                                   f"{_AUTOTUNE_BUDGET_S:g} s autotune budget")
+            return default
         best, best_score = default, -1.0
         for layout in candidates:
+            count = 1 if objective == "latency" else layout.instances
             interpreters = [first if layout.threads == default.threads and i == 0 else self._open(layout.threads)
-                            for i in range(layout.instances)]
+                            for i in range(count)]
             score = _measure(interpreters, self.input_details, zeros, budget, objective)
             self._autotune_report.append({"threads": layout.threads, "instances": layout.instances,
                                           "score": round(score, 2),
@@ -348,6 +359,7 @@ class Engine:
             "accelerator": self.accelerator,
             "layout": {"threads": self.layout.threads, "instances": self.layout.instances,
                        "autotuned": bool(self._autotune_report), "candidates": list(self._autotune_report),
+                       "note": self._autotune_note,
                        "objective": self.profile.runtime.objective},
             "model": {"sha256": self.sha256, "source": self.source,
                       "name": self.manifest.name if self.manifest else None,

@@ -261,3 +261,14 @@ def test_throughput_objective_tries_several_instances(models, tmp_path, monkeypa
     assert layout["candidates"][0]["unit"] == "inferences/s"
     assert len(engine._workers) == layout["instances"]
     assert engine.infer(np.zeros((1, 8), np.float32)).shape == (1, 4)
+
+
+def test_autotune_is_skipped_for_a_model_too_slow_to_measure(models, monkeypatch):
+    import agent.engine as engine_module
+
+    monkeypatch.setattr(engine_module.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(engine_module, "_AUTOTUNE_BUDGET_S", 1e-7)  # any model is "too slow" for this
+    engine = Engine(models / "int8.tflite", profile="x86-dev")
+    layout = engine.stats()["layout"]
+    assert layout["autotuned"] is False and layout["note"].startswith("skipped: one inference takes")
+    assert (layout["threads"], layout["instances"]) == (2, 1)  # the profile's layout
