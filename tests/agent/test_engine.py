@@ -272,3 +272,22 @@ def test_autotune_is_skipped_for_a_model_too_slow_to_measure(models, monkeypatch
     layout = engine.stats()["layout"]
     assert layout["autotuned"] is False and layout["note"].startswith("skipped: one inference takes")
     assert (layout["threads"], layout["instances"]) == (2, 1)  # the profile's layout
+
+
+def test_model_bytes_are_accepted_and_hashed(models, images):
+    data = (models / "int8.tflite").read_bytes()
+    engine = Engine(data, profile="x86-dev", autotune=False)
+    from_file = Engine(models / "int8.tflite", profile="x86-dev", autotune=False)
+    assert engine.sha256 == from_file.sha256 and engine.source == "<bytes>"
+    np.testing.assert_array_equal(engine.infer(images), from_file.infer(images))
+
+
+def test_validate_true_checks_the_artifacts_golden_samples(models, tmp_path):
+    art = build_artifact(models / "int8.tflite", tmp_path / "a", golden_samples=2)
+    assert Engine(art.dir, profile="x86-dev", validate=True, autotune=False).manifest is not None
+    raw = json.loads((art.dir / "manifest.json").read_text())
+    raw["golden"]["samples"][0]["outputs"] = {k: [v + 1.0 for v in vals]
+                                             for k, vals in raw["golden"]["samples"][0]["outputs"].items()}
+    (art.dir / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ModelError, match="golden sample 0"):
+        Engine(art.dir, profile="x86-dev", validate=True)
