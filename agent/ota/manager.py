@@ -45,6 +45,7 @@ from agent.ota.verify import (
     check_file,
     check_manifest,
     check_report,
+    contract_of,
     parse_rollback,
     parse_update,
 )
@@ -313,7 +314,7 @@ class OtaManager:
                 check_file(m, staged.stat().st_size, sha256_file(staged))
             crash_point("verified")
             self._step("validating")
-            check_contract(m, self.host.manifest)
+            check_contract(m, self._active_contract())
             from agent.sandbox import validate_model
 
             report = validate_model(staged, profile=self.profile, manifest=m, timeout_s=self.validate_timeout_s)
@@ -423,6 +424,14 @@ class OtaManager:
         j = self._journal
         return DeviceFacts(self.profile, self.trusted_keys, self._version(j.active) if j.active else None,
                            self.host.manifest)
+
+    def _active_contract(self) -> Any:
+        if self.host.manifest is not None:
+            return self.host.manifest
+        engine = self.host.engine
+        if engine is None:
+            return None
+        return contract_of(engine.input_details), contract_of(engine.output_details)
 
     def _version(self, slot: str | None) -> str:
         return self._journal.versions.get(slot or "", "?")

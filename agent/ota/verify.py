@@ -38,6 +38,7 @@ __all__ = [
     "check_file",
     "check_manifest",
     "check_report",
+    "contract_of",
     "parse_rollback",
     "parse_update",
     "profile_compatible",
@@ -186,16 +187,26 @@ def check_file(manifest: Manifest, size: int, sha256: str) -> None:
                             f"file has {sha256[:16]}... (corrupted or substituted)")
 
 
-def _contract(specs: Any) -> list[tuple[str, tuple[int, ...], str]]:
-    return [(t.name, tuple(t.shape), t.dtype) for t in specs]
+Contract = list[tuple[str, tuple[int, ...], str]]
 
 
-def check_contract(new: Manifest, active: Manifest | None) -> None:
-    """Raises ArtifactError when inputs/outputs change without ``new_contract: true``."""
+def contract_of(specs: Any) -> Contract:
+    """(name, shape, dtype) per tensor, from manifest TensorSpecs or an Engine's tensor details."""
+    return [(t.name, tuple(int(d) for d in t.shape), str(getattr(t.dtype, "name", t.dtype))) for t in specs]
+
+
+def check_contract(new: Manifest, active: Manifest | tuple[Contract, Contract] | None) -> None:
+    """Raises ArtifactError when inputs/outputs change without ``new_contract: true``.
+
+    ``active`` is the active model's manifest, or its (inputs, outputs) contract when it was
+    installed without a manifest (a bare .tflite).
+    """
     if active is None or new.new_contract:
         return
-    for kind, want, got in (("inputs", _contract(active.inputs), _contract(new.inputs)),
-                            ("outputs", _contract(active.outputs), _contract(new.outputs))):
+    have_in, have_out = ((contract_of(active.inputs), contract_of(active.outputs))
+                         if isinstance(active, Manifest) else active)
+    for kind, want, got in (("inputs", have_in, contract_of(new.inputs)),
+                            ("outputs", have_out, contract_of(new.outputs))):
         if want != got:
             raise ArtifactError(f"{kind} changed: active model has {want}, new model has {got}; "
                                 "set new_contract: true in the manifest if this is intended")

@@ -437,3 +437,20 @@ def test_initial_bare_tflite_is_installed_once_as_version_0(tmp_path):
     finally:
         ota.close()
         host.close()
+
+
+def test_contract_change_from_a_bare_initial_model_is_rejected(tmp_path, arts):
+    # The initial model came without a manifest: the contract is read from the running engine.
+    events: list[dict] = []
+    host = ModelHost(PROFILE, autotune=False)
+    ota = OtaManager(tmp_path / "state", PROFILE, [KEY.public_key()], host, events.append, reserve_free_mb=0)
+    try:
+        ota.boot()
+        ota.install_initial(OTA_MODELS / "clf_a.tflite")
+        ota.handle_update({"id": "r-wide0", **arts["wide"].update_fields(rollout_id="r-wide0")})
+        final = wait_for(lambda: next((e for e in events if e["state"] == "rejected"), None), 20, what="rejection")
+        assert "outputs changed" in final["reason"]
+        assert host.model_info["name"] == "clf_a"
+    finally:
+        ota.close()
+        host.close()
