@@ -77,7 +77,9 @@ class ModelHost:
     """Serve inferences from the active engine; swap engines without failing a request.
 
     Thread-safe: any number of threads may call :meth:`infer` while one thread (the OTA worker)
-    calls :meth:`activate` / :meth:`revert` / :meth:`release_previous`.
+    calls :meth:`activate` / :meth:`revert` / :meth:`release_previous`. A replaced engine is closed
+    when its last in-flight call returns, or after ``drain_timeout_s`` if a call hangs in the
+    runtime (so a stuck call cannot pin an old model in memory forever).
     """
 
     def __init__(self, profile: Profile | str, cache: Any = None, threads: int | None = None,
