@@ -26,6 +26,7 @@ from agent.errors import ConfigError
 __all__ = ["build_parser", "main"]
 
 EXIT_ROLLOUT_FAILED = 1
+STALE_S = 10.0  # a running rollout saves its state every tick (0.2 s); older than this, nobody drives it
 
 
 def _broker(args: argparse.Namespace, fallback: str | None = None) -> str:
@@ -228,12 +229,13 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from fleet.runner import RolloutRunner, check_signing, create_deploy, load_artifact, resume_check
     from fleet.store import Store
 
-    store = Store.open(args.data_dir)
+    store = None
     server = None
     try:
         if args.resume:
             if args.artifact or args.device or args.group or args.all:
                 raise ConfigError("--resume continues a stored rollout: give no artifact or targets")
+            store = Store.open(args.data_dir)
             rollout = store.rollout(args.resume)
             resume_check(rollout)
             execs = store.executions(rollout.id)
@@ -252,6 +254,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
                 raise ConfigError("deploy needs an ARTIFACT_DIR (or --resume ROLLOUT_ID)")
             broker = _broker(args)
             artifact = load_artifact(args.artifact, args.sign_key, force=args.force)
+            Policy(canary=0, wave_base=args.wave_base, wave_factor=args.wave_factor,  # options, before the broker
+                   max_failure_pct=args.max_failure_pct, min_executed=args.min_executed,
+                   device_timeout_s=args.device_timeout)
             registry = collect(broker)
             devices = select_devices(registry, args.device, args.group, args.all)
             check_signing(artifact, devices)
@@ -267,6 +272,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
                 url = server.add(f"/{artifact.manifest.model.sha256}/model.tflite", artifact.model_path)
                 host = args.serve.rpartition(":")[0] or "0.0.0.0"
                 serve = f"{host}:{server.port}"
+            store = Store.open(args.data_dir)  # only now: a refused deploy leaves no trace
             rollout, execs = create_deploy(store, artifact, devices, policy, url, serve, broker, force=args.force)
         out = sys.stderr if args.json else sys.stdout
         if args.wait or args.resume:
@@ -287,7 +293,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     finally:
         if server:
             server.close()
-        store.close()
+        if store is not None:
+            store.close()
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -307,6 +314,10 @@ def cmd_status(args: argparse.Namespace) -> int:
                   + (f" - {summary['reason']}" if summary["reason"] else ""))
             print(f"  wave {summary['current_wave'] + 1}/{summary['waves']}, {c.get('SUCCEEDED', 0)} succeeded, "
                   f"{c['failures']} failed, {summary['rolled_back']} rolled back")
+            idle = time.time() - summary["updated"]
+            if summary["state"] in ("IN_PROGRESS", "ABORTING") and idle > STALE_S:
+                print(f"  no progress recorded for {idle:.0f}s: if its deploy process is gone, continue it with "
+                      f"`edge-fleet deploy --resume {summary['rollout_id']}`")
             header = ("DEVICE", "WAVE", "STATE", "OTA", "ROLLBACK", "REASON")
             rows = [(e["device_id"], str(e["wave"]), e["state"], e["ota_state"] or "-", e["rollback"] or "-",
                      e["reason"] or "") for e in summary["executions"]]

@@ -200,6 +200,7 @@ def test_bad_inputs_are_refused_before_anything_is_sent(fleet_broker, tmp_path, 
             (["deploy", str(tampered), "--group", "bad"], "model.tflite"),
             (["deploy", str(good)], "no target"),
             (["deploy", str(good), "--group", "bad", "--canary", "x"], "--canary"),
+            (["deploy", str(good), "--group", "bad", "--max-failure-pct", "150"], "--max-failure-pct"),
             (["rollback", "--device", "nope-2"], "unknown device(s): nope-2"),
         ]
         for args, message in cases:  # in-process: the same run_main path, without interpreter start-up
@@ -209,6 +210,7 @@ def test_bad_inputs_are_refused_before_anything_is_sent(fleet_broker, tmp_path, 
             assert code == 2, (args, err)
             assert err.startswith("error:") and message in err and err.count("\n") == 1, (args, err)
         assert sim.commands_received == 0
+        assert not os.path.exists(data), "a refused deploy leaves no rollout behind"
         forced = run_cli("deploy", str(undeployable), "--group", "bad", "--force", "--broker", fleet_broker.url,
                          "--data-dir", data, *FAST)
         assert forced.returncode == 0 and set(sim.versions().values()) == {"3"}
