@@ -138,6 +138,8 @@ class SourceConfig(_Strict):
     after: Literal["move", "delete"] = Field(
         default="move", description="What to do with an inferred file: move to done/ or delete it")
     poll_interval_s: float = Field(default=0.5, gt=0, le=60, description="Directory scan period, s")
+    settle_s: float = Field(default=0.1, ge=0, le=60,
+                            description="Leave a file alone until it is this old (writers that do not rename), s")
     max_file_bytes: int = Field(default=32 * 1024 * 1024, ge=1, description="Larger files go to failed/, bytes")
 
     @model_validator(mode="after")

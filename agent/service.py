@@ -225,7 +225,8 @@ class AgentService:
             self.source = DirectoryWatcher(
                 cfg.source.path, self._process_file, input_shape=self._input_shape,
                 input_range=self._input_range, after=cfg.source.after,
-                poll_interval_s=cfg.source.poll_interval_s, max_file_bytes=cfg.source.max_file_bytes)
+                poll_interval_s=cfg.source.poll_interval_s, max_file_bytes=cfg.source.max_file_bytes,
+                settle_s=cfg.source.settle_s)
             self.source.start()
 
     # -- the inference path -------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Input sources: a watched directory of ``.npy`` / ``.png`` / ``.jpg`` frames.
 
-A camera process (or anything) drops files into the folder -- written under a temporary name and
-renamed in, so a half-written file is never picked up: names starting with ``.`` and anything
-without a known suffix are ignored. Each file is inferred once, oldest first, then moved to
+A camera process (or anything) drops files into the folder, ideally written under a temporary
+name and renamed in: names starting with ``.`` and anything without a known suffix are ignored,
+and a file modified less than ``settle_s`` ago is left for the next scan (for writers that do not
+rename). Each file is inferred once, oldest first, then moved to
 ``done/`` or deleted; a file that cannot be read or inferred is moved to ``failed/`` so it is not
 retried forever. Images are resized to the model input and scaled to the manifest's
 ``preprocessing.input_range`` (default 0..1).
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -67,7 +69,8 @@ class DirectoryWatcher:
     def __init__(self, path: Path, process: Callable[[Path, Any], None], *,
                  input_shape: Callable[[], tuple[int, ...] | None],
                  input_range: Callable[[], tuple[float, float] | None] = lambda: None,
-                 after: str = "move", poll_interval_s: float = 0.5, max_file_bytes: int = 32 << 20) -> None:
+                 after: str = "move", poll_interval_s: float = 0.5, max_file_bytes: int = 32 << 20,
+                 settle_s: float = 0.1) -> None:
         self.path = Path(path)
         self.done_dir = self.path / "done"
         self.failed_dir = self.path / "failed"
@@ -77,6 +80,7 @@ class DirectoryWatcher:
         self.after = after
         self.poll_interval_s = poll_interval_s
         self.max_file_bytes = max_file_bytes
+        self.settle_s = settle_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="source-dir", daemon=True)
         self.processed = 0
@@ -97,13 +101,16 @@ class DirectoryWatcher:
     def pending(self) -> list[Path]:
         """Files waiting, oldest first."""
         files = []
+        newest = time.time() - self.settle_s
         try:
             with os.scandir(self.path) as it:
                 for entry in it:
                     if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
                         continue
                     if os.path.splitext(entry.name)[1].lower() in SUFFIXES:
-                        files.append((entry.stat().st_mtime, entry.name))
+                        mtime = entry.stat().st_mtime
+                        if mtime <= newest:  # still being written by a writer that does not rename
+                            files.append((mtime, entry.name))
         except OSError as exc:
             log.warning("cannot list %s: %s", self.path, exc)
         return [self.path / name for _, name in sorted(files)]

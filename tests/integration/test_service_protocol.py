@@ -85,16 +85,17 @@ def test_real_agent_payloads_match_the_documented_schemas(broker, tmp_path: Path
     svc.start()
     try:
         s = schemas()
-        wait_for(lambda: obs.on("pi-doc/state") and len(obs.on("pi-doc/telemetry")) >= 2, 10, what="birth+telemetry")
-        np.save(tmp_path / "frames" / "f.npy", np.zeros(svc.host.engine.input_details[0].shape[1:], np.float32))
-        wait_for(lambda: obs.on("pi-doc/results"), 10, what="a result")
+        wait_for(lambda: obs.on("pi-doc/state") and len(obs.on("pi-doc/telemetry")) >= 2, 20, what="birth+telemetry")
+        np.save(tmp_path / "frames" / ".f.npy", np.zeros(svc.host.engine.input_details[0].shape[1:], np.float32))
+        (tmp_path / "frames" / ".f.npy").rename(tmp_path / "frames" / "f.npy")
+        wait_for(lambda: obs.on("pi-doc/results"), 20, what="a result")
         status = command("status")
         obs.publish(f"{ROOT}/devices/pi-doc/cmd/status", status)
         rollback = command("rollback", rollout_id="doc-rb")  # nothing older is kept: a failed OTA event
         obs.publish(f"{ROOT}/devices/pi-doc/cmd/rollback", rollback)
         obs.publish(f"{ROOT}/devices/pi-doc/cmd/status", b"{malformed")
         wait_for(lambda: len(obs.on("cmd/status/response")) >= 2 and obs.on("cmd/rollback/response")
-                 and [e for e in obs.on("pi-doc/events") if e["event"] == "ota"], 10, what="replies and events")
+                 and [e for e in obs.on("pi-doc/events") if e["event"] == "ota"], 20, what="replies and events")
         assert not check(command("status"), s["command"])
         assert not check(command("update", **art.update_fields()), s["update-command"])
         for suffix, name in (("pi-doc/state", "state"), ("pi-doc/telemetry", "telemetry"),
