@@ -299,8 +299,14 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from fleet.rollout import summarize
-    from fleet.store import Store
+    from fleet.store import Store, default_data_dir
 
+    db = Path(args.data_dir or default_data_dir()) / "fleet.db"
+    if not db.is_file():  # reading must not create a data dir
+        if args.rollout_id:
+            raise ConfigError(f"unknown rollout {args.rollout_id!r}: no rollouts recorded in {db.parent}")
+        print("[]" if args.json else f"no rollouts in {db.parent}")
+        return 0
     store = Store.open(args.data_dir)
     try:
         if args.rollout_id:

@@ -144,6 +144,15 @@ def test_signing_key_signs_at_deploy_time_for_devices_that_require_signatures(fl
         assert set(sim.versions().values()) == {"2"}
 
 
+def test_status_of_an_empty_data_dir_creates_nothing(tmp_path):
+    empty = tmp_path / "nothing-here"
+    r = run_cli("status", "--data-dir", str(empty))
+    assert r.returncode == 0 and "no rollouts" in r.stdout
+    r = run_cli("status", "r123", "--data-dir", str(empty))
+    assert r.returncode == 2 and "unknown rollout 'r123'" in r.stderr
+    assert not empty.exists()
+
+
 def test_keygen_writes_a_key_pair_and_refuses_to_overwrite(tmp_path):
     r = run_cli("keygen", "--out", str(tmp_path / "k"))
     assert r.returncode == 0 and (tmp_path / "k" / "signing.key").is_file() and (tmp_path / "k" / "signing.pub").is_file()
