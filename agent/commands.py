@@ -20,14 +20,15 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from agent.atomic import atomic_write_json
 from agent.errors import EdgefleetError
 from agent.protocol import decode
 
-__all__ = ["CommandProcessor", "Handler", "CommandRejected"]
+__all__ = ["CommandProcessor", "CommandRejected", "Handler"]
 
 log = logging.getLogger(__name__)
 

@@ -22,13 +22,13 @@ from agent.protocol import validate_id
 __all__ = [
     "AgentConfig",
     "BrokerConfig",
-    "OutboxConfig",
+    "CacheConfig",
     "CommandsConfig",
     "HttpConfig",
-    "SourceConfig",
+    "OutboxConfig",
     "SinksConfig",
+    "SourceConfig",
     "TelemetryConfig",
-    "CacheConfig",
     "load_config",
     "parse_config",
 ]
@@ -61,13 +61,13 @@ class BrokerConfig(_Strict):
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise ValueError("expected mqtt://host[:port] or mqtts://host[:port]")
         try:
-            parts.port
+            _ = parts.port  # raises on a non-numeric or out-of-range port
         except ValueError as exc:
             raise ValueError(f"bad port in {value!r}") from exc
         return value
 
     @model_validator(mode="after")
-    def _tls_pairs(self) -> "BrokerConfig":
+    def _tls_pairs(self) -> BrokerConfig:
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file go together")
         if self.cert_file is not None and not self.tls:
@@ -143,7 +143,7 @@ class SourceConfig(_Strict):
     max_file_bytes: int = Field(default=32 * 1024 * 1024, ge=1, description="Larger files go to failed/, bytes")
 
     @model_validator(mode="after")
-    def _path(self) -> "SourceConfig":
+    def _path(self) -> SourceConfig:
         if self.type == "directory" and self.path is None:
             raise ValueError("type 'directory' needs a path")
         return self
@@ -202,7 +202,7 @@ class AgentConfig(_Strict):
         except ConfigError as exc:
             raise ValueError(str(exc)) from exc
 
-    def resolved(self, base: Path) -> "AgentConfig":
+    def resolved(self, base: Path) -> AgentConfig:
         """A copy with every relative path made relative to ``base`` (the config file's folder)."""
 
         def fix(p: Path | None) -> Path | None:

@@ -20,15 +20,16 @@ import json
 import logging
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from agent.errors import ConfigError, EdgefleetError, InputError, ModelError
 
-__all__ = ["InferenceServer", "ServingBackend", "to_batch", "prometheus_lines"]
+__all__ = ["InferenceServer", "ServingBackend", "prometheus_lines", "to_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +89,9 @@ def _columns(inputs: Any) -> Any:
 class _Handler(BaseHTTPRequestHandler):
     server_version = "edge-agent"
     protocol_version = "HTTP/1.1"
-    server: "_Server"
+    server: _Server
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("http %s " + format, self.address_string(), *args)
 
     def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
@@ -115,7 +116,7 @@ class _Handler(BaseHTTPRequestHandler):
         name = name.split("/versions/")[0]
         return name, verb if sep else ""
 
-    def do_GET(self) -> None:  # noqa: N802 - stdlib name
+    def do_GET(self) -> None:
         backend = self.server.backend
         path = self.path.split("?", 1)[0]
         if path == "/healthz":
@@ -137,7 +138,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._error(404, f"no route for GET {path}")
 
-    def do_POST(self) -> None:  # noqa: N802 - stdlib name
+    def do_POST(self) -> None:
         backend = self.server.backend
         name, verb = self._model_name(self.path.split("?", 1)[0])
         if not name or verb != "predict":

@@ -19,19 +19,20 @@ import logging
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.config import BrokerConfig
 from agent.errors import ConfigError
 from agent.outbox import Outbox
 
-__all__ = ["MqttLink", "Forwarder", "Incoming"]
+__all__ = ["Forwarder", "Incoming", "MqttLink"]
 
 log = logging.getLogger(__name__)
 

@@ -38,8 +38,16 @@ from agent.http import InferenceServer, ServingBackend, prometheus_lines
 from agent.mqtt import Forwarder, Incoming, MqttLink
 from agent.outbox import Outbox
 from agent.profiles import Profile, load_profile
-from agent.protocol import (ROOT, device_cmd_topic, encode, events_topic, group_cmd_topic, response_topic,
-                            state_topic, telemetry_topic)
+from agent.protocol import (
+    ROOT,
+    device_cmd_topic,
+    encode,
+    events_topic,
+    group_cmd_topic,
+    response_topic,
+    state_topic,
+    telemetry_topic,
+)
 from agent.sinks import JsonlSink, TopicSink, result_record, results_topic
 from agent.sources import DirectoryWatcher
 from agent.telemetry import Metrics, SystemStats, summarize_output
@@ -158,7 +166,7 @@ class AgentService:
         try:
             from agent.ota import OtaManager  # the OTA part; absent in early builds
         except ImportError:
-            OtaManager = None  # noqa: N806
+            OtaManager = None
         if OtaManager is not None:
             from agent.signing import load_trusted_keys
 
@@ -481,7 +489,7 @@ class AgentService:
         if hasattr(host, "set_cache"):
             host.set_cache(setting)
         else:
-            host._cache = setting  # noqa: SLF001 - ModelHost reads it when it builds the next engine
+            host._cache = setting  # private: ModelHost reads it when it builds the next engine
         self._cache_setting = setting
         engine = self._engine()
         if engine is not None and getattr(engine, "source", None) and Path(engine.source).exists():

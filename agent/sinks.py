@@ -11,8 +11,9 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -51,7 +52,7 @@ class JsonlSink:
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "a", encoding="utf-8")
+        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the sink
 
     def write(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n"
@@ -60,7 +61,7 @@ class JsonlSink:
                 if self._fh.tell() + len(line) > self.max_bytes:
                     self._fh.close()
                     os.replace(self.path, self.path.with_name(self.path.name + ".1"))
-                    self._fh = open(self.path, "a", encoding="utf-8")
+                    self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
                 self._fh.write(line)
                 self._fh.flush()
             except (OSError, ValueError) as exc:
@@ -81,7 +82,7 @@ class TopicSink:
     def write(self, record: dict[str, Any]) -> None:
         try:
             self._publish(self.topic, json.dumps(record, separators=(",", ":")).encode(), 0, False)
-        except Exception as exc:  # offline or paho refused: results are best effort by design
+        except Exception as exc:  # noqa: BLE001 - offline or paho refused: results are best effort
             log.debug("results topic publish failed: %s", exc)
 
     def close(self) -> None:

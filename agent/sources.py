@@ -15,14 +15,15 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from agent.errors import EdgefleetError, InputError
 
-__all__ = ["DirectoryWatcher", "load_input", "SUFFIXES"]
+__all__ = ["SUFFIXES", "DirectoryWatcher", "load_input"]
 
 log = logging.getLogger(__name__)
 

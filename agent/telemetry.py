@@ -25,8 +25,14 @@ import numpy as np
 
 from agent.manifest import Baseline
 
-__all__ = ["Metrics", "WindowStats", "SystemStats", "drift_report", "read_temperature_c",
-           "summarize_output"]
+__all__ = [
+    "Metrics",
+    "SystemStats",
+    "WindowStats",
+    "drift_report",
+    "read_temperature_c",
+    "summarize_output",
+]
 
 THERMAL_ROOT = Path("/sys/class/thermal")
 

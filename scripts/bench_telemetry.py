@@ -22,8 +22,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import yaml
@@ -31,10 +32,10 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agent.config import parse_config  # noqa: E402
-from agent.service import AgentService  # noqa: E402
-from tests.support.artifacts import OTA_MODELS, build_artifact  # noqa: E402
-from tests.support.broker import MosquittoBroker  # noqa: E402
+from agent.config import parse_config
+from agent.service import AgentService
+from tests.support.artifacts import OTA_MODELS, build_artifact
+from tests.support.broker import MosquittoBroker
 
 
 def run_for(seconds: float, fn: Callable[[], Any], threads: int) -> tuple[float, float]:
@@ -99,7 +100,7 @@ def main() -> int:
 
             def set_interval(seconds: float) -> None:
                 svc.telemetry_interval_s = seconds
-                svc._telemetry_wake.set()  # noqa: SLF001 - take the new period now
+                svc._telemetry_wake.set()
 
             published_before = svc.forwarder.published if svc.forwarder else 0
             names = ("bare", "telemetry off", "telemetry 1 s")

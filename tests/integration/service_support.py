@@ -28,7 +28,7 @@ from tests.support.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 
-__all__ = ["AgentProcess", "Observer", "agent_config", "broker_files_access", "command", "REPO"]
+__all__ = ["REPO", "AgentProcess", "Observer", "agent_config", "broker_files_access", "command"]
 
 
 def broker_files_access() -> str:
@@ -69,10 +69,10 @@ class AgentProcess:
         self.log_path = self.workdir / "agent.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> "AgentProcess":
+    def start(self) -> AgentProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
         env.pop("NOTIFY_SOCKET", None)
-        log = open(self.log_path, "ab")
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process
         self.proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(self.config_path)],
                                      cwd=REPO, env=env, stdout=log, stderr=log)
         return self

@@ -11,8 +11,14 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.protocol import ROOT
-from tests.integration.service_support import (REPO, AgentProcess, Observer, agent_config,
-                                               broker_files_access, command)
+from tests.integration.service_support import (
+    REPO,
+    AgentProcess,
+    Observer,
+    agent_config,
+    broker_files_access,
+    command,
+)
 from tests.support.broker import MosquittoBroker
 from tests.support.waiting import wait_for
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,7 +100,7 @@ def test_unknown_model_route_and_oversized_body_are_refused(service) -> None:
 
 
 def test_directory_source_infers_moves_and_writes_results(service) -> None:
-    svc, reference, tmp = service
+    _, reference, tmp = service
     frames = tmp / "frames"
     shape = reference.input_details[0].shape[1:]
     x = np.random.default_rng(2).uniform(0, 1, shape).astype(np.float32)

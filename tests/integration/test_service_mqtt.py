@@ -89,7 +89,7 @@ CMD = f"{ROOT}/devices/pi-cmd/cmd"
 
 
 def test_status_command_replies_on_the_default_response_topic(running) -> None:
-    agent, obs = running
+    _, obs = running
     cmd = command("status")
     obs.publish(f"{CMD}/status", cmd)
     reply = reply_for(obs, cmd["id"], f"{CMD}/status/response")
@@ -99,7 +99,7 @@ def test_status_command_replies_on_the_default_response_topic(running) -> None:
 
 
 def test_mqtt5_response_topic_and_correlation_data_are_honoured(running) -> None:
-    agent, obs = running
+    _, obs = running
     cmd = command("status")
     obs.publish(f"{CMD}/status", cmd, response_topic=f"{ROOT}/replies/ops-1", correlation=b"corr-42")
     reply_for(obs, cmd["id"], f"{ROOT}/replies/ops-1")
@@ -108,14 +108,14 @@ def test_mqtt5_response_topic_and_correlation_data_are_honoured(running) -> None
 
 
 def test_group_command_reaches_the_device(running) -> None:
-    agent, obs = running
+    _, obs = running
     cmd = command("status")
     obs.publish(f"{ROOT}/groups/cmdgroup/cmd/status", cmd)
     assert reply_for(obs, cmd["id"], f"{CMD}/status/response")["ok"] is True
 
 
 def test_duplicate_id_gets_the_same_reply_without_running_again(running) -> None:
-    agent, obs = running
+    _, obs = running
     cmd = command("status")
     obs.publish(f"{CMD}/status", cmd)
     first = reply_for(obs, cmd["id"], f"{CMD}/status/response")
@@ -151,7 +151,7 @@ def test_expired_malformed_and_unknown_commands_get_error_replies_and_the_agent_
 
 
 def test_config_command_changes_the_telemetry_interval(running) -> None:
-    agent, obs = running
+    _, obs = running
     cmd = command("config", telemetry={"interval_s": 0.2})
     obs.publish(f"{CMD}/config", cmd)
     reply = reply_for(obs, cmd["id"], f"{CMD}/config/response")
@@ -165,7 +165,7 @@ def test_config_command_changes_the_telemetry_interval(running) -> None:
 
 
 def test_config_command_turns_the_cache_off_and_on(running) -> None:
-    agent, obs = running
+    _, obs = running
     on = command("config", cache={"enabled": True, "near_threshold": 0.01})
     obs.publish(f"{CMD}/config", on)
     assert reply_for(obs, on["id"], f"{CMD}/config/response", 15)["ok"]
@@ -206,7 +206,7 @@ def test_a_restart_does_not_execute_a_remembered_command_again(broker, artifact,
 
 
 def test_update_and_rollback_commands_drive_ota_and_the_retained_state(running, tmp_path: Path) -> None:
-    agent, obs = running
+    _, obs = running
     v2 = build_artifact(OTA_MODELS / "clf_a2.tflite", tmp_path / "v2", version="2",
                         probation={"inferences": 1, "seconds": 1})
     update = command("update", **v2.update_fields(rollout_id="r-svc-1"))

@@ -6,8 +6,6 @@ import json
 import time
 from pathlib import Path
 
-import pytest
-
 from agent.outbox import Outbox
 from agent.protocol import ROOT
 from tests.integration.service_support import AgentProcess, Observer, agent_config, broker_files_access

@@ -22,7 +22,7 @@ _TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null":
 
 def schemas() -> dict[str, dict[str, Any]]:
     text = (REPO / "docs" / "protocol.md").read_text()
-    found = re.findall(r"<!-- schema: ([\w-]+) -->\s*```json\n(.*?)```", text, re.S)
+    found = re.findall(r"<!-- schema: ([\w-]+) -->\s*```json\n(.*?)```", text, re.DOTALL)
     return {name: json.loads(body) for name, body in found}
 
 
@@ -49,9 +49,8 @@ def check(value: Any, schema: dict[str, Any], path: str = "$") -> list[str]:
             errors.append(f"{path}: {value} < {schema['minimum']}")
         if "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
             errors.append(f"{path}: {value} <= {schema['exclusiveMinimum']}")
-    if isinstance(value, str):
-        if len(value) < schema.get("minLength", 0) or len(value) > schema.get("maxLength", 1 << 30):
-            errors.append(f"{path}: length {len(value)} out of bounds")
+    if isinstance(value, str) and not schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", 1 << 30):
+        errors.append(f"{path}: length {len(value)} out of bounds")
     if isinstance(value, dict):
         for key in schema.get("required", []):
             if key not in value:
