@@ -61,7 +61,8 @@ def agent_config(tmp: Path, broker_url: str, *, device_id: str = "pi-1", group: 
 class AgentProcess:
     """``edge-agent run`` as a child process, with its stderr kept in a file."""
 
-    def __init__(self, workdir: Path, config: dict[str, Any]) -> None:
+    def __init__(self, workdir: Path, config: dict[str, Any], env: dict[str, str] | None = None) -> None:
+        self.extra_env = dict(env or {})
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = self.workdir / "agent.yaml"
@@ -72,6 +73,7 @@ class AgentProcess:
     def start(self) -> AgentProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
         env.pop("NOTIFY_SOCKET", None)
+        env.update(self.extra_env)
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process
         self.proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(self.config_path)],
                                      cwd=REPO, env=env, stdout=log, stderr=log)

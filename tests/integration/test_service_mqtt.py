@@ -250,3 +250,48 @@ def test_mqtt_3_1_1_works_without_response_topics(broker, tmp_path: Path) -> Non
     finally:
         svc.stop()
         obs.close()
+
+
+def test_systemd_notify_ready_watchdog_and_stopping(broker, tmp_path: Path) -> None:
+    import socket
+
+    # systemd is not running the test: a datagram socket plays its NOTIFY_SOCKET.
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(10)
+    agent = AgentProcess(tmp_path, agent_config(tmp_path, broker.url, device_id="pi-sd"),
+                         env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000"}).start()
+    try:
+        got = [sock.recv(64).decode() for _ in range(3)]
+        assert got[0] == "READY=1" and got[1:] == ["WATCHDOG=1", "WATCHDOG=1"]
+        assert agent.terminate() == 0
+        rest = []
+        while not rest or rest[-1] == "WATCHDOG=1":
+            rest.append(sock.recv(64).decode())
+        assert rest[-1] == "STOPPING=1"
+    finally:
+        agent.stop_quietly()
+        sock.close()
+
+
+def test_bad_config_is_one_error_line_and_exit_2_without_traceback(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.integration.service_support import REPO
+
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text("device_id: pi-1\nprofile: rpi4\nstate_dir: s\nbroker: {url: 'mqtt://127.0.0.1:1'}\n"
+                   "telemetry: {intervall_s: 5}\n")
+    proc = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--config", str(cfg)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {cfg}: telemetry.intervall_s: unknown key"
+    missing_model = tmp_path / "m.yaml"
+    missing_model.write_text(f"device_id: pi-1\nprofile: x86-dev\nstate_dir: {tmp_path}/st\n"
+                             "broker: {url: 'mqtt://127.0.0.1:1'}\nmodel: /nonexistent/model\nhttp: {listen: null}\n")
+    proc = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--config", str(missing_model)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
