@@ -23,6 +23,7 @@ import argparse
 import hashlib
 import heapq
 import itertools
+import json
 import queue
 import signal
 import threading
@@ -46,7 +47,7 @@ from agent.protocol import (
 )
 from fleet.mqttclient import FleetClient, Message, parse_broker_url
 
-__all__ = ["OUTCOMES", "Simulator", "main"]
+__all__ = ["OUTCOMES", "Simulator", "main", "write_placeholder_artifact"]
 
 OUTCOMES = ("commit", "reject", "fail", "rollback", "refuse", "silent")
 _STEPS = {
@@ -377,6 +378,29 @@ class Simulator:
         self._later(self.step_delay, done)
         reply["result"] = {"to": target["version"]}
         return reply
+
+
+def write_placeholder_artifact(directory: Path, version: str, name: str = "demo", deployable: bool = True,
+                               payload: bytes | None = None) -> Path:
+    """An artifact dir for simulated devices: placeholder model bytes and a valid manifest.
+
+    Simulated devices never run the model; the fleet tool checks the manifest and the file's
+    sha256 and serves it exactly as for a real artifact. Real devices need ``edge-convert`` output.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model = payload or (b"TFL3" + hashlib.sha256(f"{name}-{version}".encode()).digest() * 64)
+    (directory / "model.tflite").write_bytes(model)
+    manifest: dict[str, Any] = {
+        "schema_version": 1, "name": name, "version": version, "created": "2026-01-01T00:00:00Z",
+        "converter_version": "simulator", "profile": "rpi4", "task": "classification",
+        "model": {"file": "model.tflite", "sha256": hashlib.sha256(model).hexdigest(), "size": len(model)},
+        "inputs": [{"name": "x", "shape": [1, 4], "dtype": "float32"}],
+        "outputs": [{"name": "y", "shape": [1, 3], "dtype": "float32"}],
+        "deployable": deployable,
+    }
+    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return directory
 
 
 def _parse_outcomes(values: Sequence[str]) -> dict[str, str]:

@@ -2,40 +2,22 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from fleet.simulator import write_placeholder_artifact
 from tests.support.broker import MosquittoBroker
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def make_artifact(directory: Path, version: str, name: str = "demo", deployable: bool = True,
-                  payload: bytes | None = None) -> Path:
-    """An artifact dir as the fleet tool sees it: model bytes + a valid manifest.
-
-    The fleet tool never runs the model (it checks the manifest, the file's sha256 and serves
-    it), so simulator tests use placeholder bytes; the real-agent test uses real models.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    model = payload or (b"TFL3" + hashlib.sha256(f"{name}-{version}".encode()).digest() * 64)
-    (directory / "model.tflite").write_bytes(model)
-    manifest: dict[str, Any] = {
-        "schema_version": 1, "name": name, "version": version, "created": "2026-11-23T00:00:00Z",
-        "converter_version": "test", "profile": "rpi4", "task": "classification",
-        "model": {"file": "model.tflite", "sha256": hashlib.sha256(model).hexdigest(), "size": len(model)},
-        "inputs": [{"name": "x", "shape": [1, 4], "dtype": "float32"}],
-        "outputs": [{"name": "y", "shape": [1, 3], "dtype": "float32"}],
-        "deployable": deployable,
-    }
-    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return directory
+def make_artifact(directory: Path, version: str, name: str = "demo", deployable: bool = True) -> Path:
+    """A placeholder artifact: the fleet tool never runs the model (it checks the manifest and the
+    file's sha256 and serves it), so simulator tests need no real model; the real-agent test does."""
+    return write_placeholder_artifact(directory, version, name=name, deployable=deployable)
 
 
 @pytest.fixture(scope="module")
