@@ -26,6 +26,7 @@ from agent.errors import ConfigError
 __all__ = ["build_parser", "main"]
 
 EXIT_ROLLOUT_FAILED = 1
+LIST_MAX = 20  # devices listed by name in a final summary
 STALE_S = 10.0  # a running rollout saves its state every tick (0.2 s); older than this, nobody drives it
 
 
@@ -199,10 +200,12 @@ def _print_final(summary: dict[str, Any], as_json: bool) -> None:
           + (f" - {summary['reason']}" if summary["reason"] else ""))
     print(f"  {c.get('SUCCEEDED', 0)} succeeded, {c['failures']} failed, {c.get('CANCELED', 0)} canceled, "
           f"{summary['rolled_back']} rolled back, of {len(summary['executions'])} device(s)")
-    for e in summary["executions"]:
-        if e["state"] != "SUCCEEDED" or e["rollback"]:
-            extra = f" rollback {e['rollback']}" if e["rollback"] else ""
-            print(f"  {e['device_id']}: {e['state']}{extra}" + (f" ({e['reason']})" if e["reason"] else ""))
+    notable = [e for e in summary["executions"] if e["state"] not in ("SUCCEEDED", "CANCELED") or e["rollback"]]
+    for e in notable[:LIST_MAX]:
+        extra = f" rollback {e['rollback']}" if e["rollback"] else ""
+        print(f"  {e['device_id']}: {e['state']}{extra}" + (f" ({e['reason']})" if e["reason"] else ""))
+    if len(notable) > LIST_MAX:
+        print(f"  ... {len(notable) - LIST_MAX} more: `edge-fleet status {summary['rollout_id']}` lists every device")
 
 
 def _model_url(base: str, file: str) -> str:
