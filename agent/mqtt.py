@@ -107,8 +107,9 @@ class MqttLink:
                 raise ConfigError(f"broker TLS files: {exc}") from exc
         topic, payload = self._will
         client.will_set(topic, payload, qos=1, retain=True)
-        client.reconnect_delay_set(min_delay=max(1, round(self.cfg.reconnect_min_s)),
-                                   max_delay=max(1, round(self.cfg.reconnect_max_s)))
+        # paho types these as int but only multiplies and sleeps on them: fractions work.
+        client.reconnect_delay_set(min_delay=self.cfg.reconnect_min_s,  # type: ignore[arg-type]
+                                   max_delay=self.cfg.reconnect_max_s)  # type: ignore[arg-type]
         client.max_inflight_messages_set(self._max_inflight)
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect

@@ -295,3 +295,58 @@ def test_bad_config_is_one_error_line_and_exit_2_without_traceback(tmp_path: Pat
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_auto_protocol_falls_back_to_3_1_1_when_the_broker_refuses_mqtt5(broker) -> None:
+    import socket
+    import threading
+
+    from agent.config import BrokerConfig
+    from agent.mqtt import MqttLink
+    from tests.support.broker import free_port
+
+    # Mosquitto speaks MQTT 5, so a 3.1.1-only broker is played by a proxy that answers an MQTT 5
+    # CONNECT with "unacceptable protocol version" and pipes any 3.1.1 connection to Mosquitto.
+    port = free_port()
+    server = socket.create_server(("127.0.0.1", port))
+    levels: list[int] = []
+
+    def pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            src.close()
+            dst.close()
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            first = conn.recv(65536)
+            levels.append(first[8])  # protocol level, after the fixed header and "\0\4MQTT"
+            if first[8] == 5:
+                conn.sendall(b"\x20\x02\x00\x01")
+                conn.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", broker.port))
+            upstream.sendall(first)
+            threading.Thread(target=pipe, args=(conn, upstream), daemon=True).start()
+            threading.Thread(target=pipe, args=(upstream, conn), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    link = MqttLink(BrokerConfig(url=f"mqtt://127.0.0.1:{port}", reconnect_min_s=0.5, reconnect_max_s=1),
+                    "fallback-test", password=None, will_topic=f"{ROOT}/devices/fb/state", will_payload=b"{}",
+                    subscriptions=[], on_connected=lambda: None, on_message=lambda m: None,
+                    on_published=lambda mid: None)
+    try:
+        link.start()
+        assert link.wait_connected(10)
+        assert link.protocol == "3.1.1" and levels[:2] == [5, 4]
+    finally:
+        link.stop()
+        server.close()
