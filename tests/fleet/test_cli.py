@@ -70,6 +70,19 @@ def test_deploy_with_canary_updates_every_device_and_serves_the_model(fleet_brok
         assert json.loads(status.stdout)["counts"]["SUCCEEDED"] == 8
 
 
+def test_artifact_url_points_devices_at_an_existing_server(fleet_broker, tmp_path, data):
+    from fleet.artifacts import ArtifactServer
+
+    art = make_artifact(tmp_path / "v2", "2")
+    with ArtifactServer("127.0.0.1:0") as external, _sim(fleet_broker, "ext", n=2, download=True) as sim:
+        external.add("/models/demo/2/model.tflite", art / "model.tflite")
+        r = run_cli("deploy", str(art), "--broker", fleet_broker.url, "--group", "ext", "--json",
+                    "--artifact-url", f"{external.base_url}/models/demo/2/", "--data-dir", data)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert json.loads(r.stdout)["artifact_url"] == f"{external.base_url}/models/demo/2/model.tflite"
+        assert external.served == 2 and sim.downloads == 2
+
+
 def test_failures_past_the_threshold_abort_and_roll_back_updated_devices(fleet_broker, tmp_path, data):
     art = make_artifact(tmp_path / "v2", "2")
     bad = {"abt-00004", "abt-00005", "abt-00006"}
