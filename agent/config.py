@@ -113,6 +113,8 @@ class HttpConfig(_Strict):
                                description="host:port of the REST endpoint (loopback by default); null disables it")
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="Largest request body, bytes")
     max_instances: int = Field(default=64, ge=1, description="Largest batch in one predict request")
+    max_connections: int = Field(default=32, ge=1, le=1024,
+                                 description="Connections served at once; more get a 503")
 
     @field_validator("listen")
     @classmethod

@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 class ServingBackend:
     """What the HTTP layer needs from the service (plain callables: easy to wire and to test)."""
 
-    infer: Callable[[Any, str], Any]
-    """``infer(x, source)`` -> engine outputs; raises InputError/ModelError."""
+    infer: Callable[[Any, str, int], Any]
+    """``infer(x, source, samples)`` -> engine outputs; raises InputError/ModelError."""
     model_info: Callable[[], dict[str, str] | None]
     input_names: Callable[[], list[str]]
     metrics_text: Callable[[], str]
@@ -89,6 +89,7 @@ def _columns(inputs: Any) -> Any:
 class _Handler(BaseHTTPRequestHandler):
     server_version = "edge-agent"
     protocol_version = "HTTP/1.1"
+    timeout = 30  # seconds a client may stall mid-request before its socket is closed
     server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -173,10 +174,13 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if "instances" in request:
                 batch = to_batch(request["instances"], backend.input_names(), self.server.max_instances)
-                out = backend.infer(batch, "http")
+                out = backend.infer(batch, "http", len(request["instances"]))
                 reply = {"predictions": _rows(_json_ready(out))}
             else:
-                out = backend.infer(_columns(request["inputs"]), "http")
+                columns = _columns(request["inputs"])
+                first = next(iter(columns.values())) if isinstance(columns, dict) and columns else columns
+                samples = int(first.shape[0]) if isinstance(first, np.ndarray) and first.ndim > 1 else 1
+                out = backend.infer(columns, "http", samples)
                 reply = {"outputs": _json_ready(out)}
         except InputError as exc:
             self._error(400, str(exc))
@@ -209,15 +213,43 @@ def _rows(out: Any) -> list[Any]:
 
 
 class _Server(ThreadingHTTPServer):
+    """One thread per connection, at most ``max_connections`` at once (more get a 503)."""
+
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128  # listen backlog (the stdlib's 5 makes bursts of clients wait for SYN retries)
 
     def __init__(self, address: tuple[str, int], backend: ServingBackend, max_body_bytes: int,
-                 max_instances: int) -> None:
+                 max_instances: int, max_connections: int) -> None:
         self.backend = backend
         self.max_body_bytes = max_body_bytes
         self.max_instances = max_instances
+        self._slots = threading.BoundedSemaphore(max_connections)
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            try:
+                body = b'{"error": "too many connections"}'
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n"
+                                + body)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that resets or times out mid-request is not our error: no traceback on stderr.
+        log.debug("http connection from %s ended with an error", client_address,
+                  exc_info=True)  # noqa: LOG014 - socketserver calls this inside its except block
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class InferenceServer:
@@ -228,9 +260,9 @@ class InferenceServer:
     """
 
     def __init__(self, address: tuple[str, int], backend: ServingBackend, max_body_bytes: int = 8 << 20,
-                 max_instances: int = 64) -> None:
+                 max_instances: int = 64, max_connections: int = 32) -> None:
         try:
-            self._server = _Server(address, backend, max_body_bytes, max_instances)
+            self._server = _Server(address, backend, max_body_bytes, max_instances, max_connections)
         except OSError as exc:
             raise ConfigError(f"http.listen {address[0]}:{address[1]}: cannot bind: {exc.strerror or exc}") from exc
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},

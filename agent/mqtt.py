@@ -237,6 +237,7 @@ class Forwarder:
         self._tokens = max(1.0, drain_per_s)
         self._last_refill = time.monotonic()
         self._thread: threading.Thread | None = None
+        self._connects_seen = 0
         self.published = 0
 
     def attach(self, link: MqttLink) -> None:
@@ -296,6 +297,10 @@ class Forwarder:
         if link is None or not link.connected:
             return False
         now = time.monotonic()
+        if link.connects != self._connects_seen:
+            # Reconnected: paho resends what it had in flight; give those a fresh deadline.
+            self._connects_seen = link.connects
+            self._inflight = {mid: (row, now) for mid, (row, _) in self._inflight.items()}
         if self._inflight and min(t for _, t in self._inflight.values()) < now - self.resend_after_s:
             # paho lost track of them (or the broker never answered): send them again, same seq.
             self._cursor = min(row for row, _ in self._inflight.values()) - 1

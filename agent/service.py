@@ -226,7 +226,8 @@ class AgentService:
         if address is not None:
             self.http = InferenceServer(address, ServingBackend(
                 infer=self.infer, model_info=self.model_info, input_names=self._input_names,
-                metrics_text=self.metrics_text), cfg.http.max_body_bytes, cfg.http.max_instances)
+                metrics_text=self.metrics_text), cfg.http.max_body_bytes, cfg.http.max_instances,
+                cfg.http.max_connections)
             self.http.start()
         if cfg.source.type == "directory":
             assert cfg.source.path is not None
@@ -238,8 +239,8 @@ class AgentService:
             self.source.start()
 
     # -- the inference path -------------------------------------------------------------------
-    def infer(self, x: Any, source: str = "api") -> Any:
-        """Run one inference (or batch) on the active model and count it.
+    def infer(self, x: Any, source: str = "api", samples: int = 1) -> Any:
+        """Run one inference (or a batch of ``samples``) on the active model and count it.
 
         Raises:
             InputError / ModelError: from the host.
@@ -248,9 +249,9 @@ class AgentService:
         try:
             out = self.host.infer(x)
         except EdgefleetError:
-            self.metrics.record(time.perf_counter() - t0, None, True)
+            self.metrics.record(time.perf_counter() - t0, None, True, samples)
             raise
-        self.metrics.record(time.perf_counter() - t0, out)
+        self.metrics.record(time.perf_counter() - t0, out, False, samples)
         return out
 
     def _process_file(self, path: Path, x: Any) -> None:
@@ -484,7 +485,13 @@ class AgentService:
         return overrides or True
 
     def _apply_cache(self, setting: bool | dict[str, Any]) -> None:
-        """Rebuild the active engine with the new cache setting (a hot swap: no request fails)."""
+        """Rebuild the active engine with the new cache setting (a hot swap: no request fails).
+
+        Refused while an update or rollback is in flight: probation keeps the previous engine
+        loaded, and a reload now would drop it.
+        """
+        if self.ota is not None and self.ota.status().get("pending") is not None:
+            raise CommandRejected("config.cache: busy: an update or rollback is in flight, retry when it is done")
         host = self.host
         if hasattr(host, "set_cache"):
             host.set_cache(setting)

@@ -88,14 +88,19 @@ class Metrics:
         self.total_inferences = 0
         self.total_errors = 0
 
-    def record(self, latency_s: float, output: Any = None, error: bool = False) -> None:
-        """Hot path: note one inference (its output is summarized later, off this thread)."""
-        if error:
-            next(self._errors)
-            return
-        self._latencies.append(latency_s)
-        self._outputs.append(output)
-        next(self._calls)
+    def record(self, latency_s: float, output: Any = None, error: bool = False, samples: int = 1) -> None:
+        """Hot path: note one call (its output is summarized later, off this thread).
+
+        ``samples`` > 1 for a batch call: counted as that many inferences, one latency entry.
+        """
+        counter = self._errors if error else self._calls
+        next(counter)
+        if samples > 1:
+            for _ in range(samples - 1):
+                next(counter)
+        if not error:
+            self._latencies.append(latency_s)
+            self._outputs.append(output)
 
     def take_window(self, now: float | None = None) -> WindowStats:
         """Close the current window and summarize it (telemetry thread only)."""

@@ -131,3 +131,31 @@ def test_telemetry_counts_inferences_and_reports_drift_against_the_baseline(serv
     assert payload["drift"]["samples"] >= 5 and 0 <= payload["drift"]["tvd"] <= 1
     assert payload["drift"]["confidence_delta"] is not None
     assert payload["model"]["version"] == "3" and "pending" in payload["outbox"]
+
+
+def test_batch_requests_count_every_instance_in_telemetry(service) -> None:
+    svc, reference, _ = service
+    svc.metrics.take_window()
+    x = np.zeros((4, *reference.input_details[0].shape[1:]), np.float32)
+    assert post(svc, "/v1/models/clf:predict", {"instances": x.tolist()})[0] == 200
+    assert post(svc, "/v1/models/clf:predict", {"inputs": x.tolist()})[0] == 200
+    assert svc.metrics.take_window().inferences == 8
+
+
+def test_connections_beyond_the_limit_get_503_and_a_stalled_client_does_not_block_others(service) -> None:
+    import socket
+
+    svc, _, _ = service
+    assert svc.http is not None
+    stalled = []
+    try:
+        for _ in range(svc.cfg.http.max_connections):
+            s = socket.create_connection(("127.0.0.1", svc.http.port))
+            s.sendall(b"POST /v1/models/clf:predict HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")  # never finished
+            stalled.append(s)
+        status, body = request(svc, "GET", "/healthz")
+        assert status == 503 and body["error"] == "too many connections"
+    finally:
+        for s in stalled:
+            s.close()
+    wait_for(lambda: request(svc, "GET", "/healthz")[0] == 200, 5, what="slots freed")
