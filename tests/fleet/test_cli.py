@@ -282,3 +282,31 @@ def test_a_killed_deploy_resumes_without_resending_to_devices_that_answered(flee
             assert len(updates) == 1, f"{device} got the update {len(updates)} times"
         again = run_cli("deploy", "--resume", rollout_id, "--broker", fleet_broker.url, "--data-dir", data)
         assert again.returncode == 2 and "already ended" in again.stderr
+
+
+def test_a_broker_restart_mid_rollout_is_ridden_out(tmp_path, data):
+    from tests.support.broker import MosquittoBroker
+
+    art = make_artifact(tmp_path / "v2", "2")
+    with MosquittoBroker(tmp_path / "broker") as broker, _sim(broker, "bounce", n=6, step_delay=0.3) as sim:
+        proc = subprocess.Popen([sys.executable, "-m", "fleet.cli", "deploy", str(art), "--broker", broker.url,
+                                 "--group", "bounce", "--canary", "2", "--wave-base", "4", "--json",
+                                 "--data-dir", data, "--serve", "127.0.0.1:0", "--device-timeout", "30"],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+        def canary_started():
+            if not os.path.exists(data):
+                return False
+            store = Store.open(data)
+            try:
+                latest = store.latest()
+                return latest and any(e.answered for e in store.executions(latest.id))
+            finally:
+                store.close()
+
+        wait_for(canary_started, 20, what="the canary to start")
+        broker.restart()  # no persistence: sessions, subscriptions and retained states are gone
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out + err
+        assert json.loads(out)["state"] == "SUCCEEDED"
+        assert set(sim.versions().values()) == {"2"}
