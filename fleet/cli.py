@@ -212,6 +212,17 @@ def _model_url(base: str, file: str) -> str:
     return base if base.endswith(".tflite") else base.rstrip("/") + "/" + file
 
 
+def _check_unchanged(model: Path, sha256: str | None) -> None:
+    """Raises ArtifactError if the model a resumed rollout serves is gone or was rebuilt since."""
+    from agent.errors import ArtifactError
+    from agent.manifest import sha256_file
+
+    if not model.is_file():
+        raise ArtifactError(f"{model}: missing; the rollout cannot serve its model (use --artifact-url?)")
+    if sha256_file(model) != sha256:
+        raise ArtifactError(f"{model}: changed since the rollout started (sha256 differs); refusing to serve it")
+
+
 def _serve_again(address: str, advertise: str | None) -> Any:
     """The artifact server on the address a resumed rollout used; a free port if that one is taken."""
     from agent.errors import TransportError
@@ -244,9 +255,10 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             execs = store.executions(rollout.id)
             broker = _broker(args, rollout.broker)
             if rollout.serve:
-                server = _serve_again(rollout.serve, args.advertise)
                 model = Path(rollout.artifact_dir or ".") / str((rollout.manifest or {}).get("model", {}).get(
                     "file", "model.tflite"))
+                _check_unchanged(model, rollout.sha256)
+                server = _serve_again(rollout.serve, args.advertise)
                 url = server.add(f"/{rollout.sha256}/model.tflite", model)
                 if url != rollout.artifact_url:
                     from dataclasses import replace

@@ -125,3 +125,25 @@ def test_the_canary_is_taken_from_online_devices_first(tmp_path):
                                    Policy(canary=1, wave_base=5), "http://x/model.tflite", None, "mqtt://x")
     assert [(e.device_id, e.wave) for e in execs] == [("b-online", 0), ("c-online", 1), ("a-offline", 1)]
     assert rollout.waves == 2 and all(e.prev_version == "1" for e in execs)
+
+
+def test_resume_refuses_to_serve_a_model_rebuilt_since_the_rollout_started(tmp_path, capsys):
+    from agent.manifest import load_manifest
+    from fleet.cli import main
+    from fleet.rollout import Policy
+    from fleet.runner import Artifact, create_deploy
+    from fleet.store import Store
+    from tests.fleet.conftest import make_artifact
+
+    art_dir = make_artifact(tmp_path / "a", "2")
+    manifest, raw, sig = load_manifest(art_dir)
+    reg = Registry()
+    reg.ingest(_state("d0"))
+    store = Store.open(tmp_path / "data")
+    rollout, _ = create_deploy(store, Artifact(art_dir, manifest, raw, sig), reg.known(), Policy(),
+                               "http://127.0.0.1:1/x/model.tflite", "127.0.0.1:0", "mqtt://127.0.0.1:1")
+    store.close()
+    (art_dir / "model.tflite").write_bytes(b"rebuilt")
+    code = main(["deploy", "--resume", rollout.id, "--data-dir", str(tmp_path / "data")])
+    err = capsys.readouterr().err
+    assert code == 2 and "changed since the rollout started" in err
