@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("status", "rollouts and per-device execution states (from the data dir)")
     p.add_argument("rollout_id", nargs="?")
+    p.add_argument("--device", metavar="ID", help="with ROLLOUT_ID: that device's history in the rollout")
     p.add_argument("--json", action="store_true")
     data_dir(p)
 
@@ -324,6 +325,22 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     store = Store.open(args.data_dir)
     try:
+        if args.device and not args.rollout_id:
+            raise ConfigError("--device needs a ROLLOUT_ID")
+        if args.rollout_id and args.device:
+            store.rollout(args.rollout_id)  # unknown id -> error
+            rows = [h for h in store.history(args.rollout_id) if h["device_id"] in (args.device, None)]
+            if not any(h["device_id"] == args.device for h in rows):
+                raise ConfigError(f"device {args.device!r} has no history in rollout {args.rollout_id}")
+            if args.json:
+                print(json.dumps(rows, indent=2))
+                return 0
+            for h in rows:
+                when = time.strftime("%H:%M:%S", time.localtime(h["ts"]))
+                who = h["device_id"] or "(rollout)"
+                detail = ", ".join(f"{k}={v}" for k, v in (h["detail"] or {}).items() if v is not None)
+                print(f"{when}  {who:<20} {h['event']:<12} {detail}")
+            return 0
         if args.rollout_id:
             summary = _summary(store, args.rollout_id)
             if args.json:

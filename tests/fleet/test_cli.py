@@ -100,6 +100,8 @@ def test_failures_past_the_threshold_abort_and_roll_back_updated_devices(fleet_b
         assert committed == {"abt-00000", "abt-00001", "abt-00002", "abt-00003"}
         assert all(states[d]["rollback"] == "SUCCEEDED" for d in committed)
         assert set(sim.versions().values()) == {"1"}, "every device is back on the good model"
+        story = run_cli("status", summary["rollout_id"], "--device", "abt-00000", "--data-dir", data).stdout
+        assert "SUCCEEDED" in story and "rollback_SUCCEEDED" in story and "ABORTING" in story
         assert not any(n == "update" for d in ("abt-00007", "abt-00008", "abt-00009")
                        for n, _ in sim.received.get(d, [])), "canceled waves were never sent"
 
