@@ -159,3 +159,35 @@ def test_connections_beyond_the_limit_get_503_and_a_stalled_client_does_not_bloc
         for s in stalled:
             s.close()
     wait_for(lambda: request(svc, "GET", "/healthz")[0] == 200, 5, what="slots freed")
+
+
+def test_multi_input_multi_output_model_in_row_and_column_format() -> None:
+    from agent.http import InferenceServer, ServingBackend
+    from tests.support.artifacts import MODELS
+
+    engine = Engine(MODELS / "multi_io.tflite", profile="x86-dev", autotune=False)
+    backend = ServingBackend(infer=lambda x, source, n: engine.infer(x),
+                             model_info=lambda: {"name": "multi", "version": "1", "sha256": engine.sha256},
+                             input_names=lambda: [t.name for t in engine.input_details], metrics_text=lambda: "")
+    server = InferenceServer(("127.0.0.1", 0), backend)
+    server.start()
+    try:
+        rng = np.random.default_rng(4)
+        a, b = rng.normal(size=(2, 4)).astype(np.float32), rng.normal(size=(2, 6)).astype(np.float32)
+        expected = engine.infer({"a": a, "b": b})
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        rows = [{"a": a[i].tolist(), "b": b[i].tolist()} for i in range(2)]
+        conn.request("POST", "/v1/models/multi:predict", json.dumps({"instances": rows}))
+        predictions = json.loads(conn.getresponse().read())["predictions"]
+        assert [sorted(p) for p in predictions] == [["prod", "sum"]] * 2
+        np.testing.assert_allclose([p["sum"] for p in predictions], expected["sum"], atol=1e-6)
+        conn.request("POST", "/v1/models/multi:predict", json.dumps({"inputs": {"a": a.tolist(), "b": b.tolist()}}))
+        outputs = json.loads(conn.getresponse().read())["outputs"]
+        np.testing.assert_allclose(outputs["prod"], expected["prod"], atol=1e-6)
+        conn.request("POST", "/v1/models/multi:predict", json.dumps({"instances": [a[0].tolist()]}))
+        resp = conn.getresponse()
+        assert resp.status == 400 and "give each instance as an object" in json.loads(resp.read())["error"]
+        conn.close()
+    finally:
+        server.stop()
+        engine.close()
