@@ -135,7 +135,7 @@ def choose_golden(model: bytes, samples: SampleSet, reference: dict[str, np.ndar
 def baseline_stats(candidate: dict[str, np.ndarray]) -> Baseline:
     """Output statistics of the shipped model on held-out data, for drift monitoring on the device."""
     cls = classification_output(candidate)
-    first = candidate[sorted(candidate)[0]] if cls is None else candidate[cls]
+    first = candidate[min(candidate)] if cls is None else candidate[cls]
     hist = conf = None
     if cls is not None:
         scores = candidate[cls]

@@ -40,7 +40,7 @@ class SampleSet:
     def split(self, eval_fraction: float, seed: int = 0) -> tuple[SampleSet, SampleSet]:
         """(calibration, evaluation) with a fixed shuffle, so reruns compare like with like."""
         order = np.random.default_rng(seed).permutation(len(self))
-        n_eval = max(1, int(round(len(self) * eval_fraction)))
+        n_eval = max(1, round(len(self) * eval_fraction))
         return self.take(order[n_eval:]), self.take(order[:n_eval])
 
     def sample(self, i: int) -> dict[str, np.ndarray]:

@@ -87,8 +87,12 @@ def _keras_output_names(model: Any) -> list[str]:
     return names
 
 
-def export_keras(model: Any, out_dir: Path) -> tuple[tuple[TensorInfo, ...], tuple[TensorInfo, ...]]:
+def export_keras(model: Any, out_dir: Path, names: tuple[list[str], list[str]] | None = None,
+                 ) -> tuple[tuple[TensorInfo, ...], tuple[TensorInfo, ...]]:
     """Write ``model`` as a batch-1 SavedModel with clean signature names; return its I/O info.
+
+    ``names`` (inputs, outputs) forces the signature names, so a pruned rebuild of a model keeps
+    the contract of the original even when Keras renamed its layers.
 
     Raises:
         ConversionError: the model has dynamic non-batch dimensions or cannot be traced.
@@ -96,9 +100,14 @@ def export_keras(model: Any, out_dir: Path) -> tuple[tuple[TensorInfo, ...], tup
     in_names = [_clean(t.name, f"input_{i}") for i, t in enumerate(model.inputs)]
     if len(set(in_names)) != len(in_names):
         in_names = [f"input_{i}" for i in range(len(in_names))]
+    out_names = _keras_output_names(model)
+    if names is not None:
+        if (len(names[0]), len(names[1])) != (len(in_names), len(out_names)):
+            raise ConversionError(f"expected {len(names[0])} inputs and {len(names[1])} outputs, "
+                                  f"got {len(in_names)} and {len(out_names)}")
+        in_names, out_names = list(names[0]), list(names[1])
     specs = [tf.TensorSpec(_fixed_shape(t.shape, f"input {n!r}"), tf.as_dtype(t.dtype), name=n)
              for n, t in zip(in_names, model.inputs)]
-    out_names = _keras_output_names(model)
 
     def serve(*xs: Any) -> dict[str, Any]:
         ys = model(list(xs) if len(xs) > 1 else xs[0], training=False)
@@ -127,7 +136,7 @@ def _export_saved_model(src: Path, out_dir: Path) -> tuple[tuple[TensorInfo, ...
     sigs = dict(obj.signatures)
     if not sigs:
         raise ModelError(f"{src}: SavedModel has no signatures; expected a serving_default signature")
-    sig = sigs.get("serving_default") or sigs[sorted(sigs)[0]]
+    sig = sigs.get("serving_default") or sigs[min(sigs)]
     _, kw = sig.structured_input_signature
     names = sorted(kw)
     specs = [tf.TensorSpec(_fixed_shape(kw[n].shape, f"input {n!r}"), kw[n].dtype, name=_clean(n, n))

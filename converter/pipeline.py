@@ -60,6 +60,7 @@ class _Candidate:
     non_integer_ops: tuple[str, ...] = ()
     op_counts: dict[str, int] | None = None
     error: str | None = None
+    host_latency_ms: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -71,6 +72,7 @@ class _Candidate:
                 "metrics": self.metrics.to_dict() if self.metrics else None, "misses": list(self.misses),
                 "full_integer": self.model is not None and not self.non_integer_ops,
                 "non_integer_ops": list(self.non_integer_ops), "op_counts": self.op_counts, "error": self.error,
+                "host_latency_ms": self.host_latency_ms,
                 "float_tensors": list(self.recipe.float_tensors)}
 
 
@@ -119,7 +121,7 @@ def _evaluate(recipe: quantize.Recipe, source_dir: Path, calibration: SampleSet,
     if len(model) > profile.limits.max_model_mb * 1024 * 1024:
         misses.append(f"size {len(model) / 1e6:.2f} MB > limit {profile.limits.max_model_mb} MB")
     return _Candidate(recipe, model, metrics, tuple(misses), outputs, inspection.non_integer_ops,
-                      inspection.op_counts())
+                      inspection.op_counts(), host_latency_ms=fidelity.host_latency_ms(model, evaluation, runs=10))
 
 
 def _search(source_dir: Path, calibration: SampleSet, evaluation: SampleSet, reference: dict[str, np.ndarray],
@@ -191,9 +193,9 @@ def _prune(loaded: LoadedModel, calibration: SampleSet, prune_channels: float, s
     with bars.bar("fine-tuning", epochs) as tick:
         losses = pruning.finetune(student, teacher, inputs, calibration.labels, epochs, masks, tick)
     out_dir = workdir / "pruned_saved_model"
-    ins, outs = export_keras(student, out_dir)
-    if [i.name for i in ins] != [i.name for i in loaded.inputs] or [o.name for o in outs] != [o.name for o in loaded.outputs]:
-        raise ConversionError("the pruned model's inputs/outputs differ from the original's")
+    _, outs = export_keras(student, out_dir, ([t.name for t in loaded.inputs], [t.name for t in loaded.outputs]))
+    if [o.shape for o in outs] != [o.shape for o in loaded.outputs]:
+        raise ConversionError("the pruned model's output shapes differ from the original's")
     assert summary is not None
     summary = pruning.PruneSummary(summary.plans, summary.skipped, summary.params_before, student.count_params(),
                                    pruning.kernel_sparsity(student) if sparsity > 0 else None, epochs, losses)

@@ -8,8 +8,8 @@ Two kinds, for two goals:
   faster on a CPU. A layer is only pruned when its output reaches exactly one Conv2D/Dense through
   per-channel layers (BatchNorm, activations, pooling, padding, depthwise, flatten); outputs that
   feed ``Add``/``Concatenate``, several consumers or a model output are left untouched and listed.
-* **Magnitude pruning** zeroes the smallest weights of each kernel to a target sparsity. The
-  model does not get faster, but its artifact compresses far better (OTA download size).
+* **Magnitude pruning** zeroes the smallest blocks of weights of each kernel to a target sparsity.
+  The model does not get faster, but its artifact compresses far better (OTA download size).
 
 Both are followed by :func:`finetune`: distillation from the original model on the sample
 inputs (no labels needed; labels are mixed in when given).
@@ -91,8 +91,10 @@ def _graph(model: Any) -> tuple[dict[str, list[Any]], set[str]]:
 
 def _n_keep(total: int, fraction: float) -> int:
     keep = total * (1.0 - fraction)
-    if total >= 16:
-        keep = round(keep / 4) * 4  # multiples of 4 suit the SIMD kernels of XNNPACK and the Edge TPU
+    if total >= 32:  # whole SIMD vectors: XNNPACK's int8 kernels measured faster at multiples of 8
+        keep = round(keep / 8) * 8
+    elif total >= 16:
+        keep = round(keep / 4) * 4
     return int(max(1 if total < 16 else 4, min(total, round(keep))))
 
 
@@ -219,13 +221,32 @@ def prune_channels(model: Any, fraction: float) -> tuple[Any, PruneSummary]:
     return new_model, summary
 
 
-def _kernels(model: Any) -> list[Any]:
+def _kernels(model: Any, depthwise: bool = True) -> list[Any]:
+    kinds = (L.Conv2D, L.Dense) if not depthwise else (L.Conv2D, L.Dense, L.DepthwiseConv2D)
     return [layer for layer in model.layers
-            if isinstance(layer, (L.Conv2D, L.Dense, L.DepthwiseConv2D)) and hasattr(layer, "kernel")]
+            if isinstance(layer, kinds) and hasattr(layer, "kernel")
+            and (depthwise or not isinstance(layer, L.DepthwiseConv2D))]
 
 
-def apply_sparsity(model: Any, sparsity: float) -> dict[str, np.ndarray]:
-    """Zero the smallest-magnitude ``sparsity`` fraction of every kernel, in place; return the masks.
+def _input_axis(layer: Any, kernel: np.ndarray) -> int:
+    """The kernel axis that TFLite stores innermost (OHWI conv, (out, in) dense, (1, h, w, c) depthwise)."""
+    return kernel.ndim - 2 if not isinstance(layer, L.DepthwiseConv2D) else 2
+
+
+def _block_size(n: int, wanted: int) -> int:
+    for block in (wanted, 8, 4, 2):
+        if block <= wanted and n % block == 0:
+            return block
+    return 1
+
+
+def apply_sparsity(model: Any, sparsity: float, block: int = 8) -> dict[str, np.ndarray]:
+    """Zero the ``sparsity`` fraction of each kernel with the smallest magnitude, in place; return the masks.
+
+    Weights are pruned in blocks of ``block`` consecutive input channels (smaller blocks when the
+    channel count does not divide, single weights for 1-3 channel inputs), ranked by block L2 norm.
+    TFLite stores the input channel innermost, so every pruned block becomes a run of zero bytes
+    in the ``.tflite``; gzip compresses runs far better than the same number of scattered zeros.
 
     Raises:
         ConfigError: ``sparsity`` is not in [0, 0.95].
@@ -233,22 +254,30 @@ def apply_sparsity(model: Any, sparsity: float) -> dict[str, np.ndarray]:
     if not 0 <= sparsity <= 0.95:
         raise ConfigError(f"--sparsity {sparsity}: expected a fraction between 0 and 0.95")
     masks = {}
-    for layer in _kernels(model):
+    # Depthwise kernels are a few percent of the weights but each holds a whole channel's filter:
+    # pruning them costs far more accuracy than it saves bytes.
+    for layer in _kernels(model, depthwise=False):
         kernel = np.asarray(layer.kernel)
-        k = int(kernel.size * sparsity)
+        axis = _input_axis(layer, kernel)
+        size = _block_size(kernel.shape[axis], block)
+        moved = np.moveaxis(kernel, axis, -1)
+        blocks = moved.reshape(*moved.shape[:-1], moved.shape[-1] // size, size)
+        norms = np.sqrt((blocks.astype(np.float64) ** 2).sum(axis=-1))
+        k = int(norms.size * sparsity)
         if k == 0:
             continue
-        threshold = np.partition(np.abs(kernel).ravel(), k - 1)[k - 1]
-        mask = (np.abs(kernel) > threshold).astype(kernel.dtype)
+        threshold = np.partition(norms.ravel(), k - 1)[k - 1]
+        keep = np.broadcast_to((norms > threshold)[..., None], blocks.shape).reshape(moved.shape)
+        mask = np.moveaxis(keep, -1, axis).astype(kernel.dtype)
         layer.kernel.assign(kernel * mask)
         masks[layer.name] = mask
     return masks
 
 
 def kernel_sparsity(model: Any) -> float:
-    """Fraction of exact zeros over all Conv/Dense kernels."""
+    """Fraction of exact zeros over all Conv2D/Dense kernels (depthwise kernels are never pruned)."""
     total = zeros = 0
-    for layer in _kernels(model):
+    for layer in _kernels(model, depthwise=False):
         kernel = np.asarray(layer.kernel)
         total += kernel.size
         zeros += int(np.sum(kernel == 0))

@@ -59,8 +59,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "## Recipes tried",
         "",
-        "| recipe | size | gzip | agreement | accuracy | cosine | SNR dB | integer only | result |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| recipe | size | gzip | agreement | accuracy | cosine | SNR dB | integer only | host ms | result |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["recipes"]:
         rm = r.get("metrics") or {}
@@ -69,7 +69,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         result = r.get("error") or ("meets target" if not r.get("misses") else "; ".join(r["misses"]))
         lines.append(f"| {r['name']} | {_kb(r.get('size'))} | {_kb(r.get('gzip_size'))} | "
                      f"{_pct(rm.get('top1_agreement_pct'))} | {_pct(rm.get('accuracy_pct'))} | {_num(cos)} | "
-                     f"{_num(snr, '.1f')} | {'yes' if r.get('full_integer') else 'no'} | {result} |")
+                     f"{_num(snr, '.1f')} | {'yes' if r.get('full_integer') else 'no'} | "
+                     f"{_num(r.get('host_latency_ms'), '.3f')} | {result} |")
     pr = report.get("pruning")
     if pr:
         lines += ["", "## Pruning", "",

@@ -1,0 +1,183 @@
+#!/usr/bin/env python3
+"""Converter benchmark: float vs int8 vs int8 + 30% channels pruned vs int8 + 50% sparsity.
+
+For the digits CNN and MobileNetV2 (alpha 0.35, 96x96, random init, trained briefly on upscaled
+digits; nothing is downloaded). Prints a markdown table and the targets met/missed, writes JSON
+to --out. Latencies are host figures (ai-edge-litert, 1 thread, this machine), measured
+interleaved so a busy neighbour slows every variant alike.
+
+    .venv/bin/python scripts/bench_converter.py --out bench/converter.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from converter import convert
+from converter._tf import keras
+from converter.data import SampleSet
+from converter.fidelity import quantize_input, run_model
+from converter.inspect import make_interpreter
+from converter.samples import build_mobilenet_digits, digits_data, train_digits_model, write_samples
+
+VARIANTS = (("int8", {}), ("int8 + 30% channels pruned", {"prune_channels": 0.3}),
+            ("int8 + 50% sparsity", {"sparsity": 0.5}), ("int8 per-tensor (info)", {"per_tensor": True}))
+
+
+def _interleaved_latency(models: dict[str, bytes], sample: dict[str, np.ndarray], runs: int) -> dict[str, float]:
+    runners = {}
+    for name, model in models.items():
+        runner = make_interpreter(model, threads=1).get_signature_runner()
+        details = runner.get_input_details()
+        feed = {k: quantize_input(v, details[k]) for k, v in sample.items()}
+        for _ in range(10):
+            runner(**feed)
+        runners[name] = (runner, feed)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(runs):
+        for name, (runner, feed) in runners.items():
+            start = time.perf_counter()
+            runner(**feed)
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t) * 1000) for name, t in times.items()}
+
+
+def _train_mobilenet(x: np.ndarray, y: np.ndarray, epochs: int) -> keras.Model:
+    keras.utils.set_random_seed(0)
+    model = build_mobilenet_digits()
+    for layer in model.layers:  # MobileNetV2's 0.999 momentum needs thousands of steps; we train a few hundred
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = 0.9
+    model.compile(optimizer=keras.optimizers.Adam(2e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x, y, epochs=epochs, batch_size=32, verbose=0)
+    return model
+
+
+def bench_profile(work: Path, per_tensor: bool = False) -> Path:
+    """x86-dev without the 16x8 / float-fallback remedies: every variant is plain full int8."""
+    import yaml
+
+    from agent.profiles import profile_dir
+    data = yaml.safe_load((profile_dir() / "x86-dev.yaml").read_text())
+    data["name"] = "x86-bench-pt" if per_tensor else "x86-bench"
+    data["quantization"].update(allow_16bit_activations=False, allow_float_fallback=False,
+                                per_channel=not per_tensor)
+    path = work / f"{data['name']}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def bench_model(label: str, model_path: Path, cal: Path, ev: Path, x_eval: np.ndarray, y_eval: np.ndarray,
+                work: Path, finetune_epochs: int, latency_runs: int) -> dict:
+    results, models = {}, {}
+    for name, options in VARIANTS:
+        start = time.monotonic()
+        options = dict(options)
+        profile = bench_profile(work, per_tensor=options.pop("per_tensor", False))
+        r = convert(model_path, profile, cal, work / f"{label}-{len(results)}", eval_data=ev,
+                    finetune_epochs=finetune_epochs, latency_runs=5, **options)
+        chosen, metrics = r.report["chosen"], r.report["chosen"]["metrics"]
+        if not models:
+            models["float"] = None  # filled below from the float reference
+            results["float"] = {"size": r.report["float"]["size"], "gzip_size": r.report["float"]["gzip_size"],
+                                "top1_pct": metrics["float_accuracy_pct"], "agreement_pct": 100.0}
+        models[name] = (r.out_dir / "model.tflite").read_bytes()
+        results[name] = {"size": chosen["size"], "gzip_size": chosen["gzip_size"], "top1_pct": metrics["accuracy_pct"],
+                         "agreement_pct": metrics["top1_agreement_pct"], "recipe": chosen["name"],
+                         "deployable": r.deployable, "reasons": list(r.reasons), "seconds": round(time.monotonic() - start, 1)}
+    from converter.loading import load_model
+    from converter.quantize import convert_float
+    loaded = load_model(model_path, work / f"{label}-float")
+    models["float"] = convert_float(loaded.saved_model_dir)
+    name = loaded.inputs[0].name
+    latency = _interleaved_latency(models, {name: x_eval[:1]}, latency_runs)
+    float_top1 = run_model(models["float"], SampleSet({name: x_eval}, y_eval, "eval"))
+    results["float"]["top1_pct"] = float(np.mean(next(iter(float_top1.values())).argmax(1) == y_eval) * 100)
+    for key, value in latency.items():
+        results[key]["host_latency_ms"] = value
+    return results
+
+
+def targets(label: str, r: dict) -> list[tuple[str, bool, str]]:
+    base, pruned, sparse, fl = r["int8"], r["int8 + 30% channels pruned"], r["int8 + 50% sparsity"], r["float"]
+    checks = [(f"{label}: int8 size <= 0.28x float .tflite", base["size"] <= 0.28 * fl["size"],
+               f"{base['size'] / fl['size']:.3f}x")]
+    if label == "digits CNN":
+        drop = fl["top1_pct"] - base["top1_pct"]
+        checks.append((f"{label}: int8 top-1 drop <= 1 point", drop <= 1.0, f"{drop:.2f} points"))
+    speedup = 1 - pruned["host_latency_ms"] / base["host_latency_ms"]
+    pdrop = fl["top1_pct"] - pruned["top1_pct"]
+    checks.append((f"{label}: 30% channels pruned -> >= 25% lower host latency", speedup >= 0.25,
+                   f"{speedup * 100:.1f}% lower"))
+    checks.append((f"{label}: 30% channels pruned -> <= 1.5 points top-1 drop", pdrop <= 1.5, f"{pdrop:.2f} points"))
+    ratio = sparse["gzip_size"] / base["gzip_size"]
+    checks.append((f"{label}: 50% sparsity -> gzip <= 0.6x unpruned int8", ratio <= 0.6, f"{ratio:.3f}x"))
+    return checks
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "converter.json")
+    parser.add_argument("--mobilenet-epochs", type=int, default=3)
+    parser.add_argument("--finetune-epochs", type=int, default=3)
+    parser.add_argument("--mobilenet-finetune-epochs", type=int, default=2)
+    parser.add_argument("--latency-runs", type=int, default=300)
+    parser.add_argument("--skip-mobilenet", action="store_true")
+    args = parser.parse_args()
+    started = time.monotonic()
+    all_results, checks = {}, []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model, x, y = train_digits_model(epochs=8)
+        n = int(len(x) * 0.8)
+        model.save(work / "digits.keras")
+        write_samples(work / "cal.npz", x[:n], y[:n])
+        write_samples(work / "eval.npz", x[n:], y[n:])
+        all_results["digits CNN"] = bench_model("digits", work / "digits.keras", work / "cal.npz", work / "eval.npz",
+                                                x[n:], y[n:], work, args.finetune_epochs, args.latency_runs)
+        checks += targets("digits CNN", all_results["digits CNN"])
+        if not args.skip_mobilenet:
+            xm, ym = digits_data(size=96, channels=3)
+            order = np.random.default_rng(0).permutation(len(xm))
+            xm, ym = xm[order], ym[order]
+            mobilenet = _train_mobilenet(xm[:n], ym[:n], args.mobilenet_epochs)
+            mobilenet.save(work / "mobilenet.keras")
+            write_samples(work / "mcal.npz", xm[:n], ym[:n])
+            write_samples(work / "meval.npz", xm[n:], ym[n:])
+            label = "MobileNetV2 0.35/96"
+            all_results[label] = bench_model("mobilenet", work / "mobilenet.keras", work / "mcal.npz",
+                                             work / "meval.npz", xm[n:], ym[n:], work, args.mobilenet_finetune_epochs,
+                                             max(50, args.latency_runs // 3))
+            checks += targets(label, all_results[label])
+    print("| model | variant | size KB | gzip KB | top-1 % | agreement % | host latency ms (1 thread) |")
+    print("|---|---|---|---|---|---|---|")
+    for label, rows in all_results.items():
+        for variant, row in rows.items():
+            agreement = row.get("agreement_pct")
+            print(f"| {label} | {variant} | {row['size'] / 1024:.1f} | {row['gzip_size'] / 1024:.1f} | "
+                  f"{row['top1_pct']:.2f} | {'-' if agreement is None else f'{agreement:.2f}'} | "
+                  f"{row['host_latency_ms']:.3f} |")
+    print()
+    for text, ok, measured in checks:
+        print(f"- {'met' if ok else 'MISSED'}: {text} (measured {measured})")
+    seconds = round(time.monotonic() - started, 1)
+    print(f"\nbenchmark took {seconds} s; latencies are host figures, not Raspberry Pi figures")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"results": all_results, "seconds": seconds,
+                                    "targets": [{"target": t, "met": ok, "measured": m} for t, ok, m in checks]},
+                                   indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
