@@ -51,6 +51,10 @@ class BrokerConfig(_Strict):
                              description="MQTT keepalive, s; the broker announces the Last Will after ~1.5x")
     protocol: Literal["auto", "5", "3.1.1"] = Field(
         default="auto", description="MQTT version; auto tries 5 and falls back to 3.1.1 if refused")
+    session_expiry_s: int = Field(
+        default=3600, ge=0, le=7 * 86_400,
+        description="Broker keeps our subscriptions and queues commands this long while we are offline, s "
+                    "(0 = clean session; with MQTT 3.1.1 any value > 0 means a persistent session)")
     reconnect_min_s: float = Field(default=0.5, gt=0, le=60, description="First reconnect delay, s")
     reconnect_max_s: float = Field(default=30.0, gt=0, le=3600, description="Longest reconnect delay, s")
 

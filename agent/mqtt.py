@@ -94,7 +94,8 @@ class MqttLink:
     def _make_client(self) -> paho.Client:
         v5 = self._protocol == paho.MQTTv5
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                             protocol=self._protocol, clean_session=None if v5 else True)
+                             protocol=self._protocol,
+                             clean_session=None if v5 else self.cfg.session_expiry_s == 0)
         if self.cfg.username is not None:
             client.username_pw_set(self.cfg.username, self._password)
         if self.cfg.tls:
@@ -121,7 +122,13 @@ class MqttLink:
         """Connect in the background; never blocks on an unreachable broker."""
         kwargs: dict[str, Any] = {}
         if self._protocol == paho.MQTTv5:
-            kwargs["clean_start"] = True
+            # A persistent session: commands sent while the device is offline are queued by the
+            # broker (up to session_expiry_s) and judged by their TTL when they arrive.
+            kwargs["clean_start"] = self.cfg.session_expiry_s == 0
+            if self.cfg.session_expiry_s:
+                props = Properties(PacketTypes.CONNECT)
+                props.SessionExpiryInterval = int(self.cfg.session_expiry_s)
+                kwargs["properties"] = props
         self._client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s, **kwargs)
         self._client.loop_start()
 

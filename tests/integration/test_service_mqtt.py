@@ -285,14 +285,14 @@ def test_bad_config_is_one_error_line_and_exit_2_without_traceback(tmp_path: Pat
     cfg.write_text("device_id: pi-1\nprofile: rpi4\nstate_dir: s\nbroker: {url: 'mqtt://127.0.0.1:1'}\n"
                    "telemetry: {intervall_s: 5}\n")
     proc = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--config", str(cfg)], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {cfg}: telemetry.intervall_s: unknown key"
     missing_model = tmp_path / "m.yaml"
     missing_model.write_text(f"device_id: pi-1\nprofile: x86-dev\nstate_dir: {tmp_path}/st\n"
                              "broker: {url: 'mqtt://127.0.0.1:1'}\nmodel: /nonexistent/model\nhttp: {listen: null}\n")
     proc = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--config", str(missing_model)], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
@@ -374,6 +374,26 @@ def test_a_frozen_agent_goes_offline_by_keepalive_and_comes_back_with_a_new_birt
                  what="birth after the network came back")
         assert obs.on("pi-frozen/state")[-1]["online"] is True
         assert agent.terminate() == 0
+    finally:
+        agent.stop_quietly()
+        obs.close()
+
+
+def test_a_command_sent_while_the_agent_was_down_is_answered_after_it_starts(broker, artifact,
+                                                                              tmp_path: Path) -> None:
+    cfg = agent_config(tmp_path, broker.url, device_id="pi-late", model=artifact.dir, telemetry={"interval_s": 5})
+    obs = Observer(broker.port, topic=f"{ROOT}/devices/pi-late/#")
+    agent = AgentProcess(tmp_path, cfg).start()
+    try:
+        wait_for(lambda: [s for s in obs.on("pi-late/state") if s["online"]], 20, what="birth")
+        assert agent.terminate() == 0
+        fresh, stale = command("status", ttl_s=600), command("status", ttl_s=0.5)
+        obs.publish(f"{ROOT}/devices/pi-late/cmd/status", fresh)  # queued in the agent's session
+        obs.publish(f"{ROOT}/devices/pi-late/cmd/status", stale)
+        time.sleep(1.0)  # the stale one expires while the device is away
+        agent.start()
+        assert reply_for(obs, fresh["id"], "pi-late/cmd/status/response", 20)["ok"] is True
+        assert "expired" in reply_for(obs, stale["id"], "pi-late/cmd/status/response")["error"]
     finally:
         agent.stop_quietly()
         obs.close()
