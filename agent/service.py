@@ -175,6 +175,10 @@ class AgentService:
             self.ota.boot()
             if self.host.model_info is None and self.cfg.model is not None:
                 self.ota.install_initial(self.cfg.model)
+            boot_error = getattr(self.ota, "boot_error", None)
+            if boot_error and self.host.model_info is None:
+                # Keep running without a model: an update command can still repair the device.
+                self.emit_event({"event": "model_error", "reason": str(boot_error).splitlines()[0]})
         elif self.cfg.model is not None:
             self._activate_plain(self.cfg.model)
 

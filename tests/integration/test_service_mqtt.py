@@ -397,3 +397,33 @@ def test_a_command_sent_while_the_agent_was_down_is_answered_after_it_starts(bro
     finally:
         agent.stop_quietly()
         obs.close()
+
+
+def test_a_damaged_committed_model_leaves_the_agent_reachable_and_an_update_repairs_it(
+        broker, artifact, tmp_path: Path) -> None:
+    cfg = agent_config(tmp_path, broker.url, device_id="pi-dmg", model=artifact.dir, telemetry={"interval_s": 5})
+    obs = Observer(broker.port, topic=f"{ROOT}/devices/pi-dmg/#")
+    agent = AgentProcess(tmp_path, cfg).start()
+    try:
+        wait_for(lambda: [s for s in obs.on("pi-dmg/state") if s["online"]], 20, what="birth")
+        assert agent.terminate() == 0
+        slots = list((tmp_path / "state" / "ota" / "slots").glob("*/model.tflite"))
+        assert slots
+        for model in slots:  # bit rot on the SD card
+            model.write_bytes(b"\0" * model.stat().st_size)
+        agent.start()
+        wait_for(lambda: [e for e in obs.on("pi-dmg/events") if e["event"] == "model_error"], 20,
+                 what="model_error event")
+        state = wait_for(lambda: [s for s in obs.on("pi-dmg/state") if s["online"] and s["boot"] == 2], 10,
+                         what="online without a model")[-1]
+        assert state["model"] is None
+        v2 = build_artifact(OTA_MODELS / "clf_a2.tflite", tmp_path / "v2", version="2",
+                            probation={"inferences": 1, "seconds": 1})
+        update = command("update", **v2.update_fields(rollout_id="r-repair"))
+        obs.publish(f"{ROOT}/devices/pi-dmg/cmd/update", update)
+        assert reply_for(obs, update["id"], "pi-dmg/cmd/update/response")["ok"] is True
+        wait_for(lambda: (obs.on("pi-dmg/state")[-1]["model"] or {}).get("version") == "2", 30,
+                 what=f"repaired by the update; log:\n{agent.log()[-1500:]}")
+    finally:
+        agent.stop_quietly()
+        obs.close()
