@@ -3,11 +3,13 @@
 Two kinds, for two goals:
 
 * **Channel pruning** removes whole filters of Conv2D/Dense layers, together with the matching
-  BatchNorm parameters, depthwise channels and input channels of the next Conv2D/Dense, and
+  BatchNorm parameters, depthwise channels and input channels of the next Conv2D/Dense layers, and
   rebuilds the model from its config with fewer filters. The model really gets smaller and
-  faster on a CPU. A layer is only pruned when its output reaches exactly one Conv2D/Dense through
-  per-channel layers (BatchNorm, activations, pooling, padding, depthwise, flatten); outputs that
-  feed ``Add``/``Concatenate``, several consumers or a model output are left untouched and listed.
+  faster on a CPU. Channels are tracked as *spaces* through per-channel layers (BatchNorm,
+  activations, pooling, padding, depthwise, flatten); residual ``Add`` layers join the spaces of
+  their branches so all branches keep the same channels. Spaces that reach a model input or
+  output, a ``Concatenate``/``Reshape`` or any layer we do not understand are left untouched and
+  listed with the reason.
 * **Magnitude pruning** zeroes the smallest blocks of weights of each kernel to a target sparsity.
   The model does not get faster, but its artifact compresses far better (OTA download size).
 
@@ -50,13 +52,18 @@ def _is_prunable(layer: Any) -> bool:
 
 @dataclass(frozen=True)
 class ChannelPlan:
-    """Filters kept in ``layer`` and the layers whose channels follow it."""
+    """One channel space: the producers whose filters are pruned together (one producer, or
+    several joined by residual ``Add`` layers), the per-channel layers in it and its consumers."""
 
-    layer: str
+    producers: tuple[str, ...]
     kept: tuple[int, ...]
     total: int
-    chain: tuple[str, ...]   # per-channel layers between ``layer`` and ``consumer``
-    consumer: str
+    members: tuple[str, ...]
+    consumers: tuple[str, ...]
+
+    @property
+    def layer(self) -> str:
+        return "+".join(self.producers)
 
 
 @dataclass(frozen=True)
@@ -78,17 +85,6 @@ class PruneSummary:
                 "finetune_epochs": self.finetune_epochs, "finetune_loss": self.finetune_loss}
 
 
-def _graph(model: Any) -> tuple[dict[str, list[Any]], set[str]]:
-    consumers: dict[str, list[Any]] = {layer.name: [] for layer in model.layers}
-    for layer in model.layers:
-        for node in layer._inbound_nodes[:1]:
-            for tensor in node.input_tensors:
-                producer = tensor._keras_history.operation.name
-                consumers.setdefault(producer, []).append(layer)
-    outputs = {t._keras_history.operation.name for t in model.outputs}
-    return consumers, outputs
-
-
 def _n_keep(total: int, fraction: float) -> int:
     keep = total * (1.0 - fraction)
     if total >= 32:  # whole SIMD vectors: XNNPACK's int8 kernels measured faster at multiples of 8
@@ -98,58 +94,137 @@ def _n_keep(total: int, fraction: float) -> int:
     return int(max(1 if total < 16 else 4, min(total, round(keep))))
 
 
-def _importance(layer: Any, first_in_chain: Any | None) -> np.ndarray:
+_MERGE = (L.Add, L.Subtract, L.Maximum, L.Minimum, L.Average)
+
+
+class _Spaces:
+    """Union-find over channel spaces: tensors whose channel axis must keep the same indices."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.pins: list[tuple[int, str]] = []
+
+    def new(self) -> int:
+        self.parent.append(len(self.parent))
+        return len(self.parent) - 1
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, ids: list[int]) -> int:
+        roots = [self.find(i) for i in ids]
+        for r in roots[1:]:
+            self.parent[r] = roots[0]
+        return roots[0]
+
+    def pin(self, i: int, reason: str) -> None:
+        self.pins.append((i, reason))
+
+    def pinned(self) -> dict[int, str]:
+        out: dict[int, str] = {}
+        for i, reason in self.pins:
+            out.setdefault(self.find(i), reason)
+        return out
+
+
+def _inbound(layer: Any) -> list[str]:
+    nodes = layer._inbound_nodes[:1]
+    return [t._keras_history.operation.name for node in nodes for t in node.input_tensors]
+
+
+def _filter_score(layer: Any, bn: Any | None) -> np.ndarray:
     kernel = np.asarray(layer.kernel)
     score = np.abs(kernel).reshape(-1, kernel.shape[-1]).sum(axis=0)
-    if isinstance(first_in_chain, L.BatchNormalization) and first_in_chain.scale:
-        gamma = np.asarray(first_in_chain.gamma)
-        var = np.asarray(first_in_chain.moving_variance)
-        score = score * np.abs(gamma) / np.sqrt(var + first_in_chain.epsilon)
-    return score
+    if bn is not None and bn.scale:
+        score = score * np.abs(np.asarray(bn.gamma)) / np.sqrt(np.asarray(bn.moving_variance) + bn.epsilon)
+    return score / max(float(score.sum()), 1e-12)
 
 
 def plan_channel_pruning(model: Any, fraction: float) -> tuple[list[ChannelPlan], list[str]]:
-    """Decide which filters each prunable layer keeps (L1 norm, scaled by a following BatchNorm).
+    """Decide which filters to keep, per channel space.
 
-    Returns the plans and a list of ``"layer: reason"`` for layers left untouched.
+    A space starts at a Conv2D/Dense output and runs through per-channel layers to the next
+    Conv2D/Dense inputs; residual ``Add`` layers join spaces, so every branch of a residual keeps
+    the same channels. A space is pinned (left untouched) when it reaches a model input or output,
+    a ``Concatenate``/``Reshape``/unknown layer, or a layer that mixes channels in another way.
+    Filters are ranked by L1 norm (scaled by a directly following BatchNorm), summed over the
+    producers of a space. Returns the plans and ``"layer: reason"`` for prunable layers left alone.
     """
-    consumers, outputs = _graph(model)
-    plans, skipped = [], []
+    spaces = _Spaces()
+    space_of: dict[str, int] = {}
+    flat_hw: dict[str, int] = {}  # tensor -> spatial positions flattened into its channel axis
+    producers: dict[int, list[Any]] = {}
+    members: dict[int, list[Any]] = {}
+    consumers: dict[int, list[tuple[Any, int]]] = {}
+    bn_after: dict[str, Any] = {}
     for layer in model.layers:
-        if not _is_prunable(layer):
+        inbound = _inbound(layer)
+        if isinstance(layer, L.InputLayer) or not inbound:
+            space_of[layer.name] = spaces.new()
+            spaces.pin(space_of[layer.name], f"reaches model input {layer.name!r}")
             continue
-        if layer.name in outputs:
-            skipped.append(f"{layer.name}: model output")
+        for name in inbound:
+            if name not in space_of:  # a Sequential model's implicit input layer
+                space_of[name] = spaces.new()
+                spaces.pin(space_of[name], f"reaches model input {name!r}")
+        ins = [space_of[n] for n in inbound]
+        if _is_prunable(layer) and len(ins) == 1:
+            consumers.setdefault(ins[0], []).append((layer, flat_hw.get(inbound[0], 0)))
+            space_of[layer.name] = spaces.new()
+            producers[space_of[layer.name]] = [layer]
+        elif isinstance(layer, _PASS_THROUGH) and len(ins) == 1:
+            space_of[layer.name] = ins[0]
+            members.setdefault(ins[0], []).append(layer)
+            if isinstance(layer, L.DepthwiseConv2D) and layer.depth_multiplier != 1:
+                spaces.pin(ins[0], f"reaches depthwise {layer.name!r} with depth_multiplier {layer.depth_multiplier}")
+            if isinstance(layer, L.BatchNormalization):
+                bn_after[inbound[0]] = layer
+                if layer.axis not in (-1, [-1], len(layer.input.shape) - 1, [len(layer.input.shape) - 1]):
+                    spaces.pin(ins[0], f"reaches {layer.name!r}, which normalizes another axis")
+            if isinstance(layer, L.Flatten):
+                flat_hw[layer.name] = int(np.prod(layer.input.shape[1:-1]))
+            elif inbound[0] in flat_hw:
+                if isinstance(layer, L.BatchNormalization):
+                    spaces.pin(ins[0], f"reaches {layer.name!r} after a Flatten")
+                flat_hw[layer.name] = flat_hw[inbound[0]]
+        elif isinstance(layer, _MERGE) and len(ins) > 1:
+            space_of[layer.name] = spaces.union(ins)
+            if any(n in flat_hw for n in inbound):
+                spaces.pin(space_of[layer.name], f"reaches {layer.name!r} after a Flatten")
+        else:
+            for i in ins:
+                spaces.pin(i, f"feeds {type(layer).__name__} {layer.name!r}")
+            space_of[layer.name] = spaces.new()
+    for tensor in model.outputs:
+        spaces.pin(space_of[tensor._keras_history.operation.name], "reaches a model output")
+
+    def grouped(table: dict[int, list[Any]]) -> dict[int, list[Any]]:
+        out: dict[int, list[Any]] = {}
+        for i, items in table.items():
+            out.setdefault(spaces.find(i), []).extend(items)
+        return out
+
+    pinned = spaces.pinned()
+    g_producers, g_members, g_consumers = grouped(producers), grouped(members), grouped(consumers)
+    plans, skipped = [], []
+    for root, prods in g_producers.items():
+        if root in pinned:
+            skipped += [f"{p.name}: {pinned[root]}" for p in prods]
             continue
-        chain, cur, reason, consumer = [], layer, None, None
-        while reason is None and consumer is None:
-            nxt = consumers.get(cur.name, [])
-            if len(nxt) != 1:
-                reason = f"output feeds {len(nxt)} layers"
-                break
-            c = nxt[0]
-            if _is_prunable(c):
-                consumer = c
-            elif isinstance(c, _PASS_THROUGH):
-                if isinstance(c, L.DepthwiseConv2D) and c.depth_multiplier != 1:
-                    reason = f"depthwise {c.name} has depth_multiplier {c.depth_multiplier}"
-                elif isinstance(c, L.BatchNormalization) and c.axis not in (-1, [-1], len(c.input.shape) - 1,
-                                                                          [len(c.input.shape) - 1]):
-                    reason = f"{c.name} normalizes axis {c.axis}, not channels"
-                elif c.name in outputs:
-                    reason = f"reaches model output {c.name}"
-                chain.append(c)
-                cur = c
-            else:
-                reason = f"output feeds {type(c).__name__} {c.name!r}"
-        if reason:
-            skipped.append(f"{layer.name}: {reason}")
+        totals = {int(p.kernel.shape[-1]) for p in prods}
+        if len(totals) != 1 or not g_consumers.get(root):
+            skipped += [f"{p.name}: {'no Conv2D/Dense consumer' if len(totals) == 1 else 'channel counts differ'}"
+                        for p in prods]
             continue
-        total = int(layer.kernel.shape[-1])
-        score = _importance(layer, chain[0] if chain else None)
+        total = totals.pop()
+        score = sum(_filter_score(p, bn_after.get(p.name)) for p in prods)
         keep = np.sort(np.argsort(-score, kind="stable")[:_n_keep(total, fraction)])
-        plans.append(ChannelPlan(layer.name, tuple(int(i) for i in keep), total,
-                                 tuple(c.name for c in chain), consumer.name))
+        plans.append(ChannelPlan(tuple(p.name for p in prods), tuple(int(i) for i in keep), total,
+                                 tuple(m.name for m in g_members.get(root, [])),
+                                 tuple(f"{c.name}@{hw}" for c, hw in g_consumers[root])))
     return plans, skipped
 
 
@@ -160,8 +235,7 @@ def _slice(weights: list[np.ndarray], layer: Any, out_keep: np.ndarray | None,
     new = []
     for i, w in enumerate(weights):
         if isinstance(layer, L.DepthwiseConv2D):
-            keep = in_keep if in_keep is not None else out_keep
-            w = w[:, :, keep, :] if w.ndim == 4 else w[keep]
+            w = w[:, :, in_keep, :] if w.ndim == 4 else w[in_keep]
         elif isinstance(layer, L.BatchNormalization):
             w = w[in_keep]
         elif w.ndim >= 2:  # a kernel: input axis -2, output axis -1
@@ -176,7 +250,7 @@ def _slice(weights: list[np.ndarray], layer: Any, out_keep: np.ndarray | None,
 
 
 def prune_channels(model: Any, fraction: float) -> tuple[Any, PruneSummary]:
-    """A new, physically smaller model with ``fraction`` of the filters of each prunable layer removed.
+    """A new, physically smaller model with ``fraction`` of the filters of each channel space removed.
 
     Raises:
         ConfigError: ``fraction`` is not in [0, 0.9].
@@ -193,18 +267,16 @@ def prune_channels(model: Any, fraction: float) -> tuple[Any, PruneSummary]:
     in_keep: dict[str, np.ndarray] = {}
     for plan in plans:
         keep = np.array(plan.kept)
-        key = "filters" if "filters" in by_name[plan.layer] else "units"
-        by_name[plan.layer][key] = len(keep)
-        out_keep[plan.layer] = keep
-        channel_keep = keep
-        for name in plan.chain:
-            layer = model.get_layer(name)
-            if isinstance(layer, L.Flatten):
-                h_w = int(np.prod(layer.input.shape[1:-1]))
-                channel_keep = (np.arange(h_w)[:, None] * plan.total + channel_keep[None, :]).ravel()
-            else:
-                in_keep[name] = channel_keep
-        in_keep[plan.consumer] = channel_keep
+        for name in plan.producers:
+            key = "filters" if "filters" in by_name[name] else "units"
+            by_name[name][key] = len(keep)
+            out_keep[name] = keep
+        for name in plan.members:
+            in_keep[name] = keep
+        for entry in plan.consumers:
+            name, hw = entry.rsplit("@", 1)
+            positions = max(int(hw), 1)
+            in_keep[name] = (np.arange(positions)[:, None] * plan.total + keep[None, :]).ravel()
     try:
         new_model = model.__class__.from_config(config)
     except Exception as exc:  # keras raises several types for configs it cannot rebuild

@@ -121,3 +121,21 @@ def test_previous_artifact_is_replaced_whole(digits_result, digits, tmp_path: Pa
     assert first.manifest.version == "1" and load_manifest(out)[0].version == "2" == second.manifest.version
     assert not (out / "manifest.json.sig").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_artifact_passes_the_agent_sandbox_and_runs_in_the_engine(digits_result, digits) -> None:
+    """The contract end to end: what the converter writes, the agent's own validation accepts."""
+    from agent import Engine
+    from agent.sandbox import validate_model
+
+    report = validate_model(digits_result.out_dir, profile="x86-dev", timeout_s=60)
+    assert report.ok, report.reason
+    engine = Engine(digits_result.out_dir, profile="x86-dev")
+    try:
+        held_out = digits.x[digits.n_train:digits.n_train + 20]
+        confident = int(digits.model.predict(held_out, verbose=0).max(axis=1).argmax())
+        scores = engine.infer(held_out[confident:confident + 1])
+        expected = int(digits.model.predict(held_out[confident:confident + 1], verbose=0).argmax())
+        assert scores.shape == (1, 10) and int(scores.argmax()) == expected
+    finally:
+        engine.close()

@@ -41,7 +41,7 @@ def test_layers_feeding_a_residual_add_are_left_untouched() -> None:
     model = keras.Model(inp, out)
     plans, skipped = plan_channel_pruning(model, 0.5)
     assert [p.layer for p in plans] == ["body"]
-    assert any(s.startswith("branch: output feeds Add") for s in skipped)
+    assert any(s.startswith("branch: reaches model input") for s in skipped)
     pruned, _ = prune_channels(model, 0.5)
     assert pruned.get_layer("branch").filters == 4 and pruned.get_layer("body").filters == 4
     assert pruned.predict(np.zeros((1, 8, 8, 4), np.float32), verbose=0).shape == (1, 3)
@@ -54,3 +54,22 @@ def test_magnitude_pruning_reaches_sparsity_and_finetune_does_not_regrow_weights
     assert abs(kernel_sparsity(model) - 0.5) < 0.01
     finetune(model, digits.model, [digits.x[:400]], None, epochs=1, masks=masks)
     assert kernel_sparsity(model) >= 0.49
+
+
+def test_residual_add_between_convs_prunes_both_branches_with_the_same_channels() -> None:
+    inp = keras.Input((8, 8, 3))
+    a = keras.layers.Conv2D(16, 3, padding="same", name="a")(inp)
+    b = keras.layers.Conv2D(16, 3, padding="same", name="b")(a)
+    b = keras.layers.BatchNormalization(name="b_bn")(b)
+    s = keras.layers.Add(name="residual")([a, b])
+    h = keras.layers.ReLU()(s)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    model = keras.Model(inp, keras.layers.Dense(3, name="head")(h))
+    plans, _ = plan_channel_pruning(model, 0.5)
+    joint = [p for p in plans if set(p.producers) == {"a", "b"}]
+    assert len(joint) == 1 and len(joint[0].kept) == 8 and set(joint[0].members) >= {"b_bn"}
+    pruned, _ = prune_channels(model, 0.5)
+    assert pruned.get_layer("a").filters == pruned.get_layer("b").filters == 8
+    assert pruned.get_layer("b").kernel.shape == (3, 3, 8, 8) and pruned.get_layer("head").kernel.shape == (8, 3)
+    x = np.random.default_rng(0).random((2, 8, 8, 3), np.float32)
+    assert pruned.predict(x, verbose=0).shape == (2, 3)
