@@ -82,6 +82,8 @@ def _read_secret(path: Path | None, what: str) -> str | None:
     if path is None:
         return None
     try:
+        if path.stat().st_mode & 0o077:
+            log.warning("%s %s is readable by other users; chmod 0600 it", what, path)
         return path.read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise ConfigError(f"{what} {path}: cannot read: {exc.strerror or exc}") from exc
@@ -369,6 +371,11 @@ class AgentService:
             except Exception:
                 log.exception("telemetry collection failed")
 
+    def set_telemetry_interval(self, seconds: float) -> None:
+        """Change the telemetry period now (the current wait is cut short)."""
+        self.telemetry_interval_s = seconds
+        self._telemetry_wake.set()
+
     def metrics_text(self) -> str:
         m = self.metrics
         info = self.model_info() or {}
@@ -457,8 +464,7 @@ class AgentService:
         if cache is not None:
             new_cache = self._parse_cache(cache)
         if interval is not None:
-            self.telemetry_interval_s = float(interval)
-            self._telemetry_wake.set()
+            self.set_telemetry_interval(float(interval))
             applied["telemetry"] = {"interval_s": float(interval)}
         if new_cache is not None:
             self._apply_cache(new_cache)

@@ -98,10 +98,6 @@ def main() -> int:
             for _ in range(200):  # warm up
                 svc.infer(x)
 
-            def set_interval(seconds: float) -> None:
-                svc.telemetry_interval_s = seconds
-                svc._telemetry_wake.set()
-
             published_before = svc.forwarder.published if svc.forwarder else 0
             names = ("bare", "telemetry off", "telemetry 1 s")
             wall: dict[str, list[float]] = {k: [] for k in names}
@@ -111,11 +107,11 @@ def main() -> int:
                     ("telemetry 1 s", 1.0, lambda: svc.infer(x))]
             for r in range(args.rounds):
                 for name, interval, fn in plan[r % 3:] + plan[:r % 3]:  # rotate the order
-                    set_interval(interval)
+                    svc.set_telemetry_interval(interval)
                     w, c = run_for(args.seconds, fn, args.threads)
                     wall[name].append(w)
                     cpu[name].append(c)
-            set_interval(86_400)
+            svc.set_telemetry_interval(86_400)
             published = (svc.forwarder.published if svc.forwarder else 0) - published_before
             # The direct cost of one telemetry tick on its own thread: collect + outbox write.
             # A realistic window: as many inferences as one second at the measured rate.
