@@ -16,8 +16,11 @@ Thread-safety: one connection guarded by a lock; every call is short.
 
 from __future__ import annotations
 
+import logging
+import os
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,8 @@ from agent.errors import ConfigError
 from agent.protocol import encode
 
 __all__ = ["Outbox", "OutboxRow"]
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -57,15 +62,37 @@ class Outbox:
         self.max_rows = max_rows
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
+        self.recovered_from: Path | None = None
         try:
-            self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-            row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox").fetchone()
+            self._db, row = self._open()
+        except sqlite3.DatabaseError as exc:
+            # A damaged file must not keep the device offline for good: keep it for inspection and
+            # start a fresh outbox (what it held is lost, and the seq restart shows that).
+            self.recovered_from = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+            log.error("%s is damaged (%s); moved to %s, starting an empty outbox", self.path, exc,
+                      self.recovered_from)
+            os.replace(self.path, self.recovered_from)
+            for suffix in ("-wal", "-shm"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+            try:
+                self._db, row = self._open()
+            except sqlite3.Error as again:
+                raise ConfigError(f"{self.path}: cannot create the outbox database: {again}") from again
         except sqlite3.Error as exc:
             raise ConfigError(f"{self.path}: cannot open the outbox database: {exc}") from exc
         self._rows, self._bytes = int(row[0]), int(row[1])
+
+    def _open(self) -> tuple[sqlite3.Connection, tuple[int, int]]:
+        db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(_SCHEMA)
+            row = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox").fetchone()
+        except sqlite3.Error:
+            db.close()
+            raise
+        return db, (int(row[0]), int(row[1]))
 
     # -- writing ------------------------------------------------------------------------------
     def append(self, topic: str, body: dict[str, Any], stream: str) -> int:

@@ -70,3 +70,11 @@ def test_rows_committed_before_a_hard_exit_are_all_there(tmp_path: Path) -> None
     box = Outbox(path)
     assert [b["i"] for b in bodies(box)] == list(range(50))
     assert box.append("t", {}, "telemetry") == 51
+
+
+def test_a_damaged_database_is_set_aside_and_a_fresh_outbox_starts(tmp_path: Path) -> None:
+    path = tmp_path / "o.sqlite"
+    path.write_bytes(b"this is not a database" * 100)
+    box = Outbox(path)
+    assert box.recovered_from is not None and box.recovered_from.read_bytes().startswith(b"this is not")
+    assert box.pending() == 0 and box.append("t", {}, "telemetry") == 1
