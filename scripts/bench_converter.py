@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from converter import convert
 from converter._tf import keras
 from converter.data import SampleSet
-from converter.fidelity import quantize_input, run_model
+from converter.fidelity import feed_interpreter, run_model
 from converter.inspect import make_interpreter
 from converter.samples import build_mobilenet_digits, digits_data, train_digits_model, write_samples
 
@@ -35,19 +35,19 @@ VARIANTS = (("int8", {}), ("int8 + 30% channels pruned", {"prune_channels": 0.3}
 
 
 def _interleaved_latency(models: dict[str, bytes], sample: dict[str, np.ndarray], runs: int) -> dict[str, float]:
-    runners = {}
+    """Median ``invoke()`` time per model, ms; the models take turns so machine load hits all alike."""
+    interps = {}
     for name, model in models.items():
-        runner = make_interpreter(model, threads=1).get_signature_runner()
-        details = runner.get_input_details()
-        feed = {k: quantize_input(v, details[k]) for k, v in sample.items()}
+        interp = make_interpreter(model, threads=1)
+        feed_interpreter(interp, sample)
         for _ in range(10):
-            runner(**feed)
-        runners[name] = (runner, feed)
+            interp.invoke()
+        interps[name] = interp
     times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(runs):
-        for name, (runner, feed) in runners.items():
+        for name, interp in interps.items():
             start = time.perf_counter()
-            runner(**feed)
+            interp.invoke()
             times[name].append(time.perf_counter() - start)
     return {name: float(np.median(t) * 1000) for name, t in times.items()}
 
@@ -159,12 +159,12 @@ def main() -> int:
                                              work / "meval.npz", xm[n:], ym[n:], work, args.mobilenet_finetune_epochs,
                                              max(50, args.latency_runs // 3))
             checks += targets(label, all_results[label])
-    print("| model | variant | size KB | gzip KB | top-1 % | agreement % | host latency ms (1 thread) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | variant | recipe chosen | size KB | gzip KB | top-1 % | agreement % | host latency ms (1 thread) |")
+    print("|---|---|---|---|---|---|---|---|")
     for label, rows in all_results.items():
         for variant, row in rows.items():
             agreement = row.get("agreement_pct")
-            print(f"| {label} | {variant} | {row['size'] / 1024:.1f} | {row['gzip_size'] / 1024:.1f} | "
+            print(f"| {label} | {variant} | {row.get('recipe', 'float32')} | {row['size'] / 1024:.1f} | {row['gzip_size'] / 1024:.1f} | "
                   f"{row['top1_pct']:.2f} | {'-' if agreement is None else f'{agreement:.2f}'} | "
                   f"{row['host_latency_ms']:.3f} |")
     print()

@@ -139,3 +139,12 @@ def test_artifact_passes_the_agent_sandbox_and_runs_in_the_engine(digits_result,
         assert scores.shape == (1, 10) and int(scores.argmax()) == expected
     finally:
         engine.close()
+
+
+def test_coral_profile_gets_uint8_io_full_integer_and_a_pending_compile_note(digits, tmp_path: Path) -> None:
+    result = convert(digits.keras_path, "coral-usb", digits.calibration, tmp_path / "out",
+                     eval_data=digits.evaluation, latency_runs=3)
+    assert result.deployable, result.reasons
+    assert [t.dtype for t in result.manifest.inputs + result.manifest.outputs] == ["uint8", "uint8"]
+    assert result.report["chosen"]["full_integer"] and result.report["edgetpu"]["static_ok"]
+    assert "edgetpu_compiler" in (tmp_path / "out" / "report.md").read_text()

@@ -60,3 +60,29 @@ class _NoBars:
     @contextmanager
     def bar(self, desc, total):
         yield None
+
+
+def test_edgetpu_check_puts_unsupported_op_and_everything_after_it_on_the_cpu(tmp_path) -> None:
+    from converter._tf import keras
+    from converter.edgetpu import check_edgetpu
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8, 8, 1), name="image")
+    h = keras.layers.Conv2D(8, 3, padding="same")(inp)
+    h = keras.layers.LeakyReLU(negative_slope=0.1)(h)  # int8 in TFLite, not on the Edge TPU
+    h = keras.layers.Flatten()(h)
+    model = keras.Model(inp, keras.layers.Dense(4, activation="softmax", name="probs")(h))
+    loaded = load_model(_save(model, tmp_path), tmp_path)
+    cal = SampleSet({"image": np.random.default_rng(0).random((20, 8, 8, 1), np.float32)}, None, "cal")
+    tflite = quantize(loaded.saved_model_dir, Recipe("int8"), cal, io_dtype="uint8")
+    check = check_edgetpu(inspect_tflite(tflite), tflite)
+    assert not check.static_ok
+    assert check.cpu_ops[0].startswith("LEAKY_RELU") and any(op.startswith("FULLY_CONNECTED") for op in check.cpu_ops)
+    assert not any(op.startswith("CONV_2D") for op in check.cpu_ops)
+    assert "x86-64" in check.note  # no edgetpu_compiler here: the report must say the compile step is pending
+
+
+def _save(model, folder):
+    path = folder / "m.keras"
+    model.save(path)
+    return path
