@@ -87,3 +87,35 @@ def test_agent_killed_with_a_full_outbox_drains_it_in_order_after_restart(tmp_pa
         obs.close()
         agent.stop_quietly()
         broker.stop()
+
+
+def test_backlog_drains_in_order_at_the_configured_rate_and_rows_go_only_on_puback(broker, tmp_path: Path) -> None:
+    from agent.config import BrokerConfig
+    from agent.mqtt import Forwarder, MqttLink
+
+    box = Outbox(tmp_path / "o.sqlite")
+    for i in range(60):
+        box.append(f"{ROOT}/devices/pi-rate/telemetry", {"i": i}, "telemetry")
+    obs = Observer(broker.port, topic=f"{ROOT}/devices/pi-rate/telemetry")
+    fwd = Forwarder(box, max_inflight=5, drain_per_s=20.0)
+    link = MqttLink(BrokerConfig(url=broker.url), "rate-test", password=None,
+                    will_topic=f"{ROOT}/devices/pi-rate/state", will_payload=b"{}", subscriptions=[],
+                    on_connected=fwd.notify, on_message=lambda m: None, on_published=fwd.on_published)
+    fwd.attach(link)
+    fwd.start()
+    try:
+        link.start()
+        assert link.wait_connected(10)
+        start = time.monotonic()
+        wait_for(lambda: box.pending() == 0, 15, what="outbox drained")
+        elapsed = time.monotonic() - start
+        # 20 at once (one second of burst), then 20 per second: at least 2 s for 60 rows.
+        assert elapsed >= 1.8, f"drained 60 rows in {elapsed:.2f} s at 20/s"
+        wait_for(lambda: len(obs.on("pi-rate/telemetry")) >= 60, 5, what="all 60 delivered")
+        got = [b["seq"] for b in obs.on("pi-rate/telemetry")]
+        assert list(dict.fromkeys(got)) == list(range(1, 61))
+    finally:
+        fwd.stop()
+        link.stop()
+        obs.close()
+        box.close()
