@@ -89,7 +89,7 @@ def test_agent_killed_with_a_full_outbox_drains_it_in_order_after_restart(tmp_pa
         broker.stop()
 
 
-def test_backlog_drains_in_order_at_the_configured_rate_and_rows_go_only_on_puback(broker, tmp_path: Path) -> None:
+def test_backlog_drains_in_order_at_the_configured_rate(broker, tmp_path: Path) -> None:
     from agent.config import BrokerConfig
     from agent.mqtt import Forwarder, MqttLink
 
