@@ -13,6 +13,11 @@ import numpy as np
 import pytest
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # TFLiteConverter itself still uses tf.lite.Interpreter internally; our code uses ai-edge-litert.
+    config.addinivalue_line("filterwarnings", "ignore:.*tf.lite.Interpreter is deprecated:UserWarning")
+
+
 @dataclass(frozen=True)
 class Digits:
     model: object

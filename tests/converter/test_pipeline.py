@@ -58,17 +58,23 @@ def test_report_has_float_vs_int8_table_recipes_and_host_labelled_latency(digits
     assert "| size |" in md and "host latency (this machine" in md and "## Recipes tried" in md
 
 
-def test_strict_profile_tries_remedies_and_writes_a_not_deployable_artifact(digits, tmp_path: Path) -> None:
+def test_strict_profile_tries_remedies_and_cli_exits_3_with_a_not_deployable_artifact(digits, tmp_path: Path,
+                                                                                     capsys) -> None:
+    from converter.cli import main
+
     data = yaml.safe_load((profile_dir() / "x86-dev.yaml").read_text())
     data.update(name="x86-strict", fidelity={"max_top1_drop_pct": 0, "min_top1_agreement_pct": 100, "min_cosine": 1.0})
     strict = tmp_path / "strict.yaml"
     strict.write_text(yaml.safe_dump(data))
-    result = convert(digits.keras_path, strict, digits.calibration, tmp_path / "out", eval_data=digits.evaluation,
-                     latency_runs=3)
-    assert not result.deployable and result.exit_code == 3
-    names = [r["name"] for r in result.report["recipes"]]
+    code = main([str(digits.keras_path), "--profile", str(strict), "--calibration", str(digits.calibration),
+                 "--eval", str(digits.evaluation), "--out", str(tmp_path / "out"), "--quiet"])
+    assert code == 3
+    assert "NOT deployable: cosine" in capsys.readouterr().err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    names = [r["name"] for r in report["recipes"]]
     assert names[:3] == ["int8 per-channel", "int8 per-tensor", "16x8 (int16 activations)"]
     assert any("float fallback" in n for n in names)
+    assert all(r["size"] and r["metrics"] for r in report["recipes"])
     manifest, _, _ = load_manifest(tmp_path / "out")
     assert manifest.deployable is False and manifest.fidelity["misses"]
     assert (tmp_path / "out" / "report.md").is_file()
