@@ -97,6 +97,10 @@ class ModelHost:
         self._closed = False
         self._swaps = 0
 
+    def set_cache(self, cache: Any) -> None:
+        """Cache setting for engines built from now on; the caller re-activates to apply it now."""
+        self._cache = cache
+
     # -- building -----------------------------------------------------------------------------
     def _build(self, model_path: Path, manifest: Manifest | None, name: str | None = None) -> _Generation:
         from agent.engine import Engine  # lazy: importing agent.host stays cheap

@@ -297,7 +297,8 @@ class AgentService:
         accelerator = getattr(engine, "accelerator", None) or self.profile.runtime.accelerator
         return {"online": online, "device_id": self.cfg.device_id, "group": self.cfg.group,
                 "profile": self.profile.name, "agent_version": __version__, "model": self.model_info(),
-                "accelerator": accelerator, "boot": self.boot, "ts": round(time.time(), 3)}
+                "accelerator": accelerator, "boot": self.boot, "ts": round(time.time(), 3),
+                "signed_updates": bool(self.cfg.trusted_keys)}
 
     def publish_state(self) -> None:
         """Publish the retained birth again (after a model change) and refresh the Last Will."""
@@ -503,10 +504,7 @@ class AgentService:
         if self.ota is not None and self.ota.status().get("pending") is not None:
             raise CommandRejected("config.cache: busy: an update or rollback is in flight, retry when it is done")
         host = self.host
-        if hasattr(host, "set_cache"):
-            host.set_cache(setting)
-        else:
-            host._cache = setting  # private: ModelHost reads it when it builds the next engine
+        host.set_cache(setting)
         self._cache_setting = setting
         engine = self._engine()
         if engine is not None and getattr(engine, "source", None) and Path(engine.source).exists():

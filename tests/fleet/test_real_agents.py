@@ -110,3 +110,13 @@ def test_rollout_to_20_real_agents_then_a_broken_model_aborts_after_the_canary(f
              what="every agent reporting version 1 after the rollback")
     print(f"\n20 real agents: good rollout {good_s:.1f}s, broken rollout aborted in {bad_s:.1f}s, "
           f"rollback of all {back_s:.1f}s")
+
+
+def test_unsigned_artifact_is_refused_before_anything_reaches_agents_that_require_signatures(fleet, fleet_broker,
+                                                                                             tmp_path):
+    unsigned = build_artifact(OTA_MODELS / "clf_a2.tflite", tmp_path / "unsigned", version="9", golden_samples=1)
+    before = _versions(fleet_broker.url)
+    r = run_cli("deploy", str(unsigned.dir), "--broker", fleet_broker.url, "--group", "fa", "--serve",
+                "127.0.0.1:0", "--data-dir", str(tmp_path / "data"), timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "sign" in r.stderr, r.stderr
+    assert _versions(fleet_broker.url) == before
