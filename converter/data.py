@@ -65,7 +65,8 @@ def parse_range(text: str | None) -> tuple[float, float] | None:
     return lo, hi
 
 
-def _fit(array: np.ndarray, spec: TensorInfo, where: str) -> np.ndarray:
+def check_array(array: np.ndarray, spec: TensorInfo, where: str) -> np.ndarray:
+    """``array`` as float32 (N, ...) samples for input ``spec``, or a ConfigError saying why not."""
     if array.dtype.kind not in "fiub":
         raise ConfigError(f"{where}: dtype {array.dtype} is not numeric; expected float samples")
     want = tuple(spec.shape[1:])
@@ -123,11 +124,13 @@ def _load_images(folder: Path, spec: TensorInfo, value_range: tuple[float, float
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise ConfigError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+    if len(files) > MAX_SAMPLES:
+        raise ConfigError(f"{folder}: {len(files)} images, expected at most {MAX_SAMPLES}")
     classes = sorted({p.parent.name for p in files if p.parent != folder})
     labelled = bool(classes) and all(p.parent != folder for p in files)
     h, w, c = spec.shape[1:]
     out = np.empty((len(files), h, w, c), np.float32)
-    for i, file in enumerate(files[:MAX_SAMPLES]):
+    for i, file in enumerate(files):
         try:
             with Image.open(file) as img:
                 img = img.convert("L" if c == 1 else "RGB").resize((w, h), Image.BILINEAR)
@@ -164,7 +167,7 @@ def load_samples(path: Path | str, specs: Sequence[TensorInfo],
         arrays, labels = _load_arrays(path, specs)
     else:
         raise ConfigError(f"{path}: unsupported sample format {path.suffix!r}; expected .npz, .npy or an image folder")
-    inputs = {s.name: _fit(np.asarray(arrays[s.name]), s, str(path)) for s in specs}
+    inputs = {s.name: check_array(np.asarray(arrays[s.name]), s, str(path)) for s in specs}
     counts = {len(v) for v in inputs.values()}
     if len(counts) != 1:
         raise ConfigError(f"{path}: inputs have different sample counts {sorted(counts)}")

@@ -24,7 +24,7 @@ from agent.errors import ConfigError, ConversionError
 from agent.manifest import Manifest, ModelFile, Preprocessing, Source, parse_version
 from agent.profiles import Profile, load_profile
 from converter import artifact, edgetpu, fidelity, pruning, quantize
-from converter.data import SampleSet, load_samples
+from converter.data import SampleSet, check_array, load_samples
 from converter.inspect import inspect_tflite
 from converter.loading import LoadedModel, export_keras, load_model
 from converter.report import render_markdown
@@ -98,9 +98,8 @@ def _as_samples(data: Any, loaded: LoadedModel, input_range: tuple[float, float]
     if isinstance(data, (str, Path)):
         return load_samples(data, loaded.inputs, input_range)
     if isinstance(data, np.ndarray) and len(loaded.inputs) == 1:
-        tmp = SampleSet({loaded.inputs[0].name: data}, None, "array")
-        from converter.data import _fit
-        return SampleSet({loaded.inputs[0].name: _fit(data, loaded.inputs[0], "array")}, None, tmp.source)
+        spec = loaded.inputs[0]
+        return SampleSet({spec.name: check_array(data, spec, "samples")}, None, "array")
     raise ConfigError(f"samples: expected a path, a SampleSet or one array, got {type(data).__name__}")
 
 
