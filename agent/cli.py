@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from agent import __version__
 from agent.clitools import run_main
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main"]
 
 # subcommand -> "module:function"; each function takes the parsed args and returns an exit code.
 HANDLERS = {

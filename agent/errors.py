@@ -18,14 +18,14 @@ command-line programs turn any of these into one ``error:`` line (see :mod:`agen
 from __future__ import annotations
 
 __all__ = [
-    "EdgefleetError",
-    "ConfigError",
     "ArtifactError",
-    "SignatureError",
-    "ModelError",
-    "InputError",
-    "TransportError",
+    "ConfigError",
     "ConversionError",
+    "EdgefleetError",
+    "InputError",
+    "ModelError",
+    "SignatureError",
+    "TransportError",
 ]
 
 

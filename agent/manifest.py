@@ -20,21 +20,21 @@ from agent.errors import ArtifactError
 from agent.profiles import format_validation_error
 
 __all__ = [
+    "MANIFEST_NAME",
+    "MAX_MANIFEST_BYTES",
+    "MODEL_NAME",
     "SCHEMA_VERSION",
-    "Manifest",
-    "TensorSpec",
-    "Quantization",
-    "GoldenSample",
-    "Golden",
+    "SIGNATURE_NAME",
     "Baseline",
+    "Golden",
+    "GoldenSample",
+    "Manifest",
+    "Quantization",
+    "TensorSpec",
     "load_manifest",
     "parse_manifest",
     "parse_version",
     "sha256_file",
-    "MANIFEST_NAME",
-    "SIGNATURE_NAME",
-    "MODEL_NAME",
-    "MAX_MANIFEST_BYTES",
 ]
 
 SCHEMA_VERSION = 1

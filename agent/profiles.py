@@ -19,12 +19,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from agent.errors import ConfigError
 
 __all__ = [
-    "Profile",
     "CacheDefaults",
-    "load_profile",
-    "list_profiles",
-    "profile_dir",
+    "Profile",
     "format_validation_error",
+    "list_profiles",
+    "load_profile",
+    "profile_dir",
 ]
 
 
@@ -53,7 +53,7 @@ class Runtime(_Strict):
     autotune: bool = Field(default=True, description="Try a few threads x instances layouts at activation")
 
     @model_validator(mode="after")
-    def _required_needs_accelerator(self) -> "Runtime":
+    def _required_needs_accelerator(self) -> Runtime:
         if self.accelerator_required and self.accelerator == "none":
             raise ValueError("accelerator_required is true but accelerator is 'none'")
         return self
@@ -72,7 +72,7 @@ class Quantization(_Strict):
         default=True, description="The fidelity search may keep sensitive layers in float")
 
     @model_validator(mode="after")
-    def _full_integer_forbids_fallback(self) -> "Quantization":
+    def _full_integer_forbids_fallback(self) -> Quantization:
         if self.require_full_integer and (self.allow_float_fallback or self.allow_16bit_activations):
             raise ValueError("require_full_integer forbids allow_float_fallback and allow_16bit_activations")
         return self
@@ -121,7 +121,7 @@ class Profile(_Strict):
     cache: CacheDefaults = CacheDefaults()
 
     @model_validator(mode="after")
-    def _edgetpu_needs_full_integer(self) -> "Profile":
+    def _edgetpu_needs_full_integer(self) -> Profile:
         if self.runtime.accelerator == "edgetpu" and not self.quantization.require_full_integer:
             raise ValueError("accelerator 'edgetpu' needs quantization.require_full_integer: true")
         return self

@@ -17,23 +17,23 @@ from typing import Any
 from agent.errors import ConfigError
 
 __all__ = [
-    "ROOT",
     "COMMANDS",
+    "MAX_PAYLOAD_BYTES",
+    "OTA_FAILURE_STATES",
     "OTA_STATES",
     "OTA_TERMINAL_STATES",
-    "OTA_FAILURE_STATES",
-    "validate_id",
+    "ROOT",
+    "decode",
+    "device_cmd_topic",
+    "encode",
+    "events_topic",
+    "group_cmd_topic",
+    "make_command",
+    "parse_device_topic",
+    "response_topic",
     "state_topic",
     "telemetry_topic",
-    "events_topic",
-    "device_cmd_topic",
-    "group_cmd_topic",
-    "response_topic",
-    "parse_device_topic",
-    "make_command",
-    "encode",
-    "decode",
-    "MAX_PAYLOAD_BYTES",
+    "validate_id",
 ]
 
 ROOT = "edgefleet/v1"
@@ -110,5 +110,5 @@ def decode(data: bytes) -> dict[str, Any]:
         raise ValueError(f"payload of {len(data)} bytes exceeds {MAX_PAYLOAD_BYTES}")
     obj = json.loads(data.decode("utf-8"))
     if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")  # noqa: TRY004 (callers catch ValueError for any bad payload)
     return obj

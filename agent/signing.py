@@ -12,8 +12,9 @@ import binascii
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -24,10 +25,10 @@ from agent.errors import ConfigError, SignatureError
 __all__ = [
     "canonical_bytes",
     "generate_keypair",
+    "key_id",
     "load_private_key",
     "load_public_key",
     "load_trusted_keys",
-    "key_id",
     "sign_manifest",
     "verify_manifest",
 ]

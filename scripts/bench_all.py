@@ -57,12 +57,12 @@ def run_bench(name: str, out_dir: Path) -> tuple[str, dict | None, float]:
         return f"_not run: {script.name} does not exist_\n", None, 0.0
     json_path, plot_path = out_dir / f"{name}.json", out_dir / f"{name}.png"
     cmd = [sys.executable, str(script), "--out", str(json_path)]
-    help_text = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True).stdout
+    help_text = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, check=False).stdout
     if "--plot" in help_text:
         cmd += ["--plot", str(plot_path)]
     print(f"== bench_{name} ...", flush=True)
     start = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=REPO)
     elapsed = time.monotonic() - start
     (out_dir / f"{name}.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     if proc.returncode != 0:

@@ -26,7 +26,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.support.broker import MosquittoBroker, free_port  # noqa: E402
+from tests.support.broker import MosquittoBroker, free_port
 
 BIN = Path(sys.executable).parent
 DEVICES = ["demo-pi-1", "demo-pi-2", "demo-pi-3"]
@@ -41,7 +41,7 @@ def run(cmd: list[str], *, expect: int | None = 0, quiet: bool = False, env: dic
     """Run a user-facing command, showing it first (with the venv's bin dir shortened away)."""
     shown = " ".join(shlex.quote(str(c)).replace(str(BIN) + "/", "") for c in cmd)
     print(f"$ {shown}", flush=True)
-    proc = subprocess.run([str(c) for c in cmd], cwd=REPO, text=True, capture_output=quiet,
+    proc = subprocess.run([str(c) for c in cmd], check=False, cwd=REPO, text=True, capture_output=quiet,
                           env={**os.environ, **(env or {})})
     if expect is not None and proc.returncode != expect:
         if quiet:
@@ -121,7 +121,7 @@ class Feeder(threading.Thread):
 def wait_online(broker_url: str, count: int, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        proc = subprocess.run([str(BIN / "edge-fleet"), "devices", "--broker", broker_url, "--json"],
+        proc = subprocess.run([str(BIN / "edge-fleet"), "devices", "--broker", broker_url, "--json"], check=False,
                               capture_output=True, text=True)
         if proc.returncode == 0:
             devices = json.loads(proc.stdout)
@@ -169,9 +169,9 @@ def main() -> int:
         for device, port in zip(DEVICES, ports):
             cfg = write_agent_config(out / "agents", device, broker.url, port, out / "artifacts/v1",
                                      out / "keys/signing.pub")
-            log = open(out / "agents" / device / "agent.log", "w")
-            procs.append(subprocess.Popen([str(agent_bin), "run", "--config", str(cfg)], stdout=log,
-                                          stderr=subprocess.STDOUT, cwd=REPO))
+            with open(out / "agents" / device / "agent.log", "w") as log:  # the child keeps its own copy
+                procs.append(subprocess.Popen([str(agent_bin), "run", "--config", str(cfg)], stdout=log,
+                                              stderr=subprocess.STDOUT, cwd=REPO))
             print(f"$ edge-agent run --config {cfg.relative_to(out)}    (HTTP on 127.0.0.1:{port})")
         wait_online(broker.url, len(DEVICES))
         feeder = Feeder(ports, np.load(out / "models/stream.npy"))

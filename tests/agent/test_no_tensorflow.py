@@ -21,5 +21,5 @@ def test_importing_every_agent_module_does_not_import_tensorflow():
         "print(bad)\n"
         "sys.exit(1 if bad else 0)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120)
     assert proc.returncode == 0, f"agent imported TensorFlow/Keras: {proc.stdout} {proc.stderr[-2000:]}"

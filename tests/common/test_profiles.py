@@ -85,7 +85,7 @@ def test_missing_profile_path(tmp_path):
 def test_cli_prints_one_error_line_without_traceback(tmp_path):
     path = _write(tmp_path, lambda d: d["runtime"].update(threads=0))
     proc = subprocess.run([sys.executable, "-m", "agent.cli", "profile", str(path)],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert "Traceback" not in proc.stderr

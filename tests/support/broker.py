@@ -12,7 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
-__all__ = ["MosquittoBroker", "free_port", "find_mosquitto"]
+__all__ = ["MosquittoBroker", "find_mosquitto", "free_port"]
 
 
 def free_port() -> int:
@@ -47,7 +47,7 @@ class MosquittoBroker:
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 10.0) -> "MosquittoBroker":
+    def start(self, timeout: float = 10.0) -> MosquittoBroker:
         lines = [
             f"listener {self.port} 127.0.0.1",
             "persistence false",
@@ -60,9 +60,9 @@ class MosquittoBroker:
         if "allow_anonymous" not in self.extra_config:
             lines.append("allow_anonymous true")
         self.config_path.write_text("\n".join(lines) + "\n" + self.extra_config + "\n")
-        log = open(self.workdir / "mosquitto.log", "ab")
-        self.proc = subprocess.Popen([self.binary, "-c", str(self.config_path)],
-                                     stdout=log, stderr=log, cwd=self.workdir)
+        with open(self.workdir / "mosquitto.log", "ab") as log:  # the child keeps its own copy
+            self.proc = subprocess.Popen([self.binary, "-c", str(self.config_path)],
+                                         stdout=log, stderr=log, cwd=self.workdir)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -88,7 +88,7 @@ class MosquittoBroker:
         self.stop()
         self.start()
 
-    def __enter__(self) -> "MosquittoBroker":
+    def __enter__(self) -> MosquittoBroker:  # noqa: PYI034 (py310: no typing.Self)
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
