@@ -69,7 +69,10 @@ def run_bench(name: str, out_dir: Path) -> tuple[str, dict | None, float]:
         tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
         section = f"**bench_{name} failed (exit {proc.returncode})**; see `bench/{name}.log`:\n\n```\n{tail}\n```\n"
     else:
-        section = proc.stdout
+        lines = proc.stdout.strip().splitlines()
+        if lines and lines[0].startswith("#"):  # the script's own title: this report has one already
+            lines = lines[1:]
+        section = "\n".join(lines) + "\n"
     if plot_path.is_file():
         section += f"\n![{name}]({plot_path.name})\n"
     data = json.loads(json_path.read_text()) if json_path.is_file() else None
