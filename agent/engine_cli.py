@@ -7,12 +7,15 @@ Each handler takes the parsed argparse namespace and returns an exit code; error
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
+import os
 import platform
 import sys
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +52,30 @@ def load_array_file(path: str) -> np.ndarray | dict[str, np.ndarray]:
     return loaded
 
 
+@contextlib.contextmanager
+def _native_stderr_hidden(hide: bool) -> Iterator[None]:
+    """Hide what the C++ runtime prints while it loads a model (no switch turns off LiteRT's
+    "INFO: Created TensorFlow Lite XNNPACK delegate"), so the CLI's output stays one clean line.
+    Only around model loading in this single-threaded CLI; ``--debug`` shows everything."""
+    if not hide:
+        yield
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _engine(args: argparse.Namespace, **kwargs: Any) -> Any:
     from agent.engine import Engine
 
-    return Engine(args.model, profile=args.profile or default_profile(), **kwargs)
+    with _native_stderr_hidden(not getattr(args, "debug", False)):
+        return Engine(args.model, profile=args.profile or default_profile(), **kwargs)
 
 
 def _save(path: str, result: np.ndarray | dict[str, np.ndarray]) -> None:

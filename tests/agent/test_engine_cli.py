@@ -72,3 +72,15 @@ def test_bench_reports_latency_and_cache_stats(models, capsys):
     assert code == 0 and result["calls"] == 30
     assert result["cache_stats"]["exact_hits"] == 30  # the warm-up computed it once
     assert result["latency_ms"]["p50"] > 0
+
+
+def test_real_process_error_output_is_one_line_without_the_runtimes_info_noise(models, tmp_path):
+    import subprocess
+    import sys
+
+    np.save(tmp_path / "x.npy", np.zeros((1, 5), np.float32))
+    proc = subprocess.run([sys.executable, "-m", "agent.cli", "infer", "--model", str(models / "tiny.tflite"),
+                           "--input", str(tmp_path / "x.npy")], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: input 'x'") and proc.stderr.count("\n") == 1, proc.stderr
