@@ -44,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", dest="eval_data", help="held-out samples for the fidelity check (default: 20%% of --calibration)")
     p.add_argument("--input-range", help="float range the model expects, e.g. 0,1 or -1,1 (images are scaled to it)")
     p.add_argument("--prune-channels", type=_fraction, default=0.0, metavar="FRACTION",
-                   help="remove this fraction of filters per prunable layer (Keras models)")
+                   help="remove this fraction of the prunable filters (Keras models)")
+    p.add_argument("--prune-allocation", choices=("cost", "uniform", "width"), default="cost",
+                   help="how the fraction is spread over layers: cost (default; more where a channel costs more "
+                        "multiply-accumulates), uniform, or width")
     p.add_argument("--sparsity", type=_fraction, default=0.0, metavar="FRACTION",
                    help="zero this fraction of each kernel's smallest weights (smaller compressed artifact)")
     p.add_argument("--finetune-epochs", type=int, default=3, metavar="N", help="distillation epochs after pruning")
@@ -79,7 +82,8 @@ def _main(argv: list[str]) -> int:
     from converter.report import summary
 
     result = convert(args.model, profile, args.calibration, args.out, eval_data=args.eval_data,
-                     input_range=input_range, prune_channels=args.prune_channels, sparsity=args.sparsity,
+                     input_range=input_range, prune_channels=args.prune_channels,
+                     prune_allocation=args.prune_allocation, sparsity=args.sparsity,
                      finetune_epochs=args.finetune_epochs, version=args.version, name=args.name,
                      sign_key=args.sign_key, progress=not args.quiet)
     info = summary(result.report)

@@ -28,6 +28,7 @@ from converter.data import SampleSet, check_array, load_samples
 from converter.inspect import inspect_tflite
 from converter.loading import LoadedModel, export_keras, load_model
 from converter.report import render_markdown
+from converter.sizes import size_breakdown
 
 __all__ = ["EXIT_NOT_DEPLOYABLE", "ConvertResult", "convert"]
 
@@ -177,11 +178,11 @@ def _pick(tried: list[_Candidate]) -> _Candidate:
 
 
 def _prune(loaded: LoadedModel, calibration: SampleSet, prune_channels: float, sparsity: float, epochs: int,
-           workdir: Path, bars: _Bars) -> tuple[Path, pruning.PruneSummary]:
+           workdir: Path, bars: _Bars, allocation: str = "cost") -> tuple[Path, pruning.PruneSummary]:
     if loaded.keras_model is None:
         raise ConfigError(f"{loaded.path}: pruning needs a Keras model (.keras or .h5); got a {loaded.format}")
     teacher = loaded.keras_model
-    student, summary = (pruning.prune_channels(teacher, prune_channels) if prune_channels > 0 else (None, None))
+    student, summary = (pruning.prune_channels(teacher, prune_channels, allocation) if prune_channels > 0 else (None, None))
     if student is None:
         from converter._tf import keras
         student = keras.models.clone_model(teacher)
@@ -197,7 +198,8 @@ def _prune(loaded: LoadedModel, calibration: SampleSet, prune_channels: float, s
         raise ConversionError("the pruned model's output shapes differ from the original's")
     assert summary is not None
     summary = pruning.PruneSummary(summary.plans, summary.skipped, summary.params_before, student.count_params(),
-                                   pruning.kernel_sparsity(student) if sparsity > 0 else None, epochs, losses)
+                                   pruning.kernel_sparsity(student) if sparsity > 0 else None, epochs, losses,
+                                   summary.allocation, pruning.conv_macs(teacher), pruning.conv_macs(student))
     return out_dir, summary
 
 
@@ -208,7 +210,7 @@ def _layout(shape: list[int]) -> str:
 def convert(model: str | Path, profile: str | Path | Profile, calibration: str | Path | SampleSet | np.ndarray,
             out: str | Path, *, eval_data: str | Path | SampleSet | np.ndarray | None = None,
             input_range: tuple[float, float] | None = None, prune_channels: float = 0.0, sparsity: float = 0.0,
-            finetune_epochs: int = 3, version: str = "1", name: str | None = None,
+            finetune_epochs: int = 3, prune_allocation: str = "cost", version: str = "1", name: str | None = None,
             sign_key: str | Path | None = None, progress: bool = False, eval_fraction: float = 0.2,
             latency_runs: int = 30) -> ConvertResult:
     """Convert a trained model into a signed, checked artifact directory for ``profile``.
@@ -236,6 +238,8 @@ def convert(model: str | Path, profile: str | Path | Profile, calibration: str |
     for label, value in (("--prune-channels", prune_channels), ("--sparsity", sparsity)):
         if not 0 <= value < 1:
             raise ConfigError(f"{label} {value}: expected a fraction in [0, 1)")
+    if prune_allocation not in pruning.ALLOCATIONS:
+        raise ConfigError(f"--prune-allocation {prune_allocation!r}: expected one of {', '.join(pruning.ALLOCATIONS)}")
     if finetune_epochs < 0:
         raise ConfigError(f"--finetune-epochs {finetune_epochs}: expected 0 or more")
     if sign_key is not None and not Path(sign_key).is_file():
@@ -256,7 +260,8 @@ def convert(model: str | Path, profile: str | Path | Profile, calibration: str |
         pruned = None
         source_dir = loaded.saved_model_dir
         if prune_channels > 0 or sparsity > 0:
-            source_dir, pruned = _prune(loaded, cal, prune_channels, sparsity, finetune_epochs, workdir, bars)
+            source_dir, pruned = _prune(loaded, cal, prune_channels, sparsity, finetune_epochs, workdir, bars,
+                                        prune_allocation)
         float_model = quantize.convert_float(loaded.saved_model_dir)
         reference = fidelity.run_model(float_model, ev)
         tried = _search(source_dir, cal, ev, reference, prof, bars)
@@ -294,10 +299,11 @@ def convert(model: str | Path, profile: str | Path | Profile, calibration: str |
             "deployable": deployable, "reasons": reasons, "target": prof.fidelity.model_dump(),
             "eval_source": eval_source, "calibration_samples": min(len(cal), quantize.MAX_CALIBRATION),
             "float": {"size": len(float_model), "gzip_size": len(gzip.compress(float_model, 9)),
+                      "size_breakdown": size_breakdown(float_model),
                       "host_latency_ms": fidelity.host_latency_ms(float_model, ev, latency_runs, threads)},
             "recipes": [c.to_dict() for c in tried],
-            "chosen": {**chosen.to_dict(), "host_latency_ms": fidelity.host_latency_ms(chosen.model, ev, latency_runs,
-                                                                                         threads)},
+            "chosen": {**chosen.to_dict(), "size_breakdown": size_breakdown(chosen.model),
+                       "host_latency_ms": fidelity.host_latency_ms(chosen.model, ev, latency_runs, threads)},
             "pruning": pruned.to_dict() if pruned else None,
             "edgetpu": tpu.to_dict() if tpu else None,
             "golden": {"count": len(golden.golden.samples), "atol": golden.golden.atol,

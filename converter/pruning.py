@@ -31,7 +31,10 @@ from converter._tf import keras
 __all__ = [
     "ChannelPlan",
     "PruneSummary",
+    "SPARSITY_ALLOCATIONS",
+    "ALLOCATIONS",
     "apply_sparsity",
+    "conv_macs",
     "finetune",
     "kernel_sparsity",
     "plan_channel_pruning",
@@ -77,21 +80,66 @@ class PruneSummary:
     sparsity: float | None = None
     finetune_epochs: int = 0
     finetune_loss: list[float] = field(default_factory=list)
+    allocation: str | None = None
+    macs_before: int | None = None
+    macs_after: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"pruned_layers": {p.layer: f"{len(p.kept)}/{p.total}" for p in self.plans},
                 "skipped": list(self.skipped), "params_before": self.params_before,
                 "params_after": self.params_after, "sparsity": self.sparsity,
-                "finetune_epochs": self.finetune_epochs, "finetune_loss": self.finetune_loss}
+                "finetune_epochs": self.finetune_epochs, "finetune_loss": self.finetune_loss,
+                "allocation": self.allocation, "channels_removed": self.channels_removed,
+                "macs_before": self.macs_before, "macs_after": self.macs_after}
+
+    @property
+    def channels_removed(self) -> float | None:
+        """Fraction of the prunable channels (of the spaces that were pruned) removed."""
+        total = sum(p.total for p in self.plans)
+        return round(1 - sum(len(p.kept) for p in self.plans) / total, 4) if total else None
 
 
 def _n_keep(total: int, fraction: float) -> int:
-    keep = total * (1.0 - fraction)
-    if total >= 32:  # whole SIMD vectors: XNNPACK's int8 kernels measured faster at multiples of 8
-        keep = round(keep / 8) * 8
-    elif total >= 16:
-        keep = round(keep / 4) * 4
-    return int(max(1 if total < 16 else 4, min(total, round(keep))))
+    """Filters to keep: whole SIMD tiles of 8 (XNNPACK's int8 kernels work in channel tiles, so
+    13 channels cost like 16), never fewer than one tile."""
+    if total <= 8:  # one tile or less: pruning it saves no tile
+        return total
+    return int(max(8, min(total, round(total * (1.0 - fraction) / 8) * 8)))
+
+
+ALLOCATIONS = ("uniform", "width", "cost")
+
+
+def _fractions(totals: Sequence[int], costs: Sequence[float], fraction: float, allocation: str,
+               max_fraction: float = 0.6) -> list[float]:
+    """Per-space fractions whose channel-weighted mean is ``fraction``.
+
+    ``uniform`` prunes every space alike. ``width`` prunes a space in proportion to the square
+    root of its width (the wide expansion spaces lose more). ``cost`` prunes in proportion to
+    the square root of the multiply-accumulates one channel of the space costs (its filter, its
+    depthwise channel, its share of the consumers), so channels of high-resolution layers go
+    first. Capped at ``max_fraction`` per space.
+    """
+    if allocation not in ALLOCATIONS:
+        raise ConfigError(f"channel allocation {allocation!r}: expected one of {', '.join(ALLOCATIONS)}")
+    if allocation == "uniform" or not totals or fraction <= 0:
+        return [fraction] * len(totals)
+    n = np.asarray(totals, np.float64)
+    weight = np.sqrt(n if allocation == "width" else np.maximum(np.asarray(costs, np.float64), 1.0))
+    lo, hi = 0.0, fraction / max(float(weight.min()), 1e-9)
+    for _ in range(60):  # bisection on the scale c: mean(min(cap, c * w)) weighted by width = fraction
+        c = (lo + hi) / 2
+        if float((np.minimum(max_fraction, c * weight) * n).sum() / n.sum()) < fraction:
+            lo = c
+        else:
+            hi = c
+    return [float(v) for v in np.minimum(max_fraction, hi * weight)]
+
+
+def conv_macs(model: Any) -> int:
+    """Multiply-accumulates of one inference through the Conv2D/DepthwiseConv2D/Dense layers."""
+    return sum(_positions(layer) * int(np.prod(layer.kernel.shape)) for layer in model.layers
+               if isinstance(layer, (L.Conv2D, L.Dense)) and hasattr(layer, "kernel"))
 
 
 _MERGE = (L.Add, L.Subtract, L.Maximum, L.Minimum, L.Average)
@@ -143,7 +191,21 @@ def _filter_score(layer: Any, bn: Any | None) -> np.ndarray:
     return score / max(float(score.sum()), 1e-12)
 
 
-def plan_channel_pruning(model: Any, fraction: float) -> tuple[list[ChannelPlan], list[str]]:
+def _positions(layer: Any) -> int:
+    return int(np.prod([d for d in layer.output.shape[1:-1] if d is not None] or [1]))
+
+
+def _channel_macs(producers: Sequence[Any], members: Sequence[Any], consumers: Sequence[tuple[Any, int]],
+                  total: int) -> float:
+    """Multiply-accumulates that one channel of a space costs per inference."""
+    macs = sum(_positions(p) * int(np.prod(p.kernel.shape[:-1])) for p in producers)
+    macs += sum(_positions(m) * int(np.prod(m.kernel.shape[:2])) for m in members if isinstance(m, L.DepthwiseConv2D))
+    macs += sum(_positions(c) * int(np.prod(c.kernel.shape)) / total for c, _ in consumers)
+    return float(macs)
+
+
+def plan_channel_pruning(model: Any, fraction: float,
+                         allocation: str = "cost") -> tuple[list[ChannelPlan], list[str]]:
     """Decide which filters to keep, per channel space.
 
     A space starts at a Conv2D/Dense output and runs through per-channel layers to the next
@@ -151,7 +213,9 @@ def plan_channel_pruning(model: Any, fraction: float) -> tuple[list[ChannelPlan]
     the same channels. A space is pinned (left untouched) when it reaches a model input or output,
     a ``Concatenate``/``Reshape``/unknown layer, or a layer that mixes channels in another way.
     Filters are ranked by L1 norm (scaled by a directly following BatchNorm), summed over the
-    producers of a space. Returns the plans and ``"layer: reason"`` for prunable layers left alone.
+    producers of a space. ``allocation`` spreads ``fraction`` over the spaces (see
+    :func:`_fractions`); kept counts are whole tiles of 8. Returns the plans and
+    ``"layer: reason"`` for prunable layers left alone.
     """
     spaces = _Spaces()
     space_of: dict[str, int] = {}
@@ -209,7 +273,8 @@ def plan_channel_pruning(model: Any, fraction: float) -> tuple[list[ChannelPlan]
 
     pinned = spaces.pinned()
     g_producers, g_members, g_consumers = grouped(producers), grouped(members), grouped(consumers)
-    plans, skipped = [], []
+    skipped: list[str] = []
+    candidates = []
     for root, prods in g_producers.items():
         if root in pinned:
             skipped += [f"{p.name}: {pinned[root]}" for p in prods]
@@ -219,9 +284,13 @@ def plan_channel_pruning(model: Any, fraction: float) -> tuple[list[ChannelPlan]
             skipped += [f"{p.name}: {'no Conv2D/Dense consumer' if len(totals) == 1 else 'channel counts differ'}"
                         for p in prods]
             continue
-        total = totals.pop()
+        candidates.append((root, prods, totals.pop()))
+    costs = [_channel_macs(prods, g_members.get(root, []), g_consumers[root], total) for root, prods, total in candidates]
+    plans = []
+    fractions = _fractions([total for _, _, total in candidates], costs, fraction, allocation)
+    for (root, prods, total), space_fraction in zip(candidates, fractions):
         score = sum(_filter_score(p, bn_after.get(p.name)) for p in prods)
-        keep = np.sort(np.argsort(-score, kind="stable")[:_n_keep(total, fraction)])
+        keep = np.sort(np.argsort(-score, kind="stable")[:_n_keep(total, space_fraction)])
         plans.append(ChannelPlan(tuple(p.name for p in prods), tuple(int(i) for i in keep), total,
                                  tuple(m.name for m in g_members.get(root, [])),
                                  tuple(f"{c.name}@{hw}" for c, hw in g_consumers[root])))
@@ -249,7 +318,7 @@ def _slice(weights: list[np.ndarray], layer: Any, out_keep: np.ndarray | None,
     return new
 
 
-def prune_channels(model: Any, fraction: float) -> tuple[Any, PruneSummary]:
+def prune_channels(model: Any, fraction: float, allocation: str = "cost") -> tuple[Any, PruneSummary]:
     """A new, physically smaller model with ``fraction`` of the filters of each channel space removed.
 
     Raises:
@@ -258,7 +327,7 @@ def prune_channels(model: Any, fraction: float) -> tuple[Any, PruneSummary]:
     """
     if not 0 <= fraction <= 0.9:
         raise ConfigError(f"--prune-channels {fraction}: expected a fraction between 0 and 0.9")
-    plans, skipped = plan_channel_pruning(model, fraction)
+    plans, skipped = plan_channel_pruning(model, fraction, allocation)
     config = model.get_config()
     by_name = {lc["config"]["name"]: lc["config"] for lc in config["layers"]}
     for lc in config["layers"]:
@@ -289,7 +358,8 @@ def prune_channels(model: Any, fraction: float) -> tuple[Any, PruneSummary]:
                         in_keep.get(layer.name))
         new_model.get_layer(layer.name).set_weights(sliced)
     summary = PruneSummary(plans=tuple(plans), skipped=tuple(skipped), params_before=model.count_params(),
-                           params_after=new_model.count_params())
+                           params_after=new_model.count_params(), allocation=allocation,
+                           macs_before=conv_macs(model), macs_after=conv_macs(new_model))
     return new_model, summary
 
 
@@ -306,40 +376,72 @@ def _input_axis(layer: Any, kernel: np.ndarray) -> int:
 
 
 def _block_size(n: int, wanted: int) -> int:
-    for block in (wanted, 8, 4, 2):
+    for block in (wanted, 32, 16, 8, 4, 2):
         if block <= wanted and n % block == 0:
             return block
     return 1
 
 
-def apply_sparsity(model: Any, sparsity: float, block: int = 8) -> dict[str, np.ndarray]:
-    """Zero the ``sparsity`` fraction of each kernel with the smallest magnitude, in place; return the masks.
+def _layer_sparsities(sizes: Sequence[int], sparsity: float, allocation: str, cap: float = 0.85) -> list[float]:
+    """Per-kernel sparsities whose weight-count-weighted mean is ``sparsity``.
+
+    ``uniform``: every kernel alike. ``size``: in proportion to the square root of the kernel's
+    size, so the large kernels, which hold the bytes and have the most redundancy, carry more of
+    it and the small ones (first conv, narrow projections) keep more of their weights.
+    """
+    if allocation not in SPARSITY_ALLOCATIONS:
+        raise ConfigError(f"sparsity allocation {allocation!r}: expected one of {', '.join(SPARSITY_ALLOCATIONS)}")
+    if allocation == "uniform" or not sizes or sparsity <= 0:
+        return [sparsity] * len(sizes)
+    n = np.asarray(sizes, np.float64)
+    weight = np.sqrt(n)
+    lo, hi = 0.0, 1.0 / max(float(weight.min()), 1e-9)
+    for _ in range(60):
+        c = (lo + hi) / 2
+        if float((np.minimum(cap, c * weight) * n).sum() / n.sum()) < sparsity:
+            lo = c
+        else:
+            hi = c
+    return [float(v) for v in np.minimum(cap, hi * weight)]
+
+
+SPARSITY_ALLOCATIONS = ("uniform", "size")
+
+
+def apply_sparsity(model: Any, sparsity: float, block: int = 16, allocation: str = "size") -> dict[str, np.ndarray]:
+    """Zero the ``sparsity`` fraction of the Conv2D/Dense weights with the smallest magnitude, in place;
+    return the masks.
 
     Weights are pruned in blocks of ``block`` consecutive input channels (smaller blocks when the
     channel count does not divide, single weights for 1-3 channel inputs), ranked by block L2 norm.
     TFLite stores the input channel innermost, so every pruned block becomes a run of zero bytes
     in the ``.tflite``; gzip compresses runs far better than the same number of scattered zeros.
+    ``allocation`` spreads the sparsity over the kernels (:func:`_layer_sparsities`).
 
     Raises:
-        ConfigError: ``sparsity`` is not in [0, 0.95].
+        ConfigError: ``sparsity`` is not in [0, 0.95] or the allocation is unknown.
     """
     if not 0 <= sparsity <= 0.95:
         raise ConfigError(f"--sparsity {sparsity}: expected a fraction between 0 and 0.95")
     masks = {}
     # Depthwise kernels are a few percent of the weights but each holds a whole channel's filter:
     # pruning them costs far more accuracy than it saves bytes.
-    for layer in _kernels(model, depthwise=False):
+    layers = _kernels(model, depthwise=False)
+    per_layer = _layer_sparsities([int(np.prod(layer.kernel.shape)) for layer in layers], sparsity, allocation)
+    for layer, layer_sparsity in zip(layers, per_layer):
         kernel = np.asarray(layer.kernel)
         axis = _input_axis(layer, kernel)
         size = _block_size(kernel.shape[axis], block)
         moved = np.moveaxis(kernel, axis, -1)
         blocks = moved.reshape(*moved.shape[:-1], moved.shape[-1] // size, size)
         norms = np.sqrt((blocks.astype(np.float64) ** 2).sum(axis=-1))
-        k = int(norms.size * sparsity)
+        k = int(round(norms.size * layer_sparsity))
         if k == 0:
             continue
-        threshold = np.partition(norms.ravel(), k - 1)[k - 1]
-        keep = np.broadcast_to((norms > threshold)[..., None], blocks.shape).reshape(moved.shape)
+        order = np.argsort(norms.ravel(), kind="stable")
+        keep_blocks = np.ones(norms.size, bool)
+        keep_blocks[order[:k]] = False
+        keep = np.broadcast_to(keep_blocks.reshape(norms.shape)[..., None], blocks.shape).reshape(moved.shape)
         mask = np.moveaxis(keep, -1, axis).astype(kernel.dtype)
         layer.kernel.assign(kernel * mask)
         masks[layer.name] = mask

@@ -92,11 +92,17 @@ def bench_model(label: str, model_path: Path, cal: Path, ev: Path, x_eval: np.nd
         if not models:
             models["float"] = None  # filled below from the float reference
             results["float"] = {"size": r.report["float"]["size"], "gzip_size": r.report["float"]["gzip_size"],
+                                "size_breakdown": r.report["float"]["size_breakdown"],
                                 "top1_pct": metrics["float_accuracy_pct"], "agreement_pct": 100.0}
         models[name] = (r.out_dir / "model.tflite").read_bytes()
         results[name] = {"size": chosen["size"], "gzip_size": chosen["gzip_size"], "top1_pct": metrics["accuracy_pct"],
                          "agreement_pct": metrics["top1_agreement_pct"], "recipe": chosen["name"],
-                         "deployable": r.deployable, "reasons": list(r.reasons), "seconds": round(time.monotonic() - start, 1)}
+                         "deployable": r.deployable, "reasons": list(r.reasons), "seconds": round(time.monotonic() - start, 1),
+                         "size_breakdown": chosen["size_breakdown"]}
+        if r.report["pruning"]:
+            p = r.report["pruning"]
+            results[name]["pruning"] = {k: p[k] for k in ("allocation", "channels_removed", "macs_before", "macs_after",
+                                                          "params_before", "params_after", "sparsity", "pruned_layers")}
     from converter.loading import load_model
     from converter.quantize import convert_float
     loaded = load_model(model_path, work / f"{label}-float")
@@ -155,7 +161,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "converter.json")
     parser.add_argument("--mobilenet-epochs", type=int, default=5)
     parser.add_argument("--finetune-epochs", type=int, default=3)
-    parser.add_argument("--mobilenet-finetune-epochs", type=int, default=2)
+    parser.add_argument("--mobilenet-finetune-epochs", type=int, default=6)
     parser.add_argument("--latency-runs", type=int, default=300)
     parser.add_argument("--skip-mobilenet", action="store_true")
     parser.add_argument("--plot", type=Path, help="also draw size, gzip size and host latency per variant (PNG)")
@@ -183,7 +189,7 @@ def main() -> int:
             label = "MobileNetV2 0.35/96"
             all_results[label] = bench_model("mobilenet", work / "mobilenet.keras", work / "mcal.npz",
                                              work / "meval.npz", xm[n:], ym[n:], work, args.mobilenet_finetune_epochs,
-                                             max(50, args.latency_runs // 3))
+                                             args.latency_runs)
             checks += targets(label, all_results[label])
     print("| model | variant | recipe chosen | size KB | gzip KB | top-1 % | agreement % | host latency ms (1 thread) |")
     print("|---|---|---|---|---|---|---|---|")
@@ -193,6 +199,22 @@ def main() -> int:
             print(f"| {label} | {variant} | {row.get('recipe', 'float32')} | {row['size'] / 1024:.1f} | {row['gzip_size'] / 1024:.1f} | "
                   f"{row['top1_pct']:.2f} | {'-' if agreement is None else f'{agreement:.2f}'} | "
                   f"{row['host_latency_ms']:.3f} |")
+    print("\nWhere the bytes are (KB; gzip in parentheses):\n")
+    print("| model | variant | weights | bias | quant scales | quant zero points | graph | total |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label, rows in all_results.items():
+        for variant, row in rows.items():
+            b = row["size_breakdown"]
+            print(f"| {label} | {variant} | {b['weights'] / 1024:.1f} ({b['gzip_weights'] / 1024:.1f}) | {b['bias'] / 1024:.1f} | "
+                  f"{b['quant_scales'] / 1024:.1f} | {b['quant_zero_points'] / 1024:.1f} | {b['graph'] / 1024:.1f} | "
+                  f"{b['total'] / 1024:.1f} ({b['gzip_total'] / 1024:.1f}) |")
+    print()
+    for label, rows in all_results.items():
+        for variant, row in rows.items():
+            if row.get("pruning") and row["pruning"].get("channels_removed") is not None:
+                p = row["pruning"]
+                print(f"- {label} / {variant}: allocation {p['allocation']}, {p['channels_removed'] * 100:.1f}% of prunable "
+                      f"channels removed, MACs {p['macs_after'] / p['macs_before'] * 100:.1f}% of the original")
     print()
     for text, ok, measured in checks:
         print(f"- {'met' if ok else 'MISSED'}: {text} (measured {measured})")

@@ -95,7 +95,19 @@ def test_pruned_h5_conversion_is_smaller_and_reports_pruning(digits, tmp_path: P
     assert result.manifest.source.format == "h5"
     pruning = result.report["pruning"]
     assert pruning["params_after"] < 0.6 * pruning["params_before"] and pruning["sparsity"] >= 0.49
+    assert pruning["allocation"] == "cost" and 0.2 <= pruning["channels_removed"] <= 0.4
+    assert pruning["macs_after"] < 0.7 * pruning["macs_before"]
     assert result.report["chosen"]["gzip_size"] < 0.5 * result.report["float"]["gzip_size"]
+
+
+def test_report_breaks_the_model_size_down_into_weights_quantization_params_and_graph(digits_result) -> None:
+    chosen, float_ = digits_result.report["chosen"], digits_result.report["float"]
+    b = chosen["size_breakdown"]
+    assert b["weights"] + b["bias"] + b["quant_scales"] + b["quant_zero_points"] + b["graph"] == b["total"] == chosen["size"]
+    # per-channel: one float32 scale and one int64 zero point (the schema's type) per output channel
+    assert b["per_channel_axes"] > 100 and b["quant_zero_points"] == 2 * b["quant_scales"]
+    assert float_["size_breakdown"]["quant_scales"] == 0 and float_["size_breakdown"]["weights"] > 3.5 * b["weights"]
+    assert b["gzip_total"] == chosen["gzip_size"]
 
 
 def test_out_dir_that_is_not_an_artifact_is_refused_and_left_untouched(digits, tmp_path: Path) -> None:
