@@ -29,10 +29,10 @@ from agent.errors import ConfigError, ConversionError
 from converter._tf import keras
 
 __all__ = [
+    "ALLOCATIONS",
+    "SPARSITY_ALLOCATIONS",
     "ChannelPlan",
     "PruneSummary",
-    "SPARSITY_ALLOCATIONS",
-    "ALLOCATIONS",
     "apply_sparsity",
     "conv_macs",
     "finetune",
@@ -435,7 +435,7 @@ def apply_sparsity(model: Any, sparsity: float, block: int = 16, allocation: str
         moved = np.moveaxis(kernel, axis, -1)
         blocks = moved.reshape(*moved.shape[:-1], moved.shape[-1] // size, size)
         norms = np.sqrt((blocks.astype(np.float64) ** 2).sum(axis=-1))
-        k = int(round(norms.size * layer_sparsity))
+        k = round(norms.size * layer_sparsity)
         if k == 0:
             continue
         order = np.argsort(norms.ravel(), kind="stable")

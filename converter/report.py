@@ -32,6 +32,15 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
             "host_latency_ms": chosen.get("host_latency_ms"), "signed": report["signed"]}
 
 
+def _breakdown_rows(fl: dict[str, Any] | None, ch: dict[str, Any] | None) -> list[str]:
+    """Where the bytes are: per-channel quantization parameters and the graph do not shrink with the weights."""
+    if not fl or not ch:
+        return []
+    rows = [("weights", "weights"), ("int32 biases", "bias"), ("quantization scales", "quant_scales"),
+            ("quantization zero points (int64)", "quant_zero_points"), ("graph (ops, shapes, names)", "graph")]
+    return [f"| - {label} | {_kb(fl[key])} | {_kb(ch[key])} |" for label, key in rows]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """A table a person can read in ten seconds, then the details."""
     fl, ch = report["float"], report.get("chosen") or {}
@@ -47,6 +56,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "|---|---|---|",
         f"| size | {_kb(fl['size'])} | {_kb(ch.get('size'))} |",
         f"| gzip size | {_kb(fl['gzip_size'])} | {_kb(ch.get('gzip_size'))} |",
+        *_breakdown_rows(fl.get("size_breakdown"), ch.get("size_breakdown")),
         f"| top-1 accuracy | {_pct(m.get('float_accuracy_pct'))} | {_pct(m.get('accuracy_pct'))} |",
         f"| top-1 agreement with float | 100% | {_pct(m.get('top1_agreement_pct'))} |",
         "| min output cosine | 1 | " + _num(min((m.get("cosine") or {"-": None}).values(), default=None)) + " |",

@@ -21,8 +21,8 @@ _INT8, _INT32, _FLOAT32 = 9, 2, 0  # tflite.TensorType values
 def size_breakdown(model: bytes) -> dict[str, Any]:
     """Bytes of a ``.tflite`` by kind, raw and gzip-compressed (level 9).
 
-    Keys: ``weights`` (int8/uint8/float constant tensors other than biases), ``bias`` (int32
-    constants), ``quant_scales`` (4 bytes per scale), ``quant_zero_points`` (8 bytes per zero
+    Keys: ``weights`` (every constant tensor that is not int32: the int8 weights, or in a float
+    model the float weights and biases), ``bias`` (int32 constants: quantized biases), ``quant_scales`` (4 bytes per scale), ``quant_zero_points`` (8 bytes per zero
     point), ``graph`` (everything else: ops, shapes, names, flatbuffer tables), ``total``,
     ``per_channel_axes`` (number of per-channel scales), and ``gzip_*`` for weights, quantization
     parameters and the whole file.

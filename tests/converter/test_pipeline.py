@@ -108,6 +108,7 @@ def test_report_breaks_the_model_size_down_into_weights_quantization_params_and_
     assert b["per_channel_axes"] > 100 and b["quant_zero_points"] == 2 * b["quant_scales"]
     assert float_["size_breakdown"]["quant_scales"] == 0 and float_["size_breakdown"]["weights"] > 3.5 * b["weights"]
     assert b["gzip_total"] == chosen["gzip_size"]
+    assert "quantization zero points (int64)" in (digits_result.out_dir / "report.md").read_text()
 
 
 def test_out_dir_that_is_not_an_artifact_is_refused_and_left_untouched(digits, tmp_path: Path) -> None:
