@@ -89,7 +89,8 @@ class _Bars:
             yield None
             return
         from tqdm import tqdm
-        with tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
+        # disable=None: no bars when stderr is not a terminal (logs, CI, the demo)
+        with tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True, disable=None) as bar:
             yield bar.update
 
 
