@@ -209,8 +209,9 @@ def overhead(path: Path, x: np.ndarray, calls: int, threads: int) -> dict[str, A
     return res
 
 
-def stream_run(path: Path, frames: np.ndarray, cache: bool, threads: int) -> dict[str, Any]:
-    config = CacheConfig(max_bytes=16 * 1024 * 1024, seed=1) if cache else None
+def stream_run(path: Path, frames: np.ndarray, cache: bool | CacheConfig, threads: int) -> dict[str, Any]:
+    config = (cache if isinstance(cache, CacheConfig)
+              else CacheConfig(max_bytes=16 * 1024 * 1024, seed=1) if cache else None)
     engine = Engine(path, profile="x86-dev", threads=threads, instances=1, autotune=False, cache=config)
     tops = np.empty(len(frames), np.int64)
     times = np.empty(len(frames))
@@ -257,6 +258,57 @@ print(json.dumps({{"t_first": t_first, "rss_mb": rss, "tensorflow_imported": tf,
             "tensorflow_imported": any(r["tensorflow_imported"] for r in runs), "runtime": runs[0]["runtime"]}
 
 
+SWEEP_THRESHOLDS = (0.0025, 0.005, 0.01, 0.02, 0.04, 0.08)
+
+
+def threshold_sweep(path: Path, frames: int, threads: int) -> dict[str, list[dict[str, float]]]:
+    """Savings against disagreement with the near-duplicate threshold held fixed (no verification,
+    so it cannot adapt), to show what the self-tuning default chooses between."""
+    sweep: dict[str, list[dict[str, float]]] = {}
+    for kind in ("static_camera", "dissolve"):
+        stream = make_stream(kind, frames, seed=2)
+        off = stream_run(path, stream, False, threads)
+        rows = []
+        for threshold in SWEEP_THRESHOLDS:
+            fixed = CacheConfig(max_bytes=16 * 1024 * 1024, near_threshold=threshold, verify_fraction=0.0, seed=1)
+            on = stream_run(path, stream, fixed, threads)
+            computed = on["stats"]["misses"] + on["stats"]["verified_hits"]
+            rows.append({"threshold": threshold, "saved_pct": round(100.0 * (1 - computed / len(stream)), 1),
+                         "disagreement_pct": round(100.0 * float(np.mean(on["top1"] != off["top1"])), 2)})
+        sweep[kind] = rows
+    return sweep
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    mob = results["mobilenet"]["overhead"]
+    names = ["bare", "engine", "engine+cache(hit)"]
+    values = [mob[n]["p50_us"] / 1000.0 for n in names]
+    left.bar(["bare interpreter", "Engine", "Engine, exact hit"], values, color=["#999", "#1f77b4", "#2ca02c"])
+    left.set_ylabel("p50 latency per call (ms)")
+    left.set_title(f"MobileNetV2 int8: Engine overhead {mob['overhead_pct']:+.1f} %")
+    for kind, rows in results["threshold_sweep"].items():
+        right.plot([r["disagreement_pct"] for r in rows], [r["saved_pct"] for r in rows], "o-", label=kind)
+        for r in rows:
+            right.annotate(f"{r['threshold']:g}", (r["disagreement_pct"], r["saved_pct"]), fontsize=7,
+                           xytext=(3, -9), textcoords="offset points")
+        adaptive = results["streams"][kind]
+        right.plot([adaptive["top1_disagreement_pct"]], [adaptive["saved_pct"]], "k*", markersize=11)
+    right.plot([], [], "k*", label="self-tuning default")
+    right.axvline(1.0, color="red", linestyle="--", linewidth=1, label="1 % target")
+    right.set_xlabel("top-1 disagreement with the cache off (%)")
+    right.set_ylabel("inferences saved (%)")
+    right.set_title("Cache: savings vs disagreement as the threshold moves")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 # ---------------------------------------------------------------------------------- main
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -265,6 +317,7 @@ def main() -> int:
     parser.add_argument("--alpha", type=float, default=0.35, choices=(0.35, 0.5, 0.75, 1.0))
     parser.add_argument("--calls", type=int, default=2000, help="calls per contender on the tiny model")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--plot", type=Path, help="write a PNG: overhead bars and the cache threshold sweep")
     parser.add_argument("--build-model", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.build_model:
@@ -307,6 +360,7 @@ def main() -> int:
             "speedup": round(off["total_s"] / on["total_s"], 2),
         }
     results["streams"] = streams
+    results["threshold_sweep"] = threshold_sweep(model, args.frames, args.threads)
     results["fresh_process"] = fresh_process_figures(model, args.threads)
 
     mob = results["mobilenet"]["overhead"]
@@ -329,6 +383,8 @@ def main() -> int:
     results["targets"] = [{"target": t, "goal": g, "measured": m, "met": bool(ok)} for t, g, m, ok in targets]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
+    if args.plot:
+        plot(results, args.plot)
     print(render(results))
     return 0
 
@@ -356,6 +412,12 @@ def render(r: dict[str, Any]) -> str:
                      f"{s['verified_hits']} | {s['top1_disagreement_pct']:.2f} % | "
                      f"{s['top1_changes_without_cache_pct']:.1f} % ({s['distinct_top1_without_cache']} classes) | "
                      f"{s['final_threshold']} | {s['mean_ms_off']:.2f} -> {s['mean_ms_on']:.2f} | {s['speedup']:.2f}x |")
+    lines += ["", "Threshold held fixed (no verification, so no self-tuning): inferences saved / top-1 disagreement.",
+              "", "| stream | " + " | ".join(f"{t:g}" for t in SWEEP_THRESHOLDS) + " |",
+              "|---|" + "---|" * len(SWEEP_THRESHOLDS)]
+    for kind, rows in r["threshold_sweep"].items():
+        cells = " | ".join(f"{row['saved_pct']:.0f} % / {row['disagreement_pct']:.2f} %" for row in rows)
+        lines.append(f"| {kind} | {cells} |")
     lines += ["", "| target | goal | measured | |", "|---|---|---|---|"]
     for t in r["targets"]:
         lines.append(f"| {t['target']} | {t['goal']} | {t['measured']} | {'met' if t['met'] else '**missed**'} |")
