@@ -178,8 +178,7 @@ def main() -> int:
         feeder.start()
 
         heading("3. The fleet, live")
-        time.sleep(3)
-        run([fleet, "devices", "--broker", broker.url])
+        run([fleet, "devices", "--broker", broker.url, "--listen", "3"])  # 3 s: catch a telemetry round
         run([fleet, "watch", "--broker", broker.url, "--frames", "2", "--interval", "2"])
 
         data_dir = ["--data-dir", out / "fleet-data", "--serve", "127.0.0.1:0"]  # artifacts on loopback
