@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agent.errors import ConfigError
-from agent.profiles import format_validation_error
+from agent.profiles import format_validation_error, read_yaml_file
 from agent.protocol import validate_id
 
 __all__ = [
@@ -254,9 +253,5 @@ def load_config(path: Path | str) -> AgentConfig:
         raise ConfigError(f"{path}: config file not found")
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise ConfigError(f"{path}: {path.stat().st_size} bytes, expected at most {MAX_CONFIG_BYTES}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"{path}: not valid YAML: {first}") from exc
+    data = read_yaml_file(path)
     return parse_config(data, str(path), base=path.parent.resolve())

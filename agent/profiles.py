@@ -11,7 +11,7 @@ from __future__ import annotations
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -25,6 +25,7 @@ __all__ = [
     "list_profiles",
     "load_profile",
     "profile_dir",
+    "read_yaml_file",
 ]
 
 
@@ -160,6 +161,15 @@ def format_validation_error(source: str, exc: ValidationError) -> str:
     return f"{source}: {key}: {what}{more}"
 
 
+def read_yaml_file(path: Path) -> Any:
+    """Parse a YAML file; a syntax or encoding error becomes one ConfigError line naming the file."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{path}: not valid YAML: {first}") from exc
+
+
 def load_profile(name_or_path: str | Path) -> Profile:
     """Load and validate a profile given by name (``rpi4``) or by path.
 
@@ -180,11 +190,7 @@ def _load_cached(name_or_path: str) -> Profile:
             raise ConfigError(f"unknown profile {name_or_path!r}: expected one of {known} or a path to a .yaml file")
     if not path.is_file():
         raise ConfigError(f"{path}: profile file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"{path}: not valid YAML: {first}") from exc
+    data = read_yaml_file(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of profile keys, got {type(data).__name__}")
     try:
