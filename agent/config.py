@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from agent.errors import ConfigError
 from agent.profiles import format_validation_error, read_yaml_file
-from agent.protocol import validate_id
+from agent.protocol import ID_RULE, validate_id
 
 __all__ = [
     "AgentConfig",
@@ -191,21 +191,14 @@ class AgentConfig(_Strict):
     outbox: OutboxConfig = OutboxConfig()
     commands: CommandsConfig = CommandsConfig()
 
-    @field_validator("device_id")
+    @field_validator("device_id", "group")
     @classmethod
-    def _device_id(cls, value: str) -> str:
+    def _topic_level(cls, value: str) -> str:
+        """Both become MQTT topic levels."""
         try:
-            return validate_id(value, "device_id")
+            return validate_id(value)
         except ConfigError as exc:
-            raise ValueError(str(exc)) from exc
-
-    @field_validator("group")
-    @classmethod
-    def _group(cls, value: str) -> str:
-        try:
-            return validate_id(value, "group")
-        except ConfigError as exc:
-            raise ValueError(str(exc)) from exc
+            raise ValueError(f"expected {ID_RULE} (it becomes an MQTT topic level)") from exc
 
     def resolved(self, base: Path) -> AgentConfig:
         """A copy with every relative path made relative to ``base`` (the config file's folder)."""

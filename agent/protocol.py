@@ -18,6 +18,7 @@ from agent.errors import ConfigError
 
 __all__ = [
     "COMMANDS",
+    "ID_RULE",
     "MAX_PAYLOAD_BYTES",
     "OTA_FAILURE_STATES",
     "OTA_STATES",
@@ -48,12 +49,13 @@ OTA_TERMINAL_STATES = frozenset({"committed", "rejected", "failed", "rolled_back
 OTA_FAILURE_STATES = frozenset({"rejected", "failed", "rolled_back"})
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+ID_RULE = "1-64 characters of letters, digits, '_', '.', '-', starting with a letter or digit"
 
 
 def validate_id(value: str, what: str = "device_id") -> str:
     """Device ids and group names become topic levels: no wildcards, slashes or spaces."""
     if not isinstance(value, str) or not _ID.match(value):
-        raise ConfigError(f"{what} {value!r}: expected 1-64 characters of letters, digits, '_', '.', '-'")
+        raise ConfigError(f"{what} {value!r}: expected {ID_RULE}")
     return value
 
 

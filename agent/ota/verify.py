@@ -20,7 +20,6 @@ What each check stops:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 from agent.errors import ArtifactError, ConfigError
 from agent.manifest import Manifest, parse_manifest, parse_version
 from agent.profiles import Profile
+from agent.protocol import validate_id
 from agent.signing import verify_manifest
 
 __all__ = [
@@ -44,7 +44,6 @@ __all__ = [
     "profile_compatible",
 ]
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SCHEMES = ("http://", "https://", "file://")
 
 
@@ -79,10 +78,10 @@ class DeviceFacts:
 
 def _rollout_id(cmd: Mapping[str, Any]) -> str:
     rid = cmd.get("rollout_id") or cmd.get("id")
-    if not isinstance(rid, str) or not _ID.match(rid) or rid in (".", ".."):
-        raise ConfigError(f"rollout_id {rid!r}: expected 1-64 letters, digits, '_', '.', '-' "
-                          "(it names a directory under the agent's state_dir)")
-    return rid
+    try:
+        return validate_id(rid, "rollout_id")  # same rule as topic ids: no '/', no leading '.'
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (it names a directory under the agent's state_dir)") from exc
 
 
 def parse_update(cmd: Mapping[str, Any]) -> UpdateRequest:
