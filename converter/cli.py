@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", default="1", help="artifact version, dotted numbers (default 1)")
     p.add_argument("--name", help="artifact name (default: the model file name)")
     p.add_argument("--sign-key", help="Ed25519 PEM private key; writes manifest.json.sig")
+    p.add_argument("--keep-tensor-names", action="store_true",
+                   help="keep every tensor's debug name in model.tflite (by default only inputs, outputs and "
+                        "float tensors keep theirs: smaller downloads)")
     p.add_argument("--out", help="artifact directory to create (or a previous artifact to replace)")
     p.add_argument("--list-profiles", action="store_true", help="print the shipped device profiles and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary line")
@@ -85,7 +88,7 @@ def _main(argv: list[str]) -> int:
                      input_range=input_range, prune_channels=args.prune_channels,
                      prune_allocation=args.prune_allocation, sparsity=args.sparsity,
                      finetune_epochs=args.finetune_epochs, version=args.version, name=args.name,
-                     sign_key=args.sign_key, progress=not args.quiet)
+                     sign_key=args.sign_key, progress=not args.quiet, keep_tensor_names=args.keep_tensor_names)
     info = summary(result.report)
     if args.json:
         print(json.dumps(info, indent=2))

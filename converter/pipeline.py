@@ -23,7 +23,7 @@ import numpy as np
 from agent.errors import ConfigError, ConversionError
 from agent.manifest import Manifest, ModelFile, Preprocessing, Source, parse_version
 from agent.profiles import Profile, load_profile
-from converter import artifact, edgetpu, fidelity, pruning, quantize
+from converter import artifact, edgetpu, equalize, fidelity, pruning, quantize
 from converter.data import SampleSet, check_array, load_samples
 from converter.inspect import inspect_tflite
 from converter.loading import LoadedModel, export_keras, load_model
@@ -105,12 +105,45 @@ def _as_samples(data: Any, loaded: LoadedModel, input_range: tuple[float, float]
     raise ConfigError(f"samples: expected a path, a SampleSet or one array, got {type(data).__name__}")
 
 
-def _evaluate(recipe: quantize.Recipe, source_dir: Path, calibration: SampleSet, evaluation: SampleSet,
+class _Sources:
+    """The SavedModels recipes quantize from: the (pruned) model as given and, built on first use
+    by a recipe that asks for it, its cross-layer-equalized twin (Keras models only)."""
+
+    def __init__(self, saved_model_dir: Path, keras_model: Any | None, io_names: tuple[list[str], list[str]],
+                 calibration: SampleSet, workdir: Path, keep_names: bool):
+        self.plain = saved_model_dir
+        self.keras_model = keras_model
+        self.io_names = io_names
+        self.calibration = calibration
+        self.workdir = workdir
+        self.keep_names = keep_names
+        self.equalization: equalize.EqualizeSummary | None = None
+        self._equalized: Path | None = None
+
+    @property
+    def can_equalize(self) -> bool:
+        return self.keras_model is not None
+
+    def for_recipe(self, recipe: quantize.Recipe) -> Path:
+        if not recipe.equalized:
+            return self.plain
+        if self._equalized is None:
+            from converter._tf import keras
+            twin = keras.models.clone_model(self.keras_model)
+            twin.set_weights(self.keras_model.get_weights())
+            self.equalization = equalize.equalize(twin, [self.calibration.inputs[n] for n in self.io_names[0]])
+            self._equalized = self.workdir / "equalized_saved_model"
+            export_keras(twin, self._equalized, self.io_names)
+        return self._equalized
+
+
+def _evaluate(recipe: quantize.Recipe, sources: _Sources, calibration: SampleSet, evaluation: SampleSet,
               reference: dict[str, np.ndarray], profile: Profile, bars: _Bars) -> _Candidate:
     q = profile.quantization
     try:
         with bars.bar(f"calibrating {recipe.name}", min(len(calibration), quantize.MAX_CALIBRATION)) as tick:
-            model = quantize.quantize(source_dir, recipe, calibration, q.input_dtype, tick)
+            model = quantize.quantize(sources.for_recipe(recipe), recipe, calibration, q.input_dtype, tick,
+                                      sources.keep_names)
     except ConversionError as exc:
         return _Candidate(recipe, None, None, (), None, error=str(exc))
     inspection = inspect_tflite(model)
@@ -125,17 +158,24 @@ def _evaluate(recipe: quantize.Recipe, source_dir: Path, calibration: SampleSet,
                       inspection.op_counts(), host_latency_ms=fidelity.host_latency_ms(model, evaluation, runs=10))
 
 
-def _search(source_dir: Path, calibration: SampleSet, evaluation: SampleSet, reference: dict[str, np.ndarray],
+def _per_tensor(sources: _Sources) -> quantize.Recipe:
+    if sources.can_equalize:
+        return quantize.Recipe("int8 per-tensor + equalization", per_channel=False, equalized=True)
+    return quantize.Recipe("int8 per-tensor", per_channel=False)
+
+
+def _search(sources: _Sources, calibration: SampleSet, evaluation: SampleSet, reference: dict[str, np.ndarray],
             profile: Profile, bars: _Bars) -> list[_Candidate]:
-    """Baseline full-int8, then remedies in order until one meets the target."""
+    """Baseline full-int8, then the smaller per-tensor recipe if the baseline is good enough, or
+    remedies in order until one meets the target. :func:`_pick` keeps the smallest that does."""
     q = profile.quantization
-    label = "per-channel" if q.per_channel else "per-tensor"
-    tried = [_evaluate(quantize.Recipe(f"int8 {label}", per_channel=q.per_channel), source_dir, calibration,
-                       evaluation, reference, profile, bars)]
+    baseline = (quantize.Recipe("int8 per-channel", per_channel=True) if q.per_channel else _per_tensor(sources))
+    tried = [_evaluate(baseline, sources, calibration, evaluation, reference, profile, bars)]
     if tried[0].ok:
+        if q.per_channel:  # per-tensor drops 24 bytes of scales and zero points per channel
+            tried.append(_evaluate(_per_tensor(sources), sources, calibration, evaluation, reference, profile, bars))
         return tried
-    remedies: list[Any] = [quantize.Recipe(f"int8 {'per-tensor' if q.per_channel else 'per-channel'}",
-                                           per_channel=not q.per_channel)]
+    remedies: list[Any] = [_per_tensor(sources) if q.per_channel else quantize.Recipe("int8 per-channel")]
     if q.allow_16bit_activations and not q.require_full_integer:
         remedies.append(quantize.Recipe("16x8 (int16 activations)", per_channel=True, int16_activations=True))
     if q.allow_float_fallback and not q.require_full_integer:
@@ -144,7 +184,7 @@ def _search(source_dir: Path, calibration: SampleSet, evaluation: SampleSet, ref
         for remedy in remedies:
             if remedy == "fallback":
                 try:
-                    ranked = quantize.sensitive_tensors(source_dir, calibration, q.input_dtype, q.per_channel)
+                    ranked = quantize.sensitive_tensors(sources.plain, calibration, q.input_dtype, q.per_channel)
                 except ConversionError as exc:
                     tried.append(_Candidate(quantize.Recipe("float fallback"), None, None, (), None, error=str(exc)))
                     continue
@@ -154,13 +194,13 @@ def _search(source_dir: Path, calibration: SampleSet, evaluation: SampleSet, ref
                     names = tuple(name for name, _ in ranked[:k])
                     recipe = quantize.Recipe(f"int8 + float fallback of {k} layer(s)", per_channel=q.per_channel,
                                              float_tensors=names)
-                    tried.append(_evaluate(recipe, source_dir, calibration, evaluation, reference, profile, bars))
+                    tried.append(_evaluate(recipe, sources, calibration, evaluation, reference, profile, bars))
                     if tick:
                         tick(1)
                     if tried[-1].ok:
                         break
             else:
-                tried.append(_evaluate(remedy, source_dir, calibration, evaluation, reference, profile, bars))
+                tried.append(_evaluate(remedy, sources, calibration, evaluation, reference, profile, bars))
                 if tick:
                     tick(1)
             if any(c.ok for c in tried):
@@ -179,7 +219,7 @@ def _pick(tried: list[_Candidate]) -> _Candidate:
 
 
 def _prune(loaded: LoadedModel, calibration: SampleSet, prune_channels: float, sparsity: float, epochs: int,
-           workdir: Path, bars: _Bars, allocation: str = "cost") -> tuple[Path, pruning.PruneSummary]:
+           workdir: Path, bars: _Bars, allocation: str = "cost") -> tuple[Path, Any, pruning.PruneSummary]:
     if loaded.keras_model is None:
         raise ConfigError(f"{loaded.path}: pruning needs a Keras model (.keras or .h5); got a {loaded.format}")
     teacher = loaded.keras_model
@@ -201,7 +241,7 @@ def _prune(loaded: LoadedModel, calibration: SampleSet, prune_channels: float, s
     summary = pruning.PruneSummary(summary.plans, summary.skipped, summary.params_before, student.count_params(),
                                    pruning.kernel_sparsity(student) if sparsity > 0 else None, epochs, losses,
                                    summary.allocation, pruning.conv_macs(teacher), pruning.conv_macs(student))
-    return out_dir, summary
+    return out_dir, student, summary
 
 
 def _layout(shape: list[int]) -> str:
@@ -213,11 +253,12 @@ def convert(model: str | Path, profile: str | Path | Profile, calibration: str |
             input_range: tuple[float, float] | None = None, prune_channels: float = 0.0, sparsity: float = 0.0,
             finetune_epochs: int = 3, prune_allocation: str = "cost", version: str = "1", name: str | None = None,
             sign_key: str | Path | None = None, progress: bool = False, eval_fraction: float = 0.2,
-            latency_runs: int = 30) -> ConvertResult:
+            latency_runs: int = 30, keep_tensor_names: bool = False) -> ConvertResult:
     """Convert a trained model into a signed, checked artifact directory for ``profile``.
 
     Without ``eval_data``, ``eval_fraction`` of the calibration samples is held out for the
-    fidelity measurement. A candidate that misses the profile's fidelity target is still written,
+    fidelity measurement. Intermediate tensor names are dropped from the shipped model unless
+    ``keep_tensor_names``. A candidate that misses the profile's fidelity target is still written,
     with ``deployable: false`` in its manifest (``result.exit_code == 3``).
 
     Raises:
@@ -259,13 +300,15 @@ def convert(model: str | Path, profile: str | Path | Profile, calibration: str |
         else:
             ev, eval_source = cal, "the calibration samples (too few to hold any out)"
         pruned = None
-        source_dir = loaded.saved_model_dir
+        source_dir, source_keras = loaded.saved_model_dir, loaded.keras_model
         if prune_channels > 0 or sparsity > 0:
-            source_dir, pruned = _prune(loaded, cal, prune_channels, sparsity, finetune_epochs, workdir, bars,
-                                        prune_allocation)
-        float_model = quantize.convert_float(loaded.saved_model_dir)
+            source_dir, source_keras, pruned = _prune(loaded, cal, prune_channels, sparsity, finetune_epochs, workdir,
+                                                      bars, prune_allocation)
+        sources = _Sources(source_dir, source_keras, ([t.name for t in loaded.inputs], [t.name for t in loaded.outputs]),
+                           cal, workdir, keep_tensor_names)
+        float_model = quantize.convert_float(loaded.saved_model_dir, keep_tensor_names)
         reference = fidelity.run_model(float_model, ev)
-        tried = _search(source_dir, cal, ev, reference, prof, bars)
+        tried = _search(sources, cal, ev, reference, prof, bars)
         chosen = _pick(tried)
         assert chosen.model is not None and chosen.metrics is not None and chosen.outputs is not None
         inspection = inspect_tflite(chosen.model)
@@ -306,6 +349,8 @@ def convert(model: str | Path, profile: str | Path | Profile, calibration: str |
             "chosen": {**chosen.to_dict(), "size_breakdown": size_breakdown(chosen.model),
                        "host_latency_ms": fidelity.host_latency_ms(chosen.model, ev, latency_runs, threads)},
             "pruning": pruned.to_dict() if pruned else None,
+            "equalization": sources.equalization.to_dict() if sources.equalization else None,
+            "tensor_names": "kept" if keep_tensor_names else "intermediate names dropped",
             "edgetpu": tpu.to_dict() if tpu else None,
             "golden": {"count": len(golden.golden.samples), "atol": golden.golden.atol,
                        "measured_error": golden.measured_error},

@@ -35,6 +35,7 @@ __all__ = [
     "PruneSummary",
     "apply_sparsity",
     "conv_macs",
+    "inbound_layers",
     "finetune",
     "kernel_sparsity",
     "plan_channel_pruning",
@@ -178,7 +179,8 @@ class _Spaces:
         return out
 
 
-def _inbound(layer: Any) -> list[str]:
+def inbound_layers(layer: Any) -> list[str]:
+    """Names of the layers feeding ``layer`` (its first call site)."""
     nodes = layer._inbound_nodes[:1]
     return [t._keras_history.operation.name for node in nodes for t in node.input_tensors]
 
@@ -225,7 +227,7 @@ def plan_channel_pruning(model: Any, fraction: float,
     consumers: dict[int, list[tuple[Any, int]]] = {}
     bn_after: dict[str, Any] = {}
     for layer in model.layers:
-        inbound = _inbound(layer)
+        inbound = inbound_layers(layer)
         if isinstance(layer, L.InputLayer) or not inbound:
             space_of[layer.name] = spaces.new()
             spaces.pin(space_of[layer.name], f"reaches model input {layer.name!r}")

@@ -19,6 +19,7 @@ import numpy as np
 
 from agent.errors import ConversionError
 from converter._tf import tf
+from converter.compact import strip_tensor_names
 from converter.data import SampleSet
 
 __all__ = ["MAX_CALIBRATION", "Recipe", "convert_float", "quantize", "sensitive_tensors"]
@@ -35,6 +36,7 @@ class Recipe:
     per_channel: bool = True
     int16_activations: bool = False
     float_tensors: tuple[str, ...] = field(default=())
+    equalized: bool = False  # quantize the cross-layer-equalized model (see converter.equalize)
 
     @property
     def full_integer(self) -> bool:
@@ -61,16 +63,24 @@ def _representative(samples: SampleSet, progress: Progress | None,
     return gen
 
 
-def convert_float(saved_model_dir: Path) -> bytes:
+def _finish(model: bytes, keep_names: bool) -> bytes:
+    return model if keep_names else strip_tensor_names(model)
+
+
+def convert_float(saved_model_dir: Path, keep_names: bool = False) -> bytes:
     """The float32 ``.tflite``: the reference every quantized candidate is measured against.
+
+    Its intermediate tensor names are dropped like the candidates', so size ratios compare
+    like with like (``keep_names`` keeps them).
 
     Raises:
         ConversionError: the graph uses ops TFLite cannot express.
     """
     try:
-        return bytes(tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir)).convert())
+        model = bytes(tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir)).convert())
     except Exception as exc:  # ConverterError, RuntimeError, ValueError depending on the phase
         raise ConversionError(f"float TFLite conversion failed: {_first_line(exc)}") from exc
+    return _finish(model, keep_names)
 
 
 def _converter(saved_model_dir: Path, recipe: Recipe, calibration: SampleSet, io_dtype: str,
@@ -92,8 +102,10 @@ def _converter(saved_model_dir: Path, recipe: Recipe, calibration: SampleSet, io
 
 
 def quantize(saved_model_dir: Path, recipe: Recipe, calibration: SampleSet, io_dtype: str = "int8",
-             progress: Progress | None = None) -> bytes:
+             progress: Progress | None = None, keep_names: bool = False) -> bytes:
     """Convert with ``recipe``, calibrating on (up to ``MAX_CALIBRATION``) samples.
+
+    Intermediate tensor names are dropped (:mod:`converter.compact`) unless ``keep_names``.
 
     Raises:
         ConversionError: an op has no integer kernel (full-integer recipes) or calibration failed.
@@ -104,10 +116,12 @@ def quantize(saved_model_dir: Path, recipe: Recipe, calibration: SampleSet, io_d
             options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=list(recipe.float_tensors))
             debugger = tf.lite.experimental.QuantizationDebugger(
                 converter=conv, debug_dataset=_representative(calibration, None, as_list=True), debug_options=options)
-            return bytes(debugger.get_nondebug_quantized_model())
-        return bytes(conv.convert())
+            model = bytes(debugger.get_nondebug_quantized_model())
+        else:
+            model = bytes(conv.convert())
     except Exception as exc:  # the converter raises ConverterError, RuntimeError or ValueError
         raise ConversionError(f"quantization recipe {recipe.name!r} failed: {_first_line(exc)}") from exc
+    return _finish(model, keep_names)
 
 
 def sensitive_tensors(saved_model_dir: Path, calibration: SampleSet, io_dtype: str, per_channel: bool,

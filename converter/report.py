@@ -81,6 +81,12 @@ def render_markdown(report: dict[str, Any]) -> str:
                      f"{_pct(rm.get('top1_agreement_pct'))} | {_pct(rm.get('accuracy_pct'))} | {_num(cos)} | "
                      f"{_num(snr, '.1f')} | {'yes' if r.get('full_integer') else 'no'} | "
                      f"{_num(r.get('host_latency_ms'), '.3f')} | {result} |")
+    eq = report.get("equalization")
+    if eq:
+        lines += ["", (f"Cross-layer equalization (per-tensor recipes): {eq['pairs']} layer pairs, {eq['channels']} "
+                       f"channels rescaled so one weight scale per tensor fits them all ({eq['pinned']} left alone "
+                       "because they reach a ReLU cap); the float model computes the same function.")]
+    lines += ["", f"Tensor names: {report.get('tensor_names', 'kept')}."]
     pr = report.get("pruning")
     if pr:
         lines += ["", "## Pruning", "",

@@ -72,7 +72,7 @@ def test_strict_profile_tries_remedies_and_cli_exits_3_with_a_not_deployable_art
     assert "NOT deployable: cosine" in capsys.readouterr().err
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     names = [r["name"] for r in report["recipes"]]
-    assert names[:3] == ["int8 per-channel", "int8 per-tensor", "16x8 (int16 activations)"]
+    assert names[:3] == ["int8 per-channel", "int8 per-tensor + equalization", "16x8 (int16 activations)"]
     assert any("float fallback" in n for n in names)
     assert all(r["size"] and r["metrics"] for r in report["recipes"])
     manifest, _, _ = load_manifest(tmp_path / "out")
@@ -100,12 +100,22 @@ def test_pruned_h5_conversion_is_smaller_and_reports_pruning(digits, tmp_path: P
     assert result.report["chosen"]["gzip_size"] < 0.5 * result.report["float"]["gzip_size"]
 
 
+def test_smaller_per_tensor_recipe_ships_when_it_also_meets_the_target(digits_result) -> None:
+    report = digits_result.report
+    by_name = {r["name"]: r for r in report["recipes"]}
+    per_channel, per_tensor = by_name["int8 per-channel"], by_name["int8 per-tensor + equalization"]
+    assert not per_channel["misses"] and not per_tensor["misses"]
+    assert report["chosen"]["name"] == "int8 per-tensor + equalization" and per_tensor["size"] < per_channel["size"]
+    assert report["equalization"]["pairs"] >= 1 and "Cross-layer equalization" in (
+        digits_result.out_dir / "report.md").read_text()
+
+
 def test_report_breaks_the_model_size_down_into_weights_quantization_params_and_graph(digits_result) -> None:
     chosen, float_ = digits_result.report["chosen"], digits_result.report["float"]
     b = chosen["size_breakdown"]
     assert b["weights"] + b["bias"] + b["quant_scales"] + b["quant_zero_points"] + b["graph"] == b["total"] == chosen["size"]
-    # per-channel: one float32 scale and one int64 zero point (the schema's type) per output channel
-    assert b["per_channel_axes"] > 100 and b["quant_zero_points"] == 2 * b["quant_scales"]
+    # per-tensor: no per-channel axes; one float32 scale and one int64 zero point (the schema's type) per tensor
+    assert b["per_channel_axes"] == 0 and b["quant_zero_points"] == 2 * b["quant_scales"] > 0
     assert float_["size_breakdown"]["quant_scales"] == 0 and float_["size_breakdown"]["weights"] > 3.5 * b["weights"]
     assert b["gzip_total"] == chosen["gzip_size"]
     assert "quantization zero points (int64)" in (digits_result.out_dir / "report.md").read_text()

@@ -10,7 +10,7 @@ from converter.data import SampleSet
 from converter.fidelity import compare, run_model
 from converter.inspect import inspect_tflite
 from converter.loading import load_model
-from converter.pipeline import _evaluate
+from converter.pipeline import _evaluate, _Sources
 from converter.quantize import Recipe, convert_float, quantize, sensitive_tensors
 
 
@@ -33,15 +33,18 @@ def test_full_int8_uint8_io_has_only_integer_ops_and_uint8_io(prepared) -> None:
     assert metrics.top1_agreement_pct >= 98 and metrics.min_cosine > 0.99
 
 
-def test_float_fallback_of_sensitive_layers_is_listed_and_fails_full_integer_profile(prepared) -> None:
+def test_float_fallback_of_sensitive_layers_is_listed_and_fails_full_integer_profile(prepared, tmp_path) -> None:
     loaded, cal, ev, ref = prepared
     ranked = sensitive_tensors(loaded.saved_model_dir, cal, "int8", per_channel=True)
     assert ranked and ranked[0][1] >= ranked[-1][1]
     recipe = Recipe("fallback", float_tensors=(ranked[0][0],))
     inspection = inspect_tflite(quantize(loaded.saved_model_dir, recipe, cal))
     assert not inspection.full_integer and inspection.non_integer_ops
+    # the shipped model drops intermediate names, but a float tensor keeps its name for the report
+    assert any(name.strip() for name in inspection.float_tensors)
     coral = load_profile("coral-usb")
-    candidate = _evaluate(recipe, loaded.saved_model_dir, cal, ev, ref, coral, _NoBars())
+    sources = _Sources(loaded.saved_model_dir, None, (["image"], ["probs"]), cal, tmp_path, keep_names=False)
+    candidate = _evaluate(recipe, sources, cal, ev, ref, coral, _NoBars())
     assert not candidate.ok
     assert any("requires full integer; non-integer ops:" in m for m in candidate.misses)
 
@@ -52,6 +55,21 @@ def test_per_tensor_recipe_is_measurably_different_from_per_channel(prepared) ->
     per_tensor = quantize(loaded.saved_model_dir, Recipe("pt", per_channel=False), cal)
     assert len(per_tensor) < len(per_channel)  # one scale per tensor instead of per output channel
     assert not np.array_equal(run_model(per_tensor, ev)["probs"], run_model(per_channel, ev)["probs"])
+
+
+def test_intermediate_tensor_names_are_dropped_without_changing_a_single_output(prepared) -> None:
+    from ai_edge_litert.interpreter import Interpreter
+
+    loaded, cal, ev, _ = prepared
+    named = quantize(loaded.saved_model_dir, Recipe("pc"), cal, keep_names=True)
+    compact = quantize(loaded.saved_model_dir, Recipe("pc"), cal)
+    assert len(compact) < len(named)
+    np.testing.assert_array_equal(run_model(compact, ev)["probs"], run_model(named, ev)["probs"])
+    interp = Interpreter(model_content=compact)
+    assert interp.get_signature_list() == Interpreter(model_content=named).get_signature_list()
+    names = [t["name"] for t in interp.get_tensor_details()]
+    io = {d["name"] for d in interp.get_input_details() + interp.get_output_details()}
+    assert all(io) and set(n for n in names if n) == io  # only the graph's inputs and outputs keep a name
 
 
 class _NoBars:
