@@ -12,7 +12,13 @@ layers' per-channel ranges become ``sqrt(r1_c * r2_c)``. ReLU is positive-homoge
 float model computes the same function. ReLU6 (any capped ReLU) is only homogeneous below its cap,
 so here ``s_c`` is bounded by each channel's pre-activation maximum on the calibration samples (with
 a safety margin): a channel that reaches the cap is left alone, and no channel is scaled into it.
-The result is checked like any candidate: against the original float model on held-out samples.
+Then :func:`correct_bias` (the same paper's bias correction, empirical form) removes the mean
+shift that rounding the weights to one per-tensor grid adds to every output channel: for each
+conv/dense layer, ``E[(q(W) - W) x]`` is computed from the rounding error of the folded weights
+and the mean of the layer's input on calibration samples, and subtracted from its bias (or
+batch-norm offset). This one step does change the float function, on purpose, by exactly the
+expected quantization error. The result is checked like any candidate: against the original
+float model on held-out samples.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["EqualizeSummary", "equalize"]
+__all__ = ["EqualizeSummary", "correct_bias", "equalize"]
 
 _MARGIN = 1.25  # headroom between a channel's calibration maximum and the ReLU cap
 
@@ -30,14 +36,17 @@ _MARGIN = 1.25  # headroom between a channel's calibration maximum and the ReLU 
 @dataclass(frozen=True)
 class EqualizeSummary:
     """What :func:`equalize` changed: layer pairs rescaled, their channels, and how many of those
-    were left alone because they reach a ReLU cap on the calibration samples."""
+    were left alone because they reach a ReLU cap on the calibration samples; ``bias_corrected``
+    is filled in by the caller from :func:`correct_bias`."""
 
     pairs: int
     channels: int
     pinned: int
+    bias_corrected: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"pairs": self.pairs, "channels": self.channels, "pinned": self.pinned}
+        return {"pairs": self.pairs, "channels": self.channels, "pinned": self.pinned,
+                "bias_corrected": self.bias_corrected}
 
 
 @dataclass(frozen=True)
@@ -202,3 +211,69 @@ def equalize(model: Any, inputs: list[np.ndarray], iterations: int = 4) -> Equal
     pinned = sum(int(np.sum(peak > float(pair.act.max_value) / _MARGIN)) for pair, peak in zip(pairs, maxima)
                  if pair.act.max_value is not None)
     return EqualizeSummary(len(pairs), sum(len(peak) for peak in maxima), pinned)
+
+
+def _bias_targets(model: Any) -> list[tuple[Any, Any | None]]:
+    """(layer, batch-norm after it or None) for every conv/dense layer whose output offset we can move."""
+    L = _layers()
+    consumers = _consumers(model)
+    targets = []
+    for layer in model.layers:
+        if not isinstance(layer, (L.Conv2D, L.DepthwiseConv2D, L.Dense)):
+            continue
+        if isinstance(layer, L.DepthwiseConv2D) and layer.depth_multiplier != 1:
+            continue
+        after = consumers.get(layer.name, [])
+        norm = (after[0] if len(after) == 1 and isinstance(after[0], L.BatchNormalization) and after[0].center
+                and _activation(layer) == "linear" else None)
+        if norm is not None or layer.use_bias:
+            targets.append((layer, norm))
+    return targets
+
+
+def _input_means(model: Any, layers: list[Any], inputs: list[np.ndarray], batch: int = 32) -> list[np.ndarray]:
+    """Per-channel mean of each layer's input over the samples and spatial positions."""
+    from converter._tf import keras
+    probe = keras.Model(model.inputs, [layer.input for layer in layers])
+    sums: list[np.ndarray] | None = None
+    count = 0
+    for start in range(0, len(inputs[0]), batch):
+        chunk = [x[start:start + batch] for x in inputs]
+        outs = probe(chunk, training=False)
+        outs = outs if isinstance(outs, (list, tuple)) else [outs]
+        flat = [np.asarray(o, np.float64).reshape(-1, o.shape[-1]) for o in outs]
+        sums = [f.sum(axis=0) for f in flat] if sums is None else [a + f.sum(axis=0) for a, f in zip(sums, flat)]
+        count += len(chunk[0])
+    assert sums is not None
+    positions = [int(np.prod([d for d in layer.input.shape[1:-1]] or [1])) for layer in layers]
+    return [total / (count * n) for total, n in zip(sums, positions)]
+
+
+def correct_bias(model: Any, inputs: list[np.ndarray], max_samples: int = 300) -> int:
+    """Subtract the expected per-tensor int8 rounding error from each layer's output offset.
+
+    Changes ``model`` in place; returns the number of layers corrected. Weights are rounded the
+    way TFLite quantizes them per tensor: symmetric, ``max|W| / 127`` per folded kernel.
+    """
+    L = _layers()
+    targets = _bias_targets(model)
+    if not targets:
+        return 0
+    means = _input_means(model, [layer for layer, _ in targets], [x[:max_samples] for x in inputs])
+    for (layer, norm), mean in zip(targets, means):
+        kernel = np.asarray(layer.kernel, np.float64)
+        depthwise = isinstance(layer, L.DepthwiseConv2D)
+        if depthwise:
+            kernel = kernel[..., 0]
+        folded = kernel * _bn_factor(norm, kernel.shape[-1])
+        step = np.abs(folded).max() / 127
+        if step == 0:
+            continue
+        error = np.round(folded / step) * step - folded
+        if depthwise:
+            shift = (error * mean).reshape(-1, kernel.shape[-1]).sum(axis=0)
+        else:  # (kh, kw, in, out) or (in, out): sum over everything but the output axis
+            shift = np.tensordot(error, mean, axes=([kernel.ndim - 2], [0])).reshape(-1, kernel.shape[-1]).sum(axis=0)
+        offset = norm.beta if norm is not None else layer.bias
+        offset.assign((np.asarray(offset, np.float64) - shift).astype(np.float32))
+    return len(targets)

@@ -6,6 +6,7 @@ is a small immutable value; the CLI, the demo and the tests all go through here.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import re
 import shutil
@@ -107,7 +108,8 @@ def _as_samples(data: Any, loaded: LoadedModel, input_range: tuple[float, float]
 
 class _Sources:
     """The SavedModels recipes quantize from: the (pruned) model as given and, built on first use
-    by a recipe that asks for it, its cross-layer-equalized twin (Keras models only)."""
+    by a recipe that asks for it, its twin prepared for per-tensor weights (Keras models only):
+    cross-layer equalized, then bias-corrected (see :mod:`converter.equalize`)."""
 
     def __init__(self, saved_model_dir: Path, keras_model: Any | None, io_names: tuple[list[str], list[str]],
                  calibration: SampleSet, workdir: Path, keep_names: bool):
@@ -131,7 +133,9 @@ class _Sources:
             from converter._tf import keras
             twin = keras.models.clone_model(self.keras_model)
             twin.set_weights(self.keras_model.get_weights())
-            self.equalization = equalize.equalize(twin, [self.calibration.inputs[n] for n in self.io_names[0]])
+            inputs = [self.calibration.inputs[n] for n in self.io_names[0]]
+            summary = equalize.equalize(twin, inputs)
+            self.equalization = dataclasses.replace(summary, bias_corrected=equalize.correct_bias(twin, inputs))
             self._equalized = self.workdir / "equalized_saved_model"
             export_keras(twin, self._equalized, self.io_names)
         return self._equalized

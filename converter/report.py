@@ -85,7 +85,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     if eq:
         lines += ["", (f"Cross-layer equalization (per-tensor recipes): {eq['pairs']} layer pairs, {eq['channels']} "
                        f"channels rescaled so one weight scale per tensor fits them all ({eq['pinned']} left alone "
-                       "because they reach a ReLU cap); the float model computes the same function.")]
+                       f"because they reach a ReLU cap); then the expected rounding error of per-tensor weights "
+                       f"removed from the output offsets of {eq.get('bias_corrected', 0)} layers.")]
     lines += ["", f"Tensor names: {report.get('tensor_names', 'kept')}."]
     pr = report.get("pruning")
     if pr:
