@@ -12,7 +12,8 @@ Three layers (see ``docs/cache.md``):
    the computed result is younger than ``max_age_s`` and fewer than ``max_consecutive`` reuses
    happened in a row.
 3. **Self-verification**: a sampled ``verify_fraction`` of near hits is run anyway and compared
-   (top-1 for classifiers, a tolerance on outputs otherwise). A running disagreement rate tightens
+   (top-1 for classifiers, a tolerance on outputs otherwise); half of them while the threshold is
+   young (its first 10 verdicts after starting or moving). A running disagreement rate tightens
    the threshold when it exceeds ``target_disagreement`` and loosens it slowly, never beyond the
    configured value, when well under.
 
@@ -44,6 +45,11 @@ _TIGHTEN = 0.7
 _LOOSEN = 1.05
 _LOOSEN_AFTER = 20  # verifications without trouble before loosening
 _MIN_THRESHOLD = 1e-4
+# A threshold that just started or moved is unproven: verify this share of near hits until it has
+# this many verdicts, then fall back to ``verify_fraction``. At 5 % a drifting stream needed a
+# hundred near hits to see a single disagreement; the threshold learned too late.
+_YOUNG_FRACTION = 0.5
+_YOUNG_VERIFICATIONS = 10
 
 
 @dataclass(frozen=True)
@@ -216,7 +222,9 @@ class InferenceCache:
                     and start - ref[2] <= cfg.max_age_s
                     and signature_distance(signature, ref[0]) <= self.threshold):
                 self._consecutive += 1
-                verify = cfg.verify_fraction > 0 and self._rng.random() < cfg.verify_fraction
+                fraction = (max(cfg.verify_fraction, _YOUNG_FRACTION) if self._since_adjust < _YOUNG_VERIFICATIONS
+                            else cfg.verify_fraction)
+                verify = cfg.verify_fraction > 0 and self._rng.random() < fraction
                 if not verify:
                     self.near_hits += 1
                 self._lookup_s += time.perf_counter() - start

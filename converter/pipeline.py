@@ -134,8 +134,12 @@ class _Sources:
             twin = keras.models.clone_model(self.keras_model)
             twin.set_weights(self.keras_model.get_weights())
             inputs = [self.calibration.inputs[n] for n in self.io_names[0]]
-            summary = equalize.equalize(twin, inputs)
-            self.equalization = dataclasses.replace(summary, bias_corrected=equalize.correct_bias(twin, inputs))
+            try:
+                summary = equalize.equalize(twin, inputs)
+                summary = dataclasses.replace(summary, bias_corrected=equalize.correct_bias(twin, inputs))
+            except Exception as exc:  # an optimization: a graph it cannot handle fails this recipe only
+                raise ConversionError(f"equalization failed: {type(exc).__name__}: {exc}"[:300]) from exc
+            self.equalization = summary
             self._equalized = self.workdir / "equalized_saved_model"
             export_keras(twin, self._equalized, self.io_names)
         return self._equalized

@@ -208,3 +208,25 @@ def test_cache_is_consistent_under_several_threads(models):
     stats = engine.stats()["cache"]
     assert not bad
     assert stats["exact_hits"] + stats["misses"] == 4 * 10 * 6 and stats["entries"] == 6
+
+
+def test_a_young_threshold_is_verified_often_then_at_the_configured_fraction():
+    """Directly on InferenceCache: near hits on a static input, outputs that always agree."""
+    info = TensorInfo("x", 0, (1, 8, 8, 1), np.dtype(np.float32), 0.0, 0)
+    out = TensorInfo("y", 1, (1, 4), np.dtype(np.float32), 0.0, 0)
+    cache = InferenceCache(CacheConfig(max_bytes=0, verify_fraction=0.05, max_consecutive=10**6, max_age_s=1e6,
+                                       seed=3), "c" * 64, [info], [out], classifier=True,
+                           input_ranges=[(0.0, 1.0)])
+    frame = [np.full((1, 8, 8, 1), 0.5, np.float32)]
+    outputs = (np.array([[0.1, 0.7, 0.1, 0.1]], np.float32),)
+    cache.record(cache.lookup(frame), outputs)  # the first frame is computed
+    verdicts = []
+    for _ in range(400):
+        lookup = cache.lookup(frame)
+        assert lookup.kind == "near"
+        verdicts.append(lookup.verify)
+        if lookup.verify:
+            cache.record(lookup, tuple(a.copy() for a in outputs))
+    assert sum(verdicts[:40]) >= 10  # half the near hits while young: 10 verdicts within a few dozen hits
+    settled = verdicts[100:]
+    assert sum(settled) / len(settled) < 0.12  # then about verify_fraction (5 %)
