@@ -6,7 +6,6 @@ is a small immutable value; the CLI, the demo and the tests all go through here.
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import re
 import shutil
@@ -15,7 +14,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -106,21 +105,20 @@ def _as_samples(data: Any, loaded: LoadedModel, input_range: tuple[float, float]
     raise ConfigError(f"samples: expected a path, a SampleSet or one array, got {type(data).__name__}")
 
 
+@dataclass
 class _Sources:
     """The SavedModels recipes quantize from: the (pruned) model as given and, built on first use
     by a recipe that asks for it, its twin prepared for per-tensor weights (Keras models only):
     cross-layer equalized, then bias-corrected (see :mod:`converter.equalize`)."""
 
-    def __init__(self, saved_model_dir: Path, keras_model: Any | None, io_names: tuple[list[str], list[str]],
-                 calibration: SampleSet, workdir: Path, keep_names: bool):
-        self.plain = saved_model_dir
-        self.keras_model = keras_model
-        self.io_names = io_names
-        self.calibration = calibration
-        self.workdir = workdir
-        self.keep_names = keep_names
-        self.equalization: equalize.EqualizeSummary | None = None
-        self._equalized: Path | None = None
+    plain: Path
+    keras_model: Any | None
+    io_names: tuple[list[str], list[str]]
+    calibration: SampleSet
+    workdir: Path
+    keep_names: bool
+    equalization: equalize.EqualizeSummary | None = None
+    _equalized: Path | None = None
 
     @property
     def can_equalize(self) -> bool:
@@ -136,7 +134,7 @@ class _Sources:
             inputs = [self.calibration.inputs[n] for n in self.io_names[0]]
             try:
                 summary = equalize.equalize(twin, inputs)
-                summary = dataclasses.replace(summary, bias_corrected=equalize.correct_bias(twin, inputs))
+                summary = replace(summary, bias_corrected=equalize.correct_bias(twin, inputs))
             except Exception as exc:  # an optimization: a graph it cannot handle fails this recipe only
                 raise ConversionError(f"equalization failed: {type(exc).__name__}: {exc}"[:300]) from exc
             self.equalization = summary

@@ -69,7 +69,7 @@ def test_intermediate_tensor_names_are_dropped_without_changing_a_single_output(
     assert interp.get_signature_list() == Interpreter(model_content=named).get_signature_list()
     names = [t["name"] for t in interp.get_tensor_details()]
     io = {d["name"] for d in interp.get_input_details() + interp.get_output_details()}
-    assert all(io) and set(n for n in names if n) == io  # only the graph's inputs and outputs keep a name
+    assert all(io) and {n for n in names if n} == io  # only the graph's inputs and outputs keep a name
 
 
 class _NoBars:
