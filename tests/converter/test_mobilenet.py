@@ -41,10 +41,11 @@ def mobilenet(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Pat
     return folder / "mobilenet.keras", folder / "cal.npz", folder / "eval.npz", x[:64]
 
 
-def _lenient_profile(tmp_path: Path) -> Path:
+def _lenient_profile(tmp_path: Path, per_channel: bool = True) -> Path:
     """x86-dev with a target any int8 recipe meets: these tests check structure, the benchmark fidelity."""
     data = yaml.safe_load((profile_dir() / "x86-dev.yaml").read_text())
     data.update(name="x86-lenient", fidelity={"max_top1_drop_pct": 100, "min_top1_agreement_pct": 0, "min_cosine": 0})
+    data["quantization"]["per_channel"] = per_channel
     path = tmp_path / "lenient.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -76,12 +77,15 @@ def test_mobilenet_converts_to_full_integer_and_per_tensor_weights_ship_smaller(
 def test_mobilenet_channel_pruning_keeps_residual_branches_consistent_and_cuts_the_compute(mobilenet,
                                                                                            tmp_path: Path) -> None:
     model_path, cal, ev, _ = mobilenet
-    result = convert(model_path, _lenient_profile(tmp_path), cal, tmp_path / "art", eval_data=ev,
+    # a per-tensor profile: its baseline is per-tensor + equalization, on the pruned student
+    result = convert(model_path, _lenient_profile(tmp_path, per_channel=False), cal, tmp_path / "art", eval_data=ev,
                      prune_channels=0.3, finetune_epochs=1, latency_runs=2)
     pruning = result.report["pruning"]
     assert 0.2 <= pruning["channels_removed"] <= 0.4
     assert pruning["macs_after"] < 0.75 * pruning["macs_before"]
     assert pruning["params_after"] < pruning["params_before"]
     # a residual Add whose branches were pruned differently would not even convert
-    assert all(r["full_integer"] and not r["error"] for r in result.report["recipes"])
+    assert [(r["name"], r["full_integer"], r["error"]) for r in result.report["recipes"]] == [
+        ("int8 per-tensor + equalization", True, None)]
+    assert result.report["equalization"]["pairs"] == 35  # the pruned student keeps MobileNet's topology
     assert result.manifest.outputs[0].shape == [1, 10]
