@@ -23,6 +23,7 @@ float model on held-out samples.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -185,24 +186,39 @@ def _scales(r1: np.ndarray, r2: np.ndarray, peak: np.ndarray, cap: float | None)
     return np.where(free, np.maximum(s, low), 1.0)
 
 
-def _preactivation_max(model: Any, pairs: list[_Pair], inputs: list[np.ndarray]) -> list[np.ndarray]:
+def _channel_batches(model: Any, tensors: list[Any], inputs: list[np.ndarray], max_samples: int,
+                     batch: int = 32) -> Iterator[list[np.ndarray]]:
+    """``tensors`` evaluated batch by batch, each flattened to (values, channels): the activations of
+    a MobileNet on a few hundred samples would not fit in memory at once."""
     from converter._tf import keras
-    probe = keras.Model(model.inputs, [pair.norm.output for pair in pairs])
-    outs = probe.predict(inputs if len(inputs) > 1 else inputs[0], batch_size=32, verbose=0)
-    outs = outs if isinstance(outs, list) else [outs]
-    return [np.asarray(o, np.float64).reshape(-1, o.shape[-1]).max(axis=0) for o in outs]
+    probe = keras.Model(model.inputs, tensors)
+    for start in range(0, min(len(inputs[0]), max_samples), batch):
+        chunk = [x[start:min(start + batch, max_samples)] for x in inputs]
+        outs = probe(chunk, training=False)
+        outs = outs if isinstance(outs, (list, tuple)) else [outs]
+        yield [np.asarray(o, np.float64).reshape(-1, o.shape[-1]) for o in outs]
 
 
-def equalize(model: Any, inputs: list[np.ndarray], iterations: int = 4) -> EqualizeSummary:
+def _preactivation_max(model: Any, pairs: list[_Pair], inputs: list[np.ndarray], max_samples: int) -> list[np.ndarray]:
+    maxima: list[np.ndarray] | None = None
+    for flat in _channel_batches(model, [pair.norm.output for pair in pairs], inputs, max_samples):
+        batch_max = [f.max(axis=0) for f in flat]
+        maxima = batch_max if maxima is None else [np.maximum(a, b) for a, b in zip(maxima, batch_max)]
+    assert maxima is not None
+    return maxima
+
+
+def equalize(model: Any, inputs: list[np.ndarray], iterations: int = 4, max_samples: int = 5000) -> EqualizeSummary:
     """Equalize ``model`` (a Keras model, changed in place) for per-tensor weight quantization.
 
-    ``inputs`` are calibration samples, one array per model input; they bound the scales at
-    capped ReLUs (ReLU6) so the float model's function does not change.
+    ``inputs`` are calibration samples, one array per model input (the first ``max_samples`` are
+    used: all, normally, since more samples make the bounds safer); they bound the scales at capped
+    ReLUs (ReLU6) so the float model's function does not change.
     """
     pairs = _find_pairs(model)
     if not pairs:
         return EqualizeSummary(0, 0, 0)
-    maxima = _preactivation_max(model, pairs, inputs)
+    maxima = _preactivation_max(model, pairs, inputs, max_samples)
     for _ in range(iterations):
         for pair, peak in zip(pairs, maxima):
             s = _scales(_out_range(pair), _in_range(pair), peak, pair.act.max_value)
@@ -231,22 +247,16 @@ def _bias_targets(model: Any) -> list[tuple[Any, Any | None]]:
     return targets
 
 
-def _input_means(model: Any, layers: list[Any], inputs: list[np.ndarray], batch: int = 32) -> list[np.ndarray]:
+def _input_means(model: Any, layers: list[Any], inputs: list[np.ndarray], max_samples: int) -> list[np.ndarray]:
     """Per-channel mean of each layer's input over the samples and spatial positions."""
-    from converter._tf import keras
-    probe = keras.Model(model.inputs, [layer.input for layer in layers])
     sums: list[np.ndarray] | None = None
     count = 0
-    for start in range(0, len(inputs[0]), batch):
-        chunk = [x[start:start + batch] for x in inputs]
-        outs = probe(chunk, training=False)
-        outs = outs if isinstance(outs, (list, tuple)) else [outs]
-        flat = [np.asarray(o, np.float64).reshape(-1, o.shape[-1]) for o in outs]
-        sums = [f.sum(axis=0) for f in flat] if sums is None else [a + f.sum(axis=0) for a, f in zip(sums, flat)]
-        count += len(chunk[0])
+    for flat in _channel_batches(model, [layer.input for layer in layers], inputs, max_samples):
+        batch_sums = [f.sum(axis=0) for f in flat]
+        sums = batch_sums if sums is None else [a + b for a, b in zip(sums, batch_sums)]
+        count = count + np.array([len(f) for f in flat])
     assert sums is not None
-    positions = [int(np.prod([d for d in layer.input.shape[1:-1]] or [1])) for layer in layers]
-    return [total / (count * n) for total, n in zip(sums, positions)]
+    return [total / n for total, n in zip(sums, count)]
 
 
 def correct_bias(model: Any, inputs: list[np.ndarray], max_samples: int = 300) -> int:
@@ -259,7 +269,7 @@ def correct_bias(model: Any, inputs: list[np.ndarray], max_samples: int = 300) -
     targets = _bias_targets(model)
     if not targets:
         return 0
-    means = _input_means(model, [layer for layer, _ in targets], [x[:max_samples] for x in inputs])
+    means = _input_means(model, [layer for layer, _ in targets], inputs, max_samples)
     for (layer, norm), mean in zip(targets, means):
         kernel = np.asarray(layer.kernel, np.float64)
         depthwise = isinstance(layer, L.DepthwiseConv2D)
