@@ -32,6 +32,21 @@ def test_cli_end_to_end_h5_signed_json_summary_and_no_tensorflow_noise(digits, s
     assert (tmp_path / "art" / "manifest.json.sig").is_file()
 
 
+def test_keep_tensor_names_flag_ships_the_debug_names(digits, tmp_path: Path) -> None:
+    from ai_edge_litert.interpreter import Interpreter
+
+    sizes = {}
+    for label, extra in (("compact", []), ("named", ["--keep-tensor-names"])):
+        out = tmp_path / label
+        assert main([str(digits.keras_path), "--profile", "x86-dev", "--calibration", str(digits.calibration),
+                     "--eval", str(digits.evaluation), "--out", str(out), "--quiet", *extra]) == 0
+        model = (out / "model.tflite").read_bytes()
+        sizes[label] = len(model)
+        names = [t["name"] for t in Interpreter(model_content=model).get_tensor_details()]
+        assert all(names) if label == "named" else names.count("") > len(names) / 2
+    assert sizes["compact"] < sizes["named"]
+
+
 def test_cli_bad_model_is_one_error_line_exit_2_in_a_real_process(tmp_path: Path) -> None:
     proc = _run(str(tmp_path / "missing.keras"), "--profile", "rpi4", "--calibration", "x.npz",
                 "--out", str(tmp_path / "o"))
