@@ -32,12 +32,24 @@ from agent.config import BrokerConfig
 from agent.errors import ConfigError
 from agent.outbox import Outbox
 
-__all__ = ["Forwarder", "Incoming", "MqttLink"]
+__all__ = ["Forwarder", "Incoming", "MqttLink", "publish_properties"]
 
 log = logging.getLogger(__name__)
 
 # CONNACK reason codes meaning "I do not speak this protocol version" (3.1.1 code 1, MQTT 5 code 132).
 _UNSUPPORTED_PROTOCOL = {1, 132}
+
+
+def publish_properties(response_topic: str | None = None, correlation: bytes | None = None) -> Properties | None:
+    """MQTT 5 PUBLISH properties for a request (Response Topic) or a reply (Correlation Data); None if neither."""
+    if not response_topic and correlation is None:
+        return None
+    props = Properties(PacketTypes.PUBLISH)
+    if response_topic:
+        props.ResponseTopic = response_topic
+    if correlation is not None:
+        props.CorrelationData = correlation
+    return props
 
 
 @dataclass(frozen=True)
@@ -170,10 +182,7 @@ class MqttLink:
         return int(info.mid)
 
     def reply(self, topic: str, payload: bytes, correlation_data: bytes | None) -> None:
-        props = None
-        if correlation_data is not None and self._protocol == paho.MQTTv5:
-            props = Properties(PacketTypes.PUBLISH)
-            props.CorrelationData = correlation_data
+        props = publish_properties(correlation=correlation_data) if self._protocol == paho.MQTTv5 else None
         self.publish(topic, payload, qos=1, properties=props)
 
     # -- paho callbacks (paho's thread) -------------------------------------------------------

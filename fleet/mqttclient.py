@@ -26,6 +26,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.errors import ConfigError, TransportError
+from agent.mqtt import publish_properties
 from agent.protocol import encode
 
 __all__ = ["BrokerURL", "FleetClient", "Message", "connect", "parse_broker_url"]
@@ -162,13 +163,7 @@ class FleetClient:
 
     def publish(self, topic: str, payload: dict[str, Any] | bytes, qos: int = 1, retain: bool = False,
                 response_topic: str | None = None, correlation: bytes | None = None) -> mqtt.MQTTMessageInfo:
-        props = None
-        if response_topic or correlation:
-            props = Properties(PacketTypes.PUBLISH)
-            if response_topic:
-                props.ResponseTopic = response_topic
-            if correlation:
-                props.CorrelationData = correlation
+        props = publish_properties(response_topic, correlation)
         data = payload if isinstance(payload, bytes) else encode(payload)
         return self._client.publish(topic, data, qos=qos, retain=retain, properties=props)
 

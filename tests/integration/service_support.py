@@ -24,6 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent.mqtt import publish_properties
 from tests.support.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -158,13 +159,7 @@ class Observer:
                 correlation: bytes | None = None) -> None:
         if isinstance(payload, dict):
             payload = json.dumps(payload)
-        props = None
-        if response_topic or correlation:
-            props = Properties(PacketTypes.PUBLISH)
-            if response_topic:
-                props.ResponseTopic = response_topic
-            if correlation:
-                props.CorrelationData = correlation
+        props = publish_properties(response_topic, correlation)
         self.client.publish(topic, payload, qos=1, properties=props).wait_for_publish(5)
 
     def close(self) -> None:
