@@ -48,7 +48,7 @@ bench: install broker
 	$(PY) scripts/bench_all.py
 
 lint: install
-	$(VENV)/bin/ruff check agent converter fleet scripts tests
+	$(VENV)/bin/ruff check edgefleet agent converter fleet scripts tests
 
 clean:
 	rm -rf $(VENV) $(TFLITE_VENV) build *.egg-info .pytest_cache

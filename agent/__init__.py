@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from edgefleet import __version__
+
 __all__ = ["Engine", "__version__"]
-__version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from agent.engine import Engine

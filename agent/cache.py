@@ -33,8 +33,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import xxhash
 
-from agent.errors import ConfigError
-from agent.io import TensorInfo
+from agent.tensors import TensorInfo
+from edgefleet.errors import ConfigError
 
 __all__ = ["CacheConfig", "InferenceCache", "Lookup", "input_signature", "signature_distance"]
 

@@ -11,8 +11,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from agent import __version__
-from agent.clitools import run_main
+from edgefleet import __version__
+from edgefleet.cli import run_main
 
 __all__ = ["build_parser", "main"]
 
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from agent.profiles import load_profile
+    from edgefleet.profiles import load_profile
 
     print(load_profile(args.profile).summary())
     return 0

@@ -1,7 +1,7 @@
 """``agent.yaml``: the device service configuration, validated strictly.
 
 The schema below is the documentation of every key (units in the descriptions); unknown keys,
-missing keys and wrong values raise :class:`~agent.errors.ConfigError` with one line naming the
+missing keys and wrong values raise :class:`~edgefleet.errors.ConfigError` with one line naming the
 file and the key. The models only validate: files (passwords, keys, models) are read by the
 service at start-up, never here. Relative paths are taken relative to the config file.
 """
@@ -14,9 +14,9 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from agent.errors import ConfigError
-from agent.profiles import format_validation_error, read_yaml_file
-from agent.protocol import ID_RULE, validate_id
+from edgefleet.errors import ConfigError
+from edgefleet.ids import ID_RULE, validate_id
+from edgefleet.profiles import format_validation_error, read_yaml_file
 
 __all__ = [
     "AgentConfig",

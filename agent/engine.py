@@ -29,11 +29,12 @@ from typing import Any
 import numpy as np
 
 from agent.cache import CacheConfig, InferenceCache
-from agent.errors import ArtifactError, ConfigError, InputError, ModelError
-from agent.io import TensorInfo, dequantize, describe_tensors, split_batch, to_model_dtype
-from agent.manifest import MODEL_NAME, Manifest, load_manifest
-from agent.profiles import Profile, load_profile
 from agent.runtime import Runtime, get_runtime, open_interpreter
+from agent.tensors import TensorInfo, describe_tensors, split_batch, to_model_dtype
+from edgefleet.errors import ArtifactError, ConfigError, InputError, ModelError
+from edgefleet.manifest import MODEL_NAME, Manifest, load_manifest
+from edgefleet.profiles import Profile, load_profile
+from edgefleet.quant import dequantize
 
 __all__ = ["Engine", "Layout", "Outputs", "load_model_bytes"]
 
@@ -171,7 +172,7 @@ class Engine:
     def _validate_in_child(self, data: bytes, timeout_s: float) -> None:
         import tempfile
 
-        from agent.sandbox import validate_model
+        from agent.validation import validate_model
 
         with tempfile.TemporaryDirectory(prefix="edgefleet-validate-") as tmp:
             path = Path(tmp) / MODEL_NAME

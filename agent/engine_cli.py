@@ -1,7 +1,7 @@
 """``edge-agent infer | validate | bench``: the engine from the command line.
 
 Each handler takes the parsed argparse namespace and returns an exit code; errors are raised as
-:mod:`agent.errors` types and turned into one ``error:`` line by :func:`agent.clitools.run_main`.
+:mod:`edgefleet.errors` types and turned into one ``error:`` line by :func:`edgefleet.cli.run_main`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import contextlib
 import io
 import json
 import os
-import platform
 import sys
 import time
 import zipfile
@@ -21,16 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from agent.errors import ConfigError, InputError
+from edgefleet.errors import ConfigError, InputError
+from edgefleet.profiles import default_profile
 
-__all__ = ["cmd_bench", "cmd_infer", "cmd_validate", "default_profile", "load_array_file"]
-
-_DEFAULT_BY_ARCH = {"x86_64": "x86-dev", "amd64": "x86-dev", "aarch64": "generic-aarch64", "armv7l": "rpi3b"}
-
-
-def default_profile() -> str:
-    """The profile used when ``--profile`` is not given: by this machine's architecture."""
-    return _DEFAULT_BY_ARCH.get(platform.machine().lower(), "generic-aarch64")
+__all__ = ["cmd_bench", "cmd_infer", "cmd_validate", "load_array_file"]
 
 
 def load_array_file(path: str) -> np.ndarray | dict[str, np.ndarray]:
@@ -79,7 +72,7 @@ def _engine(args: argparse.Namespace, **kwargs: Any) -> Any:
 
 
 def _save(path: str, result: np.ndarray | dict[str, np.ndarray]) -> None:
-    from agent.atomic import atomic_write_bytes
+    from edgefleet.atomic import atomic_write_bytes
 
     buffer = io.BytesIO()
     if isinstance(result, dict):
@@ -114,7 +107,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """Exit 0 when the model loads and runs in a child process, 1 with a one-line reason otherwise."""
-    from agent.sandbox import validate_model
+    from agent.validation import validate_model
 
     if not Path(args.model).exists():
         raise InputError(f"{args.model}: model file not found")

@@ -24,9 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ModelError
-from agent.manifest import Manifest
-from agent.profiles import Profile
+from edgefleet.errors import ModelError
+from edgefleet.manifest import Manifest
+from edgefleet.profiles import Profile
 
 __all__ = ["ModelHost", "Observer"]
 

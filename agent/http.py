@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.errors import ConfigError, EdgefleetError, InputError, ModelError
+from edgefleet.errors import ConfigError, EdgefleetError, InputError, ModelError
 
 __all__ = ["InferenceServer", "ServingBackend", "prometheus_lines", "to_batch"]
 

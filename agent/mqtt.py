@@ -29,27 +29,16 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.config import BrokerConfig
-from agent.errors import ConfigError
 from agent.outbox import Outbox
+from edgefleet.errors import ConfigError
+from edgefleet.mqtt import publish_properties
 
-__all__ = ["Forwarder", "Incoming", "MqttLink", "publish_properties"]
+__all__ = ["Forwarder", "Incoming", "MqttLink"]
 
 log = logging.getLogger(__name__)
 
 # CONNACK reason codes meaning "I do not speak this protocol version" (3.1.1 code 1, MQTT 5 code 132).
 _UNSUPPORTED_PROTOCOL = {1, 132}
-
-
-def publish_properties(response_topic: str | None = None, correlation: bytes | None = None) -> Properties | None:
-    """MQTT 5 PUBLISH properties for a request (Response Topic) or a reply (Correlation Data); None if neither."""
-    if not response_topic and correlation is None:
-        return None
-    props = Properties(PacketTypes.PUBLISH)
-    if response_topic:
-        props.ResponseTopic = response_topic
-    if correlation is not None:
-        props.CorrelationData = correlation
-    return props
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ConfigError
-from agent.protocol import encode
+from edgefleet.errors import ConfigError
+from edgefleet.messages import encode
 
 __all__ = ["Outbox", "OutboxRow"]
 

@@ -5,7 +5,7 @@ Coral stacks), and only as a last resort on development machines ``tensorflow.li
 is imported lazily and only when neither runtime is installed, so a device never loads it.
 
 Runtime exceptions (``ValueError``/``RuntimeError`` from the native wrapper, ``OSError`` from
-delegate loading) are translated here into :class:`~agent.errors.ModelError`, naming the
+delegate loading) are translated here into :class:`~edgefleet.errors.ModelError`, naming the
 unresolved custom op when that is the cause.
 """
 
@@ -19,7 +19,7 @@ from functools import lru_cache
 from types import ModuleType
 from typing import Any
 
-from agent.errors import ConfigError, ModelError
+from edgefleet.errors import ConfigError, ModelError
 
 __all__ = [
     "EDGETPU_LIBRARY",

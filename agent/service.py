@@ -29,28 +29,29 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent import __version__
-from agent.atomic import atomic_write_json
-from agent.commands import CommandProcessor, CommandRejected
 from agent.config import AgentConfig, load_config
-from agent.errors import ConfigError, EdgefleetError
 from agent.http import InferenceServer, ServingBackend, prometheus_lines
 from agent.mqtt import Forwarder, Incoming, MqttLink
 from agent.outbox import Outbox
-from agent.profiles import Profile, load_profile
-from agent.protocol import (
-    ROOT,
+from agent.sinks import JsonlSink, TopicSink, result_record
+from agent.sources import DirectoryWatcher
+from agent.telemetry import Metrics, SystemStats, summarize_output
+from edgefleet import __version__
+from edgefleet.atomic import atomic_write_json
+from edgefleet.commands import CommandProcessor, CommandRejected
+from edgefleet.errors import ConfigError, EdgefleetError
+from edgefleet.messages import encode
+from edgefleet.profiles import Profile, load_profile
+from edgefleet.topics import (
     device_cmd_topic,
-    encode,
     events_topic,
     group_cmd_topic,
+    parse_cmd_topic,
     response_topic,
+    results_topic,
     state_topic,
     telemetry_topic,
 )
-from agent.sinks import JsonlSink, TopicSink, result_record, results_topic
-from agent.sources import DirectoryWatcher
-from agent.telemetry import Metrics, SystemStats, summarize_output
 
 __all__ = ["AgentService", "cmd_run", "sd_notify"]
 
@@ -170,7 +171,7 @@ class AgentService:
         except ImportError:
             OtaManager = None
         if OtaManager is not None:
-            from agent.signing import load_trusted_keys
+            from edgefleet.signing import load_trusted_keys
 
             keys = load_trusted_keys(self.cfg.trusted_keys) if self.cfg.trusted_keys else []
             self.ota = OtaManager(self.state_dir / "ota", self.profile, keys, self.host, self.emit_event)
@@ -187,7 +188,7 @@ class AgentService:
     def _activate_plain(self, model: Path) -> None:
         manifest = None
         if model.is_dir():
-            from agent.manifest import load_manifest
+            from edgefleet.manifest import load_manifest
 
             manifest = load_manifest(model)[0]
         self.host.activate(model, manifest)
@@ -410,13 +411,12 @@ class AgentService:
             log.warning("command queue full; dropping a message on %s", msg.topic)
 
     def _command_loop(self) -> None:
-        prefixes = (f"{ROOT}/devices/{self.cfg.device_id}/cmd/", f"{ROOT}/groups/{self.cfg.group}/cmd/")
         while True:
             msg = self._cmd_q.get()
             if msg is None:
                 return
-            name = next((msg.topic[len(p):] for p in prefixes if msg.topic.startswith(p)), None)
-            if not name or "/" in name:
+            name = parse_cmd_topic(msg.topic, self.cfg.device_id, self.cfg.group)
+            if name is None:
                 continue
             reply = self.commands.handle(name, msg.payload)
             topic = msg.response_topic or response_topic(self.cfg.device_id, name)

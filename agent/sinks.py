@@ -17,16 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from agent.protocol import ROOT
-
-__all__ = ["JsonlSink", "TopicSink", "result_record", "results_topic"]
+__all__ = ["JsonlSink", "TopicSink", "result_record"]
 
 log = logging.getLogger(__name__)
 
-
-def results_topic(device_id: str) -> str:
-    """``edgefleet/v1/devices/{id}/results`` (documented in docs/protocol.md)."""
-    return f"{ROOT}/devices/{device_id}/results"
 
 
 def result_record(source: str, item: str, outputs: Any, latency_ms: float, model: dict[str, str] | None,

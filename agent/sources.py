@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.errors import EdgefleetError, InputError
+from edgefleet.errors import EdgefleetError, InputError
 
 __all__ = ["SUFFIXES", "DirectoryWatcher", "load_input"]
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.manifest import Baseline
+from edgefleet.manifest import Baseline
 
 __all__ = [
     "Metrics",

@@ -16,9 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from agent.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
-from agent.errors import ArtifactError, ConfigError
-from agent.manifest import (
+from converter.data import SampleSet
+from converter.fidelity import SIGNATURE, classification_output, quantize_input
+from converter.tflite_inspect import make_interpreter
+from edgefleet.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
+from edgefleet.errors import ArtifactError, ConfigError
+from edgefleet.manifest import (
     MANIFEST_NAME,
     MODEL_NAME,
     SIGNATURE_NAME,
@@ -30,10 +33,7 @@ from agent.manifest import (
     TensorSpec,
     parse_manifest,
 )
-from agent.signing import load_private_key, sign_manifest
-from converter.data import SampleSet
-from converter.fidelity import SIGNATURE, classification_output, quantize_input
-from converter.inspect import make_interpreter
+from edgefleet.signing import load_private_key, sign_manifest
 
 __all__ = [
     "GoldenChoice",

@@ -14,8 +14,8 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from agent.clitools import run_main
-from agent.errors import ConfigError
+from edgefleet.cli import run_main
+from edgefleet.errors import ConfigError
 
 __all__ = ["build_parser", "main"]
 
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.list_profiles:
-        from agent.profiles import list_profiles
+        from edgefleet.profiles import list_profiles
         for profile in list_profiles():
             print(profile.summary())
         return 0
@@ -76,8 +76,8 @@ def _main(argv: list[str]) -> int:
                                         ("--calibration", args.calibration), ("--out", args.out)) if not value]
     if missing:
         raise ConfigError(f"missing {', '.join(missing)} (see edge-convert --help)")
-    from agent.profiles import load_profile
     from converter.data import parse_range
+    from edgefleet.profiles import load_profile
 
     profile = load_profile(args.profile)  # fail on a bad profile before paying for TensorFlow
     input_range = parse_range(args.input_range)

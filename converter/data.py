@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.errors import ConfigError
 from converter.loading import TensorInfo
+from edgefleet.errors import ConfigError
 
 __all__ = ["IMAGE_SUFFIXES", "SampleSet", "load_samples", "parse_range"]
 

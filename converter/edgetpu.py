@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from converter.inspect import Inspection
+from converter.tflite_inspect import Inspection
 
 __all__ = ["SUPPORTED_OPS", "EdgeTpuCheck", "check_edgetpu", "run_compiler"]
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from agent.profiles import Fidelity as FidelityTarget
 from converter.data import SampleSet
-from converter.inspect import make_interpreter
+from converter.tflite_inspect import make_interpreter
+from edgefleet.profiles import Fidelity as FidelityTarget
 
 __all__ = [
     "SIGNATURE",

@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from agent.errors import ConversionError, ModelError
 from converter._tf import keras, tf
+from edgefleet.errors import ConversionError, ModelError
 
 __all__ = ["LoadedModel", "TensorInfo", "export_keras", "load_model", "source_sha256"]
 

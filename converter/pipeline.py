@@ -20,15 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from agent.errors import ConfigError, ConversionError
-from agent.manifest import Manifest, ModelFile, Preprocessing, Source, parse_version
-from agent.profiles import Profile, load_profile
 from converter import artifact, edgetpu, equalize, fidelity, pruning, quantize
 from converter.data import SampleSet, check_array, load_samples
-from converter.inspect import inspect_tflite
 from converter.loading import LoadedModel, export_keras, load_model
 from converter.report import render_markdown
 from converter.sizes import size_breakdown
+from converter.tflite_inspect import inspect_tflite
+from edgefleet.errors import ConfigError, ConversionError
+from edgefleet.manifest import Manifest, ModelFile, Preprocessing, Source, parse_version
+from edgefleet.profiles import Profile, load_profile
 
 __all__ = ["EXIT_NOT_DEPLOYABLE", "ConvertResult", "convert"]
 

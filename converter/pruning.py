@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from agent.errors import ConfigError, ConversionError
 from converter._tf import keras
+from edgefleet.errors import ConfigError, ConversionError
 
 __all__ = [
     "ALLOCATIONS",

@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from agent.errors import ConversionError
 from converter._tf import tf
 from converter.compact import strip_tensor_names
 from converter.data import SampleSet
+from edgefleet.errors import ConversionError
 
 __all__ = ["MAX_CALIBRATION", "Recipe", "convert_float", "quantize", "sensitive_tensors"]
 

@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ConfigError, TransportError
+from edgefleet.errors import ConfigError, TransportError
 
 __all__ = ["ArtifactServer", "advertised_host", "parse_hostport", "parse_range"]
 

@@ -1,7 +1,7 @@
 """``edge-fleet``: the operator's tool for a fleet of edgefleet devices.
 
 Subcommands: keygen, devices, deploy, status, rollback, watch, export, simulate. Every failure is
-one ``error:`` line and a non-zero exit (via :func:`agent.clitools.run_main`); a rollout that
+one ``error:`` line and a non-zero exit (via :func:`edgefleet.cli.run_main`); a rollout that
 aborts or fails exits 1.
 
 ``deploy`` always drives the rollout to its end (the process is the rollout's engine): ``--wait``
@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from agent.clitools import run_main
-from agent.errors import ConfigError
+from edgefleet.cli import run_main
+from edgefleet.errors import ConfigError
 
 __all__ = ["build_parser", "main"]
 
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=10.0, help="seconds to record")
 
     p = add("simulate", "run simulated devices (for demos and benchmarks)")
-    from fleet.simulator import add_arguments
+    from edgefleet.testing.simulator import add_arguments
 
     add_arguments(p)
     return parser
@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 # -- subcommands ----------------------------------------------------------------------------
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from agent.signing import generate_keypair
+    from edgefleet.signing import generate_keypair
 
     key, pub = generate_keypair(Path(args.out))
     print(f"wrote {key} (keep it secret) and {pub} (install on devices as a trusted key)")
@@ -215,8 +215,8 @@ def _model_url(base: str, file: str) -> str:
 
 def _check_unchanged(model: Path, sha256: str | None) -> None:
     """Raises ArtifactError if the model a resumed rollout serves is gone or was rebuilt since."""
-    from agent.errors import ArtifactError
-    from agent.manifest import sha256_file
+    from edgefleet.errors import ArtifactError
+    from edgefleet.manifest import sha256_file
 
     if not model.is_file():
         raise ArtifactError(f"{model}: missing; the rollout cannot serve its model (use --artifact-url?)")
@@ -226,7 +226,7 @@ def _check_unchanged(model: Path, sha256: str | None) -> None:
 
 def _serve_again(address: str, advertise: str | None) -> Any:
     """The artifact server on the address a resumed rollout used; a free port if that one is taken."""
-    from agent.errors import TransportError
+    from edgefleet.errors import TransportError
     from fleet.artifacts import ArtifactServer
 
     try:
@@ -394,7 +394,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
     broker = _broker(args)
     if args.to is not None:
-        from agent.manifest import parse_version
+        from edgefleet.manifest import parse_version
 
         parse_version(args.to)
     registry = collect(broker)
@@ -439,7 +439,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from fleet.simulator import run_from_args
+    from edgefleet.testing.simulator import run_from_args
 
     return run_from_args(args)
 

@@ -16,9 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.atomic import fsync_dir
-from agent.errors import ConfigError
-from agent.protocol import ROOT, decode, parse_device_topic
+from edgefleet.atomic import fsync_dir
+from edgefleet.errors import ConfigError
+from edgefleet.messages import decode
+from edgefleet.topics import all_devices, parse_device_topic
 from fleet.mqttclient import connect
 from fleet.watch import telemetry_fields
 
@@ -63,8 +64,8 @@ def export(broker: str, out: Path | str, duration_s: float = 10.0) -> int:
                 writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS) if fmt == ".csv" else None
                 if writer:
                     writer.writeheader()
-                client.subscribe([f"{ROOT}/devices/+/telemetry"] if writer else
-                                 [f"{ROOT}/devices/+/{k}" for k in ("state", "telemetry", "events")])
+                client.subscribe([all_devices("telemetry")] if writer else
+                                 [all_devices(k) for k in ("state", "telemetry", "events")])
                 deadline = time.monotonic() + duration_s
                 while (left := deadline - time.monotonic()) > 0:
                     try:

@@ -2,7 +2,7 @@
 
 Accepted URLs: ``mqtt://[user[:password]@]host[:port]`` (default port 1883) and ``mqtts://...``
 (TLS with the system CA store, default port 8883). Connection failures become a
-:class:`~agent.errors.TransportError` that names the URL (without the password).
+:class:`~edgefleet.errors.TransportError` that names the URL (without the password).
 
 Incoming messages are handed to a callback on paho's network thread; callers keep that
 callback cheap (append to a queue) so the thread keeps up with large fleets.
@@ -18,53 +18,17 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.errors import ConfigError, TransportError
-from agent.mqtt import publish_properties
-from agent.protocol import encode
+from edgefleet.errors import TransportError
+from edgefleet.messages import encode
+from edgefleet.mqtt import BrokerURL, parse_broker_url, publish_properties
 
 __all__ = ["BrokerURL", "FleetClient", "Message", "connect", "parse_broker_url"]
-
-
-@dataclass(frozen=True)
-class BrokerURL:
-    host: str
-    port: int
-    tls: bool
-    username: str | None = None
-    password: str | None = None
-
-    def display(self) -> str:
-        """The URL as shown in messages: never the password."""
-        user = f"{self.username}@" if self.username else ""
-        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
-
-
-def parse_broker_url(url: str) -> BrokerURL:
-    """Parse ``mqtt://`` / ``mqtts://`` URLs.
-
-    Raises:
-        ConfigError: another scheme, no host, or a bad port.
-    """
-    parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-        raise ConfigError(f"broker URL {url!r}: expected mqtt://host[:port] or mqtts://host[:port]")
-    tls = parts.scheme in ("mqtts", "ssl")
-    try:
-        port = parts.port or (8883 if tls else 1883)
-    except ValueError as exc:
-        raise ConfigError(f"broker URL {url!r}: bad port") from exc
-    if not parts.hostname:
-        raise ConfigError(f"broker URL {url!r}: no host")
-    return BrokerURL(parts.hostname, port, tls,
-                     unquote(parts.username) if parts.username else None,
-                     unquote(parts.password) if parts.password else None)
 
 
 @dataclass(frozen=True)

@@ -13,14 +13,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.errors import ConfigError
-from agent.protocol import ROOT, decode, parse_device_topic
+from edgefleet.errors import ConfigError
+from edgefleet.messages import decode
+from edgefleet.topics import all_devices, parse_device_topic
 from fleet.mqttclient import FleetClient, Message, connect
 
 __all__ = ["STATE_TOPICS", "TELEMETRY_TOPICS", "Device", "Registry", "collect", "select_devices"]
 
-STATE_TOPICS = (f"{ROOT}/devices/+/state",)
-TELEMETRY_TOPICS = (f"{ROOT}/devices/+/telemetry",)
+STATE_TOPICS = (all_devices("state"),)
+TELEMETRY_TOPICS = (all_devices("telemetry"),)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from agent.errors import ConfigError
+from edgefleet.errors import ConfigError
 from fleet.store import EXEC_FAILURES, Execution, Rollout
 
 __all__ = [

@@ -16,10 +16,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ArtifactError, ConfigError, SignatureError
-from agent.manifest import Manifest, load_manifest, sha256_file
-from agent.protocol import ROOT, decode, device_cmd_topic, make_command, parse_device_topic
-from agent.signing import load_private_key, sign_manifest
+from edgefleet.errors import ArtifactError, ConfigError, SignatureError
+from edgefleet.manifest import Manifest, load_manifest, sha256_file
+from edgefleet.messages import decode, make_command
+from edgefleet.signing import load_private_key, sign_manifest
+from edgefleet.topics import all_devices, device_cmd_topic, fleet_reply_topic, parse_device_topic
 from fleet.mqttclient import FleetClient, Message
 from fleet.registry import Device
 from fleet.rollout import Policy, apply_event, apply_reply, decide, plan_waves, summarize, unanswered
@@ -36,7 +37,7 @@ __all__ = [
     "load_artifact",
 ]
 
-EVENT_TOPICS = (f"{ROOT}/devices/+/events", f"{ROOT}/devices/+/cmd/+/response")
+EVENT_TOPICS = (all_devices("events"), all_devices("cmd/+/response"))
 Progress = Callable[[Rollout, dict[str, int]], None]
 
 
@@ -163,7 +164,7 @@ class RolloutRunner:
         self.progress = progress
         self.tick_s = tick_s
         self.batch = batch
-        self.reply_topic = f"{ROOT}/fleet/{client.client_id}/responses"
+        self.reply_topic = fleet_reply_topic(client.client_id)
         self._cmds: dict[str, tuple[str, str]] = {}
         for e in executions:
             self._cmds[command_id(rollout.id, e.device_id, "update")] = (e.device_id, "update")

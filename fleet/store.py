@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ConfigError
+from edgefleet.errors import ConfigError
 
 __all__ = [
     "EXEC_FAILURES",

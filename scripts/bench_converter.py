@@ -23,14 +23,14 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+
+from sample_models import build_mobilenet_digits, digits_data, train_digits_model, write_samples
 
 from converter import convert
 from converter._tf import keras
 from converter.data import SampleSet
 from converter.fidelity import feed_interpreter, run_model
-from converter.inspect import make_interpreter
-from converter.samples import build_mobilenet_digits, digits_data, train_digits_model, write_samples
+from converter.tflite_inspect import make_interpreter
 
 VARIANTS = (("int8", {}), ("int8 + 30% channels pruned", {"prune_channels": 0.3}),
             ("int8 + 50% sparsity", {"sparsity": 0.5}))
@@ -70,7 +70,7 @@ def bench_profile(work: Path) -> Path:
     the two full-int8 granularities: 16-bit activations and float fallback change what is measured."""
     import yaml
 
-    from agent.profiles import profile_dir
+    from edgefleet.profiles import profile_dir
     data = yaml.safe_load((profile_dir() / "x86-dev.yaml").read_text())
     data["name"] = "x86-bench"
     data["quantization"].update(allow_16bit_activations=False, allow_float_fallback=False, per_channel=True)

@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/bench_fleet.py --out bench/fleet.json --plot bench/fleet.png [--sizes 1000,5000,10000]
 
-For each fleet size a private Mosquitto and one simulator process (``python -m fleet.simulator``,
+For each fleet size a private Mosquitto and one simulator process (``python -m edgefleet.testing.simulator``,
 all devices on one connection, no model) are started; then ``edge-fleet`` runs as its own
 process and its wall time and peak RSS are read from ``wait4``:
 
@@ -29,9 +29,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from tests.support.broker import MosquittoBroker
+from edgefleet.testing.broker import MosquittoBroker
 
 
 def timed(cmd: list[str], timeout: float = 600) -> dict[str, Any]:
@@ -59,7 +58,7 @@ def timed(cmd: list[str], timeout: float = 600) -> dict[str, Any]:
 
 
 def start_simulator(url: str, count: int, telemetry_s: float) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([sys.executable, "-m", "fleet.simulator", "--broker", url, "--count", str(count),
+    proc = subprocess.Popen([sys.executable, "-m", "edgefleet.testing.simulator", "--broker", url, "--count", str(count),
                              "--prefix", "b", "--group", "bench", "--step-delay", "0.01",
                              "--telemetry-interval", str(telemetry_s)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -72,7 +71,7 @@ def start_simulator(url: str, count: int, telemetry_s: float) -> subprocess.Pope
 
 
 def make_artifact(directory: Path) -> Path:
-    from fleet.simulator import write_placeholder_artifact
+    from edgefleet.testing.simulator import write_placeholder_artifact
 
     return write_placeholder_artifact(directory, "2")
 

@@ -22,14 +22,14 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+OTA_MODELS = REPO / "tests" / "data" / "models" / "ota"
 
 from agent.host import ModelHost
 from agent.ota import OtaManager
-from agent.profiles import load_profile
-from agent.signing import Ed25519PrivateKey
-from tests.support.artifacts import OTA_MODELS, build_artifact
-from tests.support.ota_http import ArtifactServer
+from edgefleet.profiles import load_profile
+from edgefleet.signing import Ed25519PrivateKey
+from edgefleet.testing.artifacts import build_artifact
+from edgefleet.testing.http_server import ArtifactServer
 
 
 class PacedTraffic:

@@ -30,12 +30,12 @@ import numpy as np
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+OTA_MODELS = REPO / "tests" / "data" / "models" / "ota"
 
 from agent.config import parse_config
 from agent.service import AgentService
-from tests.support.artifacts import OTA_MODELS, build_artifact
-from tests.support.broker import MosquittoBroker
+from edgefleet.testing.artifacts import build_artifact
+from edgefleet.testing.broker import MosquittoBroker
 
 
 def run_for(seconds: float, fn: Callable[[], Any], threads: int) -> tuple[float, float]:

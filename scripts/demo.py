@@ -24,9 +24,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from tests.support.broker import MosquittoBroker, free_port
+from edgefleet.testing.broker import MosquittoBroker, free_port
 
 BIN = Path(sys.executable).parent
 DEVICES = ["demo-pi-1", "demo-pi-2", "demo-pi-3"]
@@ -52,8 +51,9 @@ def run(cmd: list[str], *, expect: int | None = 0, quiet: bool = False, env: dic
 
 def train_models(out: Path) -> None:
     """v1 and v2: the same CNN trained differently; v3: v2 with its classes scrambled (valid, wrong)."""
+    from sample_models import train_digits_model, write_samples
+
     from converter._tf import keras
-    from converter.samples import train_digits_model, write_samples
 
     model, x, y = train_digits_model(epochs=4, seed=0)
     n = int(len(x) * 0.8)

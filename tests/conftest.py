@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.broker import MosquittoBroker
+from edgefleet.testing.broker import MosquittoBroker
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
 
-from agent.errors import ArtifactError, TransportError
+from edgefleet.errors import ArtifactError, TransportError
 
 __all__ = ["DownloadPolicy", "DownloadResult", "check_space", "download"]
 

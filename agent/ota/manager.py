@@ -31,9 +31,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from agent.atomic import atomic_write_json
-from agent.errors import ArtifactError, ConfigError, EdgefleetError, ModelError, TransportError
-from agent.manifest import MANIFEST_NAME, Manifest, load_manifest, parse_manifest, parse_version, sha256_file
 from agent.ota.crashpoints import crash_point
 from agent.ota.download import DownloadPolicy, download
 from agent.ota.probation import ProbationWatcher, Verdict, judge, policy_for
@@ -49,7 +46,17 @@ from agent.ota.verify import (
     parse_rollback,
     parse_update,
 )
-from agent.profiles import Profile, load_profile
+from edgefleet.atomic import atomic_write_json
+from edgefleet.errors import ArtifactError, ConfigError, EdgefleetError, ModelError, TransportError
+from edgefleet.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    load_manifest,
+    parse_manifest,
+    parse_version,
+    sha256_file,
+)
+from edgefleet.profiles import Profile, load_profile
 
 __all__ = ["OtaManager"]
 
@@ -315,7 +322,7 @@ class OtaManager:
             crash_point("verified")
             self._step("validating")
             check_contract(m, self._active_contract())
-            from agent.sandbox import validate_model
+            from agent.validation import validate_model
 
             report = validate_model(staged, profile=self.profile, manifest=m, timeout_s=self.validate_timeout_s)
             check_report(report)

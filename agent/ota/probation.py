@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from agent.manifest import Manifest
-from agent.profiles import Profile
+from edgefleet.manifest import Manifest
+from edgefleet.profiles import Profile
 
 __all__ = ["ProbationCounters", "ProbationPolicy", "ProbationWatcher", "Verdict", "judge", "policy_for"]
 

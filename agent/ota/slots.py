@@ -26,9 +26,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from agent.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
-from agent.errors import ArtifactError, ConfigError
-from agent.manifest import MANIFEST_NAME, MODEL_NAME, SIGNATURE_NAME
+from edgefleet.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
+from edgefleet.errors import ArtifactError, ConfigError
+from edgefleet.manifest import MANIFEST_NAME, MODEL_NAME, SIGNATURE_NAME
 
 __all__ = ["JOURNAL_NAME", "Journal", "Outcome", "Pending", "SlotStore", "slot_name"]
 

@@ -24,11 +24,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agent.errors import ArtifactError, ConfigError
-from agent.manifest import Manifest, parse_manifest, parse_version
-from agent.profiles import Profile
-from agent.protocol import validate_id
-from agent.signing import verify_manifest
+from edgefleet.errors import ArtifactError, ConfigError
+from edgefleet.ids import validate_id
+from edgefleet.manifest import Manifest, parse_manifest, parse_version
+from edgefleet.profiles import Profile
+from edgefleet.signing import verify_manifest
 
 __all__ = [
     "DeviceFacts",

@@ -10,8 +10,8 @@ import pytest
 
 from agent import Engine
 from agent.cache import CacheConfig, InferenceCache, input_signature, signature_distance
-from agent.errors import ConfigError
-from agent.io import TensorInfo
+from agent.tensors import TensorInfo
+from edgefleet.errors import ConfigError
 
 pytestmark = pytest.mark.runtime
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from agent.commands import CommandProcessor, CommandRejected
-from agent.errors import ModelError
+from edgefleet.commands import CommandProcessor, CommandRejected
+from edgefleet.errors import ModelError
 
 
 class Counter:

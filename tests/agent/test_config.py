@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import load_config, parse_config
-from agent.errors import ConfigError
+from edgefleet.errors import ConfigError
 
 MINIMAL = """
 device_id: pi-0042

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from agent import Engine
-from agent.errors import ArtifactError, InputError, ModelError
-from agent.io import quantize
+from edgefleet.errors import ArtifactError, InputError, ModelError
+from edgefleet.quant import quantize
+from edgefleet.testing.artifacts import build_artifact
 from tests.agent.conftest import run_bare
-from tests.support.artifacts import build_artifact
 
 pytestmark = pytest.mark.runtime
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import ArtifactError, TransportError
 from agent.ota.download import DownloadPolicy, download
-from tests.support.ota_http import ArtifactServer
+from edgefleet.errors import ArtifactError, TransportError
+from edgefleet.testing.http_server import ArtifactServer
 
 DATA = bytes(range(256)) * 400  # 100 KiB
 

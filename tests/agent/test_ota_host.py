@@ -8,10 +8,11 @@ import time
 import numpy as np
 import pytest
 
-from agent.errors import InputError, ModelError
 from agent.host import ModelHost
-from agent.profiles import load_profile
-from tests.support.artifacts import OTA_MODELS, build_artifact
+from edgefleet.errors import InputError, ModelError
+from edgefleet.profiles import load_profile
+from edgefleet.testing.artifacts import build_artifact
+from tests.support.models import OTA_MODELS
 
 PROFILE = load_profile("x86-dev")
 pytestmark = pytest.mark.runtime  # also runs under the tflite-runtime venv (make test-tflite)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import ArtifactError, ConfigError, SignatureError
 from agent.ota.probation import ProbationCounters, ProbationPolicy, judge
 from agent.ota.slots import Journal, Outcome, Pending, SlotStore
 from agent.ota.verify import (
@@ -19,9 +18,11 @@ from agent.ota.verify import (
     parse_update,
     profile_compatible,
 )
-from agent.profiles import load_profile
-from agent.signing import Ed25519PrivateKey, sign_manifest
-from tests.support.artifacts import OTA_MODELS, build_artifact
+from edgefleet.errors import ArtifactError, ConfigError, SignatureError
+from edgefleet.profiles import load_profile
+from edgefleet.signing import Ed25519PrivateKey, sign_manifest
+from edgefleet.testing.artifacts import build_artifact
+from tests.support.models import OTA_MODELS
 
 KEY = Ed25519PrivateKey.generate()
 OTHER = Ed25519PrivateKey.generate()

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from agent import Engine
-from agent.errors import ConfigError, ModelError
 from agent.runtime import describe_load_error, get_runtime, load_edgetpu_delegate, open_interpreter
+from edgefleet.errors import ConfigError, ModelError
 
 pytestmark = pytest.mark.runtime
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from agent import Engine
-from agent.errors import ModelError
-from agent.sandbox import ValidationReport, validate_model
-from tests.support.artifacts import build_artifact
+from agent.validation import ValidationReport, validate_model
+from edgefleet.errors import ModelError
+from edgefleet.testing.artifacts import build_artifact
 
 pytestmark = pytest.mark.runtime
 

@@ -11,8 +11,9 @@ import pytest
 
 from agent.config import parse_config
 from agent.service import AgentService
-from tests.support.artifacts import OTA_MODELS, build_artifact
-from tests.support.waiting import wait_for
+from edgefleet.testing.artifacts import build_artifact
+from edgefleet.testing.waiting import wait_for
+from tests.support.models import OTA_MODELS
 
 pytestmark = pytest.mark.runtime
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agent.errors import InputError
 from agent.sinks import JsonlSink, result_record
 from agent.sources import DirectoryWatcher, load_input
-from tests.support.waiting import wait_for
+from edgefleet.errors import InputError
+from edgefleet.testing.waiting import wait_for
 
 
 def test_jsonl_sink_rotates_past_its_size_and_keeps_one_old_file(tmp_path: Path) -> None:

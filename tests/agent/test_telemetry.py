@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.manifest import Baseline
 from agent.telemetry import Metrics, SystemStats, drift_report, read_temperature_c, summarize_output
+from edgefleet.manifest import Baseline
 
 
 def test_window_counts_and_percentiles_then_resets() -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.errors import ConfigError
-from agent.profiles import list_profiles, load_profile, profile_dir
+from edgefleet.errors import ConfigError
+from edgefleet.profiles import list_profiles, load_profile, profile_dir
 
 REQUIRED = {"rpi3b", "rpi4", "rpi5", "rpi-zero-2w", "coral-usb", "coral-devboard", "generic-aarch64", "x86-dev"}
 

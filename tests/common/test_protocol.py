@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from agent import protocol
-from agent.errors import ConfigError
-from agent.manifest import parse_version
+from edgefleet.errors import ConfigError
+from edgefleet.manifest import parse_version
 
 
 def test_topic_names_are_the_documented_contract():

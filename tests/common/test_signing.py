@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from agent.errors import ConfigError, SignatureError
-from agent.signing import generate_keypair, load_private_key, load_public_key, sign_manifest, verify_manifest
+from edgefleet.errors import ConfigError, SignatureError
+from edgefleet.signing import (
+    generate_keypair,
+    load_private_key,
+    load_public_key,
+    sign_manifest,
+    verify_manifest,
+)
 
 MANIFEST = {"name": "digits", "version": "2", "model": {"sha256": "ab" * 32, "size": 10}}
 

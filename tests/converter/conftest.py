@@ -32,7 +32,7 @@ class Digits:
 
 @pytest.fixture(scope="session")
 def digits(tmp_path_factory: pytest.TempPathFactory) -> Digits:
-    from converter.samples import train_digits_model, write_samples
+    from scripts.sample_models import train_digits_model, write_samples
 
     folder = tmp_path_factory.mktemp("digits")
     model, x, y = train_digits_model(epochs=5)
@@ -47,7 +47,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Digits:
 
 @pytest.fixture(scope="session")
 def signing_keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from agent.signing import generate_keypair
+    from edgefleet.signing import generate_keypair
 
     return generate_keypair(tmp_path_factory.mktemp("keys"))
 

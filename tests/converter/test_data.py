@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agent.errors import ConfigError
 from converter.data import load_samples, parse_range
 from converter.loading import TensorInfo
+from edgefleet.errors import ConfigError
 
 IMAGE = (TensorInfo("image", (1, 8, 8, 1), "float32"),)
 TWO = (TensorInfo("a", (1, 3), "float32"), TensorInfo("b", (1, 2), "float32"))

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import yaml
 
-from agent.profiles import profile_dir
 from converter import convert
 from converter._tf import keras
 from converter.equalize import equalize
-from converter.samples import build_mobilenet_digits, digits_data, write_samples
+from edgefleet.profiles import profile_dir
+from scripts.sample_models import build_mobilenet_digits, digits_data, write_samples
 
 
 @pytest.fixture(scope="module")

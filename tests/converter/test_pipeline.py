@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import yaml
 
-from agent.errors import ConfigError, ModelError
-from agent.manifest import load_manifest, sha256_file
-from agent.profiles import profile_dir
-from agent.signing import load_public_key, verify_manifest
 from converter import convert
-from converter.inspect import make_interpreter
+from converter.tflite_inspect import make_interpreter
+from edgefleet.errors import ConfigError, ModelError
+from edgefleet.manifest import load_manifest, sha256_file
+from edgefleet.profiles import profile_dir
+from edgefleet.signing import load_public_key, verify_manifest
 
 
 def test_artifact_manifest_validates_matches_model_and_signature_verifies(digits_result, signing_keys) -> None:
@@ -155,7 +155,7 @@ def test_previous_artifact_is_replaced_whole(digits_result, digits, tmp_path: Pa
 def test_artifact_passes_the_agent_sandbox_and_runs_in_the_engine(digits_result, digits) -> None:
     """The contract end to end: what the converter writes, the agent's own validation accepts."""
     from agent import Engine
-    from agent.sandbox import validate_model
+    from agent.validation import validate_model
 
     report = validate_model(digits_result.out_dir, profile="x86-dev", timeout_s=60)
     assert report.ok, report.reason

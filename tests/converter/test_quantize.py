@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.profiles import load_profile
 from converter.data import SampleSet
 from converter.fidelity import compare, run_model
-from converter.inspect import inspect_tflite
 from converter.loading import load_model
 from converter.pipeline import _evaluate, _Sources
 from converter.quantize import Recipe, convert_float, quantize, sensitive_tensors
+from converter.tflite_inspect import inspect_tflite
+from edgefleet.profiles import load_profile
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fleet.simulator import write_placeholder_artifact
-from tests.support.broker import MosquittoBroker
+from edgefleet.testing.broker import MosquittoBroker
+from edgefleet.testing.simulator import write_placeholder_artifact
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -12,11 +12,11 @@ import time
 
 import pytest
 
-from agent.signing import generate_keypair
-from fleet.simulator import Simulator
+from edgefleet.signing import generate_keypair
+from edgefleet.testing.simulator import Simulator
+from edgefleet.testing.waiting import wait_for
 from fleet.store import Store
 from tests.fleet.conftest import REPO, make_artifact, run_cli
-from tests.support.waiting import wait_for
 
 FAST = ["--serve", "127.0.0.1:0", "--device-timeout", "20"]
 
@@ -242,7 +242,7 @@ def test_bad_inputs_are_refused_before_anything_is_sent(fleet_broker, tmp_path, 
 
 
 def test_unreachable_broker_is_one_clear_error_naming_the_url(tmp_path, data):
-    from tests.support.broker import free_port
+    from edgefleet.testing.broker import free_port
 
     url = f"mqtt://127.0.0.1:{free_port()}"
     deploy = ["deploy", str(make_artifact(tmp_path / "a", "2")), "--all", "--data-dir", data]
@@ -288,7 +288,7 @@ def test_a_killed_deploy_resumes_without_resending_to_devices_that_answered(flee
 
 
 def test_a_broker_restart_mid_rollout_is_ridden_out(tmp_path, data):
-    from tests.support.broker import MosquittoBroker
+    from edgefleet.testing.broker import MosquittoBroker
 
     art = make_artifact(tmp_path / "v2", "2")
     with MosquittoBroker(tmp_path / "broker") as broker, _sim(broker, "bounce", n=6, step_delay=0.3) as sim:

@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from agent.errors import ConfigError
+from edgefleet.errors import ConfigError
 from fleet.artifacts import ArtifactServer, parse_range
 from fleet.mqttclient import Message, parse_broker_url
 from fleet.registry import Registry, select_devices
@@ -108,7 +108,7 @@ def test_watch_table_shows_rows_and_totals_and_truncates():
 
 
 def test_the_canary_is_taken_from_online_devices_first(tmp_path):
-    from agent.manifest import load_manifest
+    from edgefleet.manifest import load_manifest
     from fleet.rollout import Policy
     from fleet.runner import Artifact, create_deploy
     from fleet.store import Store
@@ -128,7 +128,7 @@ def test_the_canary_is_taken_from_online_devices_first(tmp_path):
 
 
 def test_resume_refuses_to_serve_a_model_rebuilt_since_the_rollout_started(tmp_path, capsys):
-    from agent.manifest import load_manifest
+    from edgefleet.manifest import load_manifest
     from fleet.cli import main
     from fleet.rollout import Policy
     from fleet.runner import Artifact, create_deploy

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from agent.errors import ConfigError
+from edgefleet.errors import ConfigError
 from fleet.rollout import Policy, apply_event, apply_reply, decide, parse_canary, plan_waves, unanswered
 from fleet.store import Execution, Rollout, Store
 

@@ -16,11 +16,12 @@ import time
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.signing import generate_keypair
+from edgefleet.signing import generate_keypair
+from edgefleet.testing.artifacts import build_artifact
+from edgefleet.testing.waiting import wait_for
 from tests.fleet.conftest import run_cli
 from tests.integration.service_support import AgentProcess, agent_config
-from tests.support.artifacts import OTA_MODELS, build_artifact
-from tests.support.waiting import wait_for
+from tests.support.models import OTA_MODELS
 
 pytestmark = [pytest.mark.agents, pytest.mark.timeout(240)]
 
@@ -39,7 +40,7 @@ def _versions(broker_url: str) -> dict[str, str | None]:
 def fleet(fleet_broker, tmp_path_factory):
     base = tmp_path_factory.mktemp("real-fleet")
     key_path, pub_path = generate_keypair(base / "keys")
-    from agent.signing import load_private_key
+    from edgefleet.signing import load_private_key
 
     key: Ed25519PrivateKey = load_private_key(key_path)
     v1 = build_artifact(OTA_MODELS / "clf_a.tflite", base / "v1", version="1", key=key, golden_samples=2,

@@ -25,7 +25,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.mqtt import publish_properties
-from tests.support.waiting import wait_for
+from edgefleet.testing.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 
 from agent.ota.crashpoints import CRASH_POINTS, ENV_VAR
-from tests.support.artifacts import OTA_MODELS, build_artifact
-from tests.support.ota_http import ArtifactServer
+from edgefleet.testing.artifacts import build_artifact
+from edgefleet.testing.http_server import ArtifactServer
+from tests.support.models import OTA_MODELS
 
 REPO = Path(__file__).resolve().parents[2]
 

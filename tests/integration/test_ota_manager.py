@@ -14,14 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.errors import ArtifactError, ConfigError, SignatureError
 from agent.host import ModelHost
 from agent.ota import OtaManager
-from agent.profiles import load_profile
-from agent.signing import Ed25519PrivateKey, sign_manifest
-from tests.support.artifacts import OTA_MODELS, build_artifact
-from tests.support.ota_http import ArtifactServer
-from tests.support.waiting import wait_for
+from edgefleet.errors import ArtifactError, ConfigError, SignatureError
+from edgefleet.profiles import load_profile
+from edgefleet.signing import Ed25519PrivateKey, sign_manifest
+from edgefleet.testing.artifacts import build_artifact
+from edgefleet.testing.http_server import ArtifactServer
+from edgefleet.testing.waiting import wait_for
+from tests.support.models import OTA_MODELS
 
 KEY = Ed25519PrivateKey.generate()
 PROFILE = load_profile("x86-dev")

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.protocol import device_cmd_topic
-from agent.signing import generate_keypair, load_private_key
+from edgefleet.signing import generate_keypair, load_private_key
+from edgefleet.testing.artifacts import build_artifact
+from edgefleet.testing.http_server import ArtifactServer
+from edgefleet.testing.waiting import wait_for
+from edgefleet.topics import device_cmd_topic
 from tests.integration.service_support import AgentProcess, Observer, agent_config, command
-from tests.support.artifacts import OTA_MODELS, build_artifact
-from tests.support.ota_http import ArtifactServer
-from tests.support.waiting import wait_for
+from tests.support.models import OTA_MODELS
 
 
 def test_signed_update_then_rollback_over_mqtt(broker, tmp_path: Path):

@@ -10,7 +10,9 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.protocol import ROOT
+from edgefleet.testing.broker import MosquittoBroker
+from edgefleet.testing.waiting import wait_for
+from edgefleet.topics import ROOT
 from tests.integration.service_support import (
     REPO,
     AgentProcess,
@@ -19,8 +21,6 @@ from tests.integration.service_support import (
     broker_files_access,
     command,
 )
-from tests.support.broker import MosquittoBroker
-from tests.support.waiting import wait_for
 
 PASSWORDS = {"fleet": "fleet-secret", "pi-a": "a-secret", "pi-b": "b-secret"}
 

@@ -12,9 +12,10 @@ from PIL import Image
 from agent.config import parse_config
 from agent.engine import Engine
 from agent.service import AgentService
+from edgefleet.testing.artifacts import build_artifact
+from edgefleet.testing.waiting import wait_for
 from tests.integration.service_support import agent_config
-from tests.support.artifacts import OTA_MODELS, build_artifact
-from tests.support.waiting import wait_for
+from tests.support.models import OTA_MODELS
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +164,7 @@ def test_connections_beyond_the_limit_get_503_and_a_stalled_client_does_not_bloc
 
 def test_multi_input_multi_output_model_in_row_and_column_format() -> None:
     from agent.http import InferenceServer, ServingBackend
-    from tests.support.artifacts import MODELS
+    from tests.support.models import MODELS
 
     engine = Engine(MODELS / "multi_io.tflite", profile="x86-dev", autotune=False)
     backend = ServingBackend(infer=lambda x, source, n: engine.infer(x),

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.protocol import ROOT
+from edgefleet.testing.artifacts import build_artifact
+from edgefleet.testing.waiting import wait_for
+from edgefleet.topics import ROOT
 from tests.integration.service_support import AgentProcess, Observer, agent_config, command
-from tests.support.artifacts import OTA_MODELS, build_artifact
-from tests.support.waiting import wait_for
+from tests.support.models import OTA_MODELS
 
 DEV = f"{ROOT}/devices/pi-1"
 
@@ -303,7 +304,7 @@ def test_auto_protocol_falls_back_to_3_1_1_when_the_broker_refuses_mqtt5(broker)
 
     from agent.config import BrokerConfig
     from agent.mqtt import MqttLink
-    from tests.support.broker import free_port
+    from edgefleet.testing.broker import free_port
 
     # Mosquitto speaks MQTT 5, so a 3.1.1-only broker is played by a proxy that answers an MQTT 5
     # CONNECT with "unacceptable protocol version" and pipes any 3.1.1 connection to Mosquitto.
@@ -355,7 +356,7 @@ def test_auto_protocol_falls_back_to_3_1_1_when_the_broker_refuses_mqtt5(broker)
 def test_a_frozen_agent_goes_offline_by_keepalive_and_comes_back_with_a_new_birth(artifact, tmp_path: Path) -> None:
     import signal
 
-    from tests.support.broker import MosquittoBroker
+    from edgefleet.testing.broker import MosquittoBroker
 
     # SIGSTOP keeps the TCP connection open but silent, like a device that lost its network:
     # only the broker's keepalive timeout (1.5 x keepalive_s = 3 s) can notice. A private broker,

@@ -7,10 +7,10 @@ import time
 from pathlib import Path
 
 from agent.outbox import Outbox
-from agent.protocol import ROOT
+from edgefleet.testing.broker import MosquittoBroker, free_port
+from edgefleet.testing.waiting import wait_for
+from edgefleet.topics import ROOT
 from tests.integration.service_support import AgentProcess, Observer, agent_config, broker_files_access
-from tests.support.broker import MosquittoBroker, free_port
-from tests.support.waiting import wait_for
 
 
 def persistent_broker(workdir: Path, port: int | None = None) -> MosquittoBroker:

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 from agent.config import parse_config
-from agent.protocol import ROOT
 from agent.service import AgentService
+from edgefleet.testing.artifacts import build_artifact
+from edgefleet.testing.waiting import wait_for
+from edgefleet.topics import ROOT
 from tests.integration.service_support import REPO, Observer, agent_config, command
-from tests.support.artifacts import OTA_MODELS, build_artifact
-from tests.support.waiting import wait_for
+from tests.support.models import OTA_MODELS
 
 _TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
 

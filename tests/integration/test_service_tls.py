@@ -13,10 +13,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.protocol import ROOT
+from edgefleet.testing.broker import MosquittoBroker, free_port
+from edgefleet.testing.waiting import wait_for
+from edgefleet.topics import ROOT
 from tests.integration.service_support import AgentProcess, Observer, agent_config, broker_files_access
-from tests.support.broker import MosquittoBroker, free_port
-from tests.support.waiting import wait_for
 
 
 def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from agent.host import ModelHost
-from agent.manifest import sha256_file
 from agent.ota import OtaManager
-from agent.profiles import load_profile
-from agent.signing import load_public_key
+from edgefleet.manifest import sha256_file
+from edgefleet.profiles import load_profile
+from edgefleet.signing import load_public_key
 
 
 def main(argv: list[str]) -> int:

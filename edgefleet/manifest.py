@@ -16,8 +16,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from agent.errors import ArtifactError
-from agent.profiles import format_validation_error
+from edgefleet.errors import ArtifactError
+from edgefleet.profiles import format_validation_error
 
 __all__ = [
     "MANIFEST_NAME",

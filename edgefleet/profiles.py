@@ -2,12 +2,13 @@
 
 A profile is a YAML file in ``device_profiles/`` (found by name) or anywhere (found by path).
 Loading validates it strictly: unknown keys, missing keys, wrong types and impossible values
-raise :class:`~agent.errors.ConfigError` with one line naming the file, the key and what was
+raise :class:`~edgefleet.errors.ConfigError` with one line naming the file, the key and what was
 expected. The schema below is the documentation of every field (see ``docs/profiles.md``).
 """
 
 from __future__ import annotations
 
+import platform
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -16,11 +17,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from agent.errors import ConfigError
+from edgefleet.errors import ConfigError
 
 __all__ = [
     "CacheDefaults",
     "Profile",
+    "default_profile",
     "format_validation_error",
     "list_profiles",
     "load_profile",
@@ -132,6 +134,14 @@ class Profile(_Strict):
         acc = "" if self.runtime.accelerator == "none" else f", {self.runtime.accelerator}"
         return (f"{self.name:16s} {hw.arch:8s} {hw.cores} cores @ {hw.cpu_mhz} MHz, "
                 f"{hw.memory_mb} MB{acc}: {self.description}")
+
+
+_DEFAULT_BY_ARCH = {"x86_64": "x86-dev", "amd64": "x86-dev", "aarch64": "generic-aarch64", "armv7l": "rpi3b"}
+
+
+def default_profile() -> str:
+    """The profile used when none is given: chosen by this machine's architecture."""
+    return _DEFAULT_BY_ARCH.get(platform.machine().lower(), "generic-aarch64")
 
 
 def profile_dir() -> Path:

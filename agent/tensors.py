@@ -1,8 +1,7 @@
-"""Pure helpers over a TFLite interpreter: tensor descriptions, quantization, input checks.
+"""Pure helpers over a TFLite interpreter: tensor descriptions and input checks.
 
-Quantization is written out where it happens (pycoral habit): ``q = round(x / scale) + zero_point``
-clipped to the dtype's limits, and ``x = (q - zero_point) * scale``. Float arrays are quantized with
-the model's own parameters; arrays already in the model's integer dtype pass through untouched.
+Float arrays are quantized with the model's own parameters (:mod:`edgefleet.quant`); arrays
+already in the model's integer dtype pass through untouched.
 """
 
 from __future__ import annotations
@@ -12,16 +11,14 @@ from typing import Any
 
 import numpy as np
 
-from agent.errors import InputError
+from edgefleet.errors import InputError
+from edgefleet.quant import quantize
 
 __all__ = [
     "TensorInfo",
-    "dequantize",
     "describe_tensors",
-    "quantize",
     "split_batch",
     "to_model_dtype",
-    "top1",
 ]
 
 
@@ -87,26 +84,6 @@ def describe_tensors(interpreter: Any) -> tuple[tuple[TensorInfo, ...], tuple[Te
     return inputs, outputs
 
 
-def quantize(x: np.ndarray, info: TensorInfo, out: np.ndarray | None = None) -> np.ndarray:
-    """Float values -> the model's integer dtype, rounding to nearest and clipping to its range."""
-    limits = np.iinfo(info.dtype)
-    q = np.rint(np.asarray(x, dtype=np.float32) / np.float32(info.scale))
-    q += info.zero_point
-    np.clip(q, limits.min, limits.max, out=q)
-    if out is None:
-        return q.astype(info.dtype)
-    np.copyto(out, q, casting="unsafe")
-    return out
-
-
-def dequantize(q: np.ndarray, info: TensorInfo) -> np.ndarray:
-    """Integer tensor -> float32. The subtraction is done in float32, exact for 8/16-bit values."""
-    x = q.astype(np.float32)
-    x -= np.float32(info.zero_point)
-    x *= np.float32(info.scale)
-    return x
-
-
 def to_model_dtype(x: np.ndarray, info: TensorInfo) -> np.ndarray:
     """Convert one input to the model's dtype: quantize floats, pass matching dtypes through.
 
@@ -141,8 +118,3 @@ def split_batch(x: np.ndarray, info: TensorInfo) -> int:
         return int(x.shape[0])
     raise InputError(f"input {info.name!r}: expected shape {list(model)} "
                      f"(or a batch [N, {', '.join(map(str, model[1:]))}]), got {list(x.shape)}")
-
-
-def top1(scores: np.ndarray) -> np.ndarray:
-    """Index of the largest score along the last axis."""
-    return np.argmax(scores, axis=-1)

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.errors import ConversionError
+from edgefleet.errors import ConversionError
 
 __all__ = ["Inspection", "OpInfo", "inspect_tflite", "make_interpreter"]
 

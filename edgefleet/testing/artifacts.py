@@ -4,8 +4,8 @@ For tests of every part (OTA, service, fleet): the manifest's tensor specs are r
 interpreter, and the golden samples are computed by running the model on seeded random inputs,
 so the artifact passes the agent's checks exactly like one made by ``edge-convert``.
 
-    from tests.support.artifacts import build_artifact, OTA_MODELS
-    art = build_artifact(OTA_MODELS / "clf_a.tflite", tmp_path / "v1", version="1", key=private_key)
+    from edgefleet.testing.artifacts import build_artifact
+    art = build_artifact(Path("clf_a.tflite"), tmp_path / "v1", version="1", key=private_key)
     art.dir, art.model_path, art.manifest, art.raw, art.signature, art.file_url, art.update_fields()
 
 Models that cannot be allocated (unresolved custom op) get no golden samples; outputs that are
@@ -26,13 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from agent.manifest import MANIFEST_NAME, MODEL_NAME, SIGNATURE_NAME, Manifest, parse_manifest
-from agent.signing import sign_manifest
+from edgefleet.manifest import MANIFEST_NAME, MODEL_NAME, SIGNATURE_NAME, Manifest, parse_manifest
+from edgefleet.signing import sign_manifest
 
-__all__ = ["MODELS", "OTA_MODELS", "Artifact", "build_artifact", "copy_artifact", "interpreter_for"]
+__all__ = ["Artifact", "build_artifact", "copy_artifact", "interpreter_for"]
 
-MODELS = Path(__file__).resolve().parents[1] / "data" / "models"
-OTA_MODELS = MODELS / "ota"
 
 
 def interpreter_for(model: bytes) -> Any:
@@ -119,7 +117,7 @@ def build_artifact(model: Path | bytes, out_dir: Path, *, name: str = "clf", ver
                    **extra: Any) -> Artifact:
     """Write ``out_dir/model.tflite`` + ``manifest.json`` (+ ``manifest.json.sig`` if ``key``).
 
-    ``key`` is an Ed25519 private key (agent.signing); ``extra`` adds or overrides manifest keys.
+    ``key`` is an Ed25519 private key (edgefleet.signing); ``extra`` adds or overrides manifest keys.
     """
     data = Path(model).read_bytes() if isinstance(model, (str, Path)) else bytes(model)
     out_dir = Path(out_dir)

@@ -24,9 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.atomic import atomic_write_json
-from agent.errors import EdgefleetError
-from agent.protocol import decode
+from edgefleet.atomic import atomic_write_json
+from edgefleet.errors import EdgefleetError
+from edgefleet.messages import decode
 
 __all__ = ["CommandProcessor", "CommandRejected", "Handler"]
 

@@ -12,7 +12,7 @@ One root per source of fault, so callers can tell who is to blame::
     └── ConversionError    the converter could not produce a model
 
 Library exceptions are translated at the boundary (``raise ModelError(...) from exc``) and the
-command-line programs turn any of these into one ``error:`` line (see :mod:`agent.clitools`).
+command-line programs turn any of these into one ``error:`` line (see :mod:`edgefleet.cli`).
 """
 
 from __future__ import annotations

@@ -1,12 +1,10 @@
-"""Validate a model file in a child process, so a malformed flatbuffer cannot take the caller down.
+"""The validation child: ``python -m agent.validation.child --model M [--profile P] [--manifest F]``.
 
-``validate_model(path, profile=None, manifest=None, timeout_s=30)`` runs ``python -m agent.sandbox``
-which loads and allocates the model (naming any unresolved custom op), checks its inputs and
-outputs against the manifest, runs the manifest's golden samples (``golden.atol`` and top-1), or
-one synthetic input when there are none, rejects NaN/Inf outputs and measures latency against
-``profile.limits.latency_budget_ms``. It prints one JSON line; the parent turns that, a crash
-(signal), a timeout or garbage into a frozen :class:`ValidationReport`. The caller never raises
-because of the model: every failure is ``ok=False`` with a one-line ``reason``.
+Loads and allocates the model (naming any unresolved custom op), checks its inputs and outputs
+against the manifest, runs the manifest's golden samples (``golden.atol`` and top-1), or one
+synthetic input when there are none, rejects NaN/Inf outputs and measures latency against the
+profile's budget. It prints one JSON :class:`ValidationReport` line and exits; only the parent
+(:mod:`agent.validation.parent`) starts it.
 """
 
 from __future__ import annotations
@@ -14,130 +12,31 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ValidationReport", "check_model", "validate_model"]
+from agent.validation.report import ValidationReport, fail
+
+__all__ = ["check_model"]
 
 _LATENCY_RUNS = 20
 _LATENCY_MAX_S = 2.0
 
 
-@dataclass(frozen=True)
-class ValidationReport:
-    """Outcome of validating one model file. ``reason`` is one line when ``ok`` is False."""
-
-    ok: bool
-    reason: str | None = None
-    latency_ms: float | None = None
-    inputs: tuple[Mapping[str, Any], ...] = ()
-    outputs: tuple[Mapping[str, Any], ...] = ()
-    golden: Mapping[str, Any] = field(default_factory=dict)
-    details: Mapping[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"ok": self.ok, "reason": self.reason, "latency_ms": self.latency_ms,
-                "inputs": [dict(t) for t in self.inputs], "outputs": [dict(t) for t in self.outputs],
-                "golden": dict(self.golden), "details": dict(self.details)}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> ValidationReport:
-        return cls(ok=bool(data["ok"]), reason=data.get("reason"), latency_ms=data.get("latency_ms"),
-                   inputs=tuple(data.get("inputs") or ()), outputs=tuple(data.get("outputs") or ()),
-                   golden=dict(data.get("golden") or {}), details=dict(data.get("details") or {}))
-
-
-def _fail(reason: str, **details: Any) -> ValidationReport:
-    return ValidationReport(ok=False, reason=reason, details=details)
-
-
-def validate_model(path: str | os.PathLike[str], profile: Any = None, manifest: Any = None,
-                   timeout_s: float = 30.0) -> ValidationReport:
-    """Check in a child process that the model at ``path`` loads, runs and matches its manifest.
-
-    ``path`` is a ``.tflite`` file or an artifact directory (its manifest is used unless one is
-    given). ``profile`` is a name, a path or a Profile (``None``: the default for this machine's
-    architecture, see :func:`agent.engine_cli.default_profile`); ``manifest`` a Manifest, a dict or None.
-    Never raises for a bad model, a crash or a timeout: those come back as ``ok=False``.
-    """
-    path = Path(path)
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="edgefleet-sandbox-") as tmp:
-        cmd = [sys.executable, "-m", "agent.sandbox", "--model", str(path)]
-        try:
-            if profile is not None:
-                cmd += ["--profile", _profile_arg(profile, Path(tmp))]
-            if manifest is not None:
-                manifest_file = Path(tmp) / "manifest.json"
-                manifest_file.write_text(json.dumps(_manifest_dict(manifest)))
-                cmd += ["--manifest", str(manifest_file)]
-        except (TypeError, ValueError, OSError) as exc:
-            return _fail(f"cannot pass the profile or manifest to the validator: {exc}")
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONFAULTHANDLER="")
-        root = str(Path(__file__).resolve().parents[1])
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        try:
-            proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout_s, env=env,
-                                  stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            return _fail(f"validation timed out after {timeout_s:g} s (the model hangs or is far too slow)")
-        except OSError as exc:
-            return _fail(f"cannot start the validation process: {exc}")
-    elapsed = round(time.monotonic() - started, 3)
-    if proc.returncode < 0:
-        try:
-            name = signal.Signals(-proc.returncode).name
-        except ValueError:
-            name = f"signal {-proc.returncode}"
-        return _fail(f"the runtime crashed ({name}) while loading or running the model; the file is corrupt "
-                     "or not a TFLite model", returncode=proc.returncode, seconds=elapsed)
-    line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("{")), None)
-    if line is None:
-        last = next((ln.strip() for ln in reversed(proc.stderr.splitlines()) if ln.strip()), "no output")
-        return _fail(f"validation process failed (exit {proc.returncode}): {last}", returncode=proc.returncode)
-    try:
-        report = ValidationReport.from_json(json.loads(line))
-    except (ValueError, KeyError, TypeError) as exc:
-        return _fail(f"validation process printed an unreadable report: {exc}")
-    return ValidationReport(ok=report.ok, reason=report.reason, latency_ms=report.latency_ms,
-                            inputs=report.inputs, outputs=report.outputs, golden=report.golden,
-                            details={**report.details, "seconds": elapsed})
-
-
-def _profile_arg(profile: Any, tmp: Path) -> str:
-    if isinstance(profile, (str, os.PathLike)):
-        return str(profile)
-    file = tmp / "profile.json"
-    file.write_text(profile.model_dump_json())
-    return str(file)
-
-
-def _manifest_dict(manifest: Any) -> dict[str, Any]:
-    if isinstance(manifest, Mapping):
-        return dict(manifest)
-    return manifest.to_json_dict()
-
-
-# ---------------------------------------------------------------------------------- child side
 def check_model(model: str | os.PathLike[str], profile: Any = None, manifest: Any = None) -> ValidationReport:
     """The checks themselves, in *this* process (the child calls it; use validate_model instead)."""
     import numpy as np
 
     from agent.engine import Engine
-    from agent.errors import EdgefleetError
-    from agent.manifest import parse_manifest
-    from agent.profiles import Profile, load_profile
+    from edgefleet.errors import EdgefleetError
+    from edgefleet.manifest import parse_manifest
+    from edgefleet.profiles import Profile, load_profile
 
     try:
         if profile is None:
-            from agent.engine_cli import default_profile
+            from edgefleet.profiles import default_profile
 
             prof = load_profile(default_profile())
         elif isinstance(profile, Profile):
@@ -150,7 +49,7 @@ def check_model(model: str | os.PathLike[str], profile: Any = None, manifest: An
             manifest, "manifest")
         engine = Engine(model, profile=prof, threads=1, instances=1, autotune=False, cache=None)
     except EdgefleetError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     man = man or engine.manifest
     inputs = tuple(t.to_json() for t in engine.input_details)
     outputs = tuple(t.to_json() for t in engine.output_details)
@@ -248,7 +147,7 @@ def _contract_mismatch(manifest: Any, engine: Any) -> str | None:
 
 
 def _child(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m agent.sandbox")
+    parser = argparse.ArgumentParser(prog="python -m agent.validation.child")
     parser.add_argument("--model", required=True)
     parser.add_argument("--profile")
     parser.add_argument("--manifest")
@@ -257,7 +156,7 @@ def _child(argv: list[str]) -> int:
         manifest = Path(args.manifest).read_text() if args.manifest else None
         report = check_model(args.model, args.profile, manifest)
     except Exception as exc:  # noqa: BLE001 (the report is the error channel of this process)
-        report = _fail(f"validation failed unexpectedly: {type(exc).__name__}: {exc}")
+        report = fail(f"validation failed unexpectedly: {type(exc).__name__}: {exc}")
     sys.stdout.write(json.dumps(report.to_json()) + "\n")
     sys.stdout.flush()
     return 0 if report.ok else 1

@@ -6,7 +6,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from agent.errors import EdgefleetError
+from edgefleet.errors import EdgefleetError
 
 __all__ = ["run_main", "wants_debug"]
 

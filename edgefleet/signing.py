@@ -20,7 +20,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from agent.errors import ConfigError, SignatureError
+from edgefleet.errors import ConfigError, SignatureError
 
 __all__ = [
     "canonical_bytes",

@@ -14,7 +14,7 @@ the OTA states as ``ota`` events. What an update ends in is configurable per tar
 
 All devices share one MQTT connection, so unlike a real agent there is no per-device Last Will:
 ``stop()`` publishes the offline states itself. Used by the tests, the benchmark and the demo
-(``python -m fleet.simulator`` or ``edge-fleet simulate``).
+(``python -m edgefleet.testing.simulator`` or ``edge-fleet simulate``).
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ConfigError, EdgefleetError
-from agent.protocol import (
+from edgefleet.errors import ConfigError, EdgefleetError
+from edgefleet.messages import decode
+from edgefleet.topics import (
     ROOT,
-    decode,
     events_topic,
     parse_device_topic,
     response_topic,
@@ -95,7 +95,7 @@ class Simulator:
         self.signed_updates = signed_updates
         self.trusted: list[Any] = []
         if trusted_keys:
-            from agent.signing import load_trusted_keys
+            from edgefleet.signing import load_trusted_keys
 
             self.trusted = load_trusted_keys(trusted_keys)
         model = None
@@ -339,7 +339,7 @@ class Simulator:
         manifest = cmd["manifest"]
         try:
             if self.trusted:
-                from agent.signing import verify_manifest
+                from edgefleet.signing import verify_manifest
 
                 verify_manifest(manifest, cmd.get("signature"), self.trusted)
             url = str(cmd.get("artifact_url"))
@@ -444,10 +444,10 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from agent.clitools import run_main
+    from edgefleet.cli import run_main
 
     def _main(a: list[str]) -> int:
-        parser = argparse.ArgumentParser(prog="python -m fleet.simulator", description="simulated devices")
+        parser = argparse.ArgumentParser(prog="python -m edgefleet.testing.simulator", description="simulated devices")
         add_arguments(parser)
         parser.add_argument("--debug", action="store_true")
         return run_from_args(parser.parse_args(a))
