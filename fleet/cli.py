@@ -237,8 +237,8 @@ def _serve_again(address: str, advertise: str | None) -> Any:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
+    from edgefleet.mqtt import connect
     from fleet.artifacts import ArtifactServer
-    from fleet.mqttclient import connect
     from fleet.registry import collect, select_devices
     from fleet.rollout import Policy, parse_canary
     from fleet.runner import RolloutRunner, check_signing, create_deploy, load_artifact, resume_check
@@ -387,7 +387,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from fleet.mqttclient import connect
+    from edgefleet.mqtt import connect
     from fleet.registry import collect, select_devices
     from fleet.runner import RolloutRunner, create_rollback
     from fleet.store import Store

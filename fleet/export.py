@@ -19,8 +19,8 @@ from typing import Any
 from edgefleet.atomic import fsync_dir
 from edgefleet.errors import ConfigError
 from edgefleet.messages import decode
+from edgefleet.mqtt import connect
 from edgefleet.topics import all_devices, parse_device_topic
-from fleet.mqttclient import connect
 from fleet.watch import telemetry_fields
 
 __all__ = ["CSV_COLUMNS", "export"]

@@ -15,8 +15,8 @@ from typing import Any
 
 from edgefleet.errors import ConfigError
 from edgefleet.messages import decode
+from edgefleet.mqtt import Message, MqttClient, connect
 from edgefleet.topics import all_devices, parse_device_topic
-from fleet.mqttclient import FleetClient, Message, connect
 
 __all__ = ["STATE_TOPICS", "TELEMETRY_TOPICS", "Device", "Registry", "collect", "select_devices"]
 
@@ -117,7 +117,7 @@ class Registry:
         return sorted((d for d in self.devices.values() if d.has_state), key=lambda d: d.device_id)
 
 
-def drain_into(registry: Registry, client: FleetClient, settle_s: float, max_s: float) -> int:
+def drain_into(registry: Registry, client: MqttClient, settle_s: float, max_s: float) -> int:
     """Feed messages until no *retained* one arrived for ``settle_s`` seconds, or ``max_s`` elapsed.
 
     Live messages (telemetry) are ingested too but do not extend the window, so a busy fleet
@@ -141,7 +141,7 @@ def drain_into(registry: Registry, client: FleetClient, settle_s: float, max_s: 
 
 
 def collect(broker: str, settle_s: float = 0.4, max_s: float = 30.0, telemetry: bool = False,
-            client: FleetClient | None = None, listen_s: float = 0.0) -> Registry:
+            client: MqttClient | None = None, listen_s: float = 0.0) -> Registry:
     """Read the retained device states from ``broker`` into a new :class:`Registry`.
 
     Raises:

@@ -19,9 +19,9 @@ from typing import Any
 from edgefleet.errors import ArtifactError, ConfigError, SignatureError
 from edgefleet.manifest import Manifest, load_manifest, sha256_file
 from edgefleet.messages import decode, make_command
+from edgefleet.mqtt import Message, MqttClient
 from edgefleet.signing import load_private_key, sign_manifest
 from edgefleet.topics import all_devices, device_cmd_topic, fleet_reply_topic, parse_device_topic
-from fleet.mqttclient import FleetClient, Message
 from fleet.registry import Device
 from fleet.rollout import Policy, apply_event, apply_reply, decide, plan_waves, summarize, unanswered
 from fleet.store import Execution, Rollout, Store
@@ -154,7 +154,7 @@ def create_rollback(store: Store, devices: Sequence[Device], to: str | None, bro
 class RolloutRunner:
     """Drive one rollout to a final state over an open MQTT connection."""
 
-    def __init__(self, store: Store, client: FleetClient, rollout: Rollout, executions: Sequence[Execution],
+    def __init__(self, store: Store, client: MqttClient, rollout: Rollout, executions: Sequence[Execution],
                  progress: Progress | None = None, tick_s: float = 0.2, batch: int = 20000) -> None:
         self.store = store
         self.client = client

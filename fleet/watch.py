@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from fleet.mqttclient import connect
+from edgefleet.mqtt import connect
 from fleet.registry import STATE_TOPICS, TELEMETRY_TOPICS, Device, Registry, drain_into
 
 __all__ = ["render", "telemetry_fields", "watch"]

@@ -37,6 +37,7 @@ from typing import Any
 
 from edgefleet.errors import ConfigError, EdgefleetError
 from edgefleet.messages import decode
+from edgefleet.mqtt import Message, MqttClient, parse_broker_url
 from edgefleet.topics import (
     ROOT,
     events_topic,
@@ -45,7 +46,6 @@ from edgefleet.topics import (
     state_topic,
     telemetry_topic,
 )
-from fleet.mqttclient import FleetClient, Message, parse_broker_url
 
 __all__ = ["OUTCOMES", "Simulator", "main", "write_placeholder_artifact"]
 
@@ -110,7 +110,7 @@ class Simulator:
         self.commands_received = 0
         self.received: dict[str, list[tuple[str, str]]] = {}  # device -> [(command, id)] in arrival order
         self.downloads = 0
-        self._client = FleetClient(self.url, client_id=f"sim-{prefix}-{id(self) & 0xffff:x}",
+        self._client = MqttClient(self.url, client_id=f"sim-{prefix}-{id(self) & 0xffff:x}",
                                    on_message=self._on_message)
         self._inbox: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
         self._timers: list[tuple[float, int, Callable[[], None]]] = []

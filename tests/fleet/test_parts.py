@@ -10,8 +10,8 @@ import urllib.request
 import pytest
 
 from edgefleet.errors import ConfigError
+from edgefleet.mqtt import Message, parse_broker_url
 from fleet.artifacts import ArtifactServer, parse_range
-from fleet.mqttclient import Message, parse_broker_url
 from fleet.registry import Registry, select_devices
 from fleet.watch import render
 
