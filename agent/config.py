@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from edgefleet.addresses import parse_host_port
 from edgefleet.errors import ConfigError
 from edgefleet.ids import ID_RULE, validate_id
+from edgefleet.mqtt import parse_broker_url
 from edgefleet.profiles import format_validation_error, read_yaml_file
 
 __all__ = [
@@ -60,13 +61,10 @@ class BrokerConfig(_Strict):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise ValueError("expected mqtt://host[:port] or mqtts://host[:port]")
         try:
-            _ = parts.port  # raises on a non-numeric or out-of-range port
-        except ValueError as exc:
-            raise ValueError(f"bad port in {value!r}") from exc
+            parse_broker_url(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from exc
         return value
 
     @model_validator(mode="after")
@@ -83,15 +81,15 @@ class BrokerConfig(_Strict):
 
     @property
     def tls(self) -> bool:
-        return urlsplit(self.url).scheme == "mqtts"
+        return parse_broker_url(self.url).tls
 
     @property
     def host(self) -> str:
-        return str(urlsplit(self.url).hostname)
+        return parse_broker_url(self.url).host
 
     @property
     def port(self) -> int:
-        return urlsplit(self.url).port or (8883 if self.tls else 1883)
+        return parse_broker_url(self.url).port
 
 
 class OutboxConfig(_Strict):
@@ -124,17 +122,17 @@ class HttpConfig(_Strict):
     def _listen(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError("expected host:port such as 127.0.0.1:8501")
+        try:
+            parse_host_port(value, "listen")
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from exc
         return value
 
     @property
     def address(self) -> tuple[str, int] | None:
         if self.listen is None:
             return None
-        host, _, port = self.listen.rpartition(":")
-        return host.strip("[]"), int(port)
+        return parse_host_port(self.listen, "listen")
 
 
 class SourceConfig(_Strict):

@@ -14,23 +14,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from edgefleet.addresses import parse_host_port
 from edgefleet.errors import ConfigError, TransportError
 
-__all__ = ["ArtifactServer", "advertised_host", "parse_hostport", "parse_range"]
+__all__ = ["ArtifactServer", "advertised_host", "parse_range"]
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
-
-
-def parse_hostport(text: str) -> tuple[str, int]:
-    """``"0.0.0.0:8080"`` -> ("0.0.0.0", 8080); port 0 picks a free one.
-
-    Raises:
-        ConfigError: not HOST:PORT.
-    """
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"--serve {text!r}: expected HOST:PORT such as 0.0.0.0:8080")
-    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:
@@ -126,7 +115,7 @@ class ArtifactServer:
     """Serve named files over HTTP from a background thread: ``url_for(path)`` gives the device URL."""
 
     def __init__(self, bind: str = "0.0.0.0:0", advertise: str | None = None) -> None:
-        host, port = parse_hostport(bind)
+        host, port = parse_host_port(bind, "--serve", default_host="0.0.0.0")
         try:
             self._server = _Server((host, port), _Handler)
         except OSError as exc:
