@@ -31,6 +31,8 @@ __all__ = [
     "Manifest",
     "Quantization",
     "TensorSpec",
+    "check_model_bytes",
+    "check_model_file",
     "load_manifest",
     "parse_manifest",
     "parse_version",
@@ -65,6 +67,37 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _check_digest(where: str, expected: ModelFile, size: int, digest: str) -> None:
+    if size != expected.size:
+        raise ArtifactError(f"{where}: {size} bytes, manifest says {expected.size} (truncated or padded)")
+    if digest != expected.sha256:
+        raise ArtifactError(f"{where}: sha256 {digest[:12]}..., manifest says {expected.sha256[:12]}... "
+                            "(corrupted or substituted)")
+
+
+def check_model_file(path: Path, expected: ModelFile) -> None:
+    """The one check that a model file on disk is the one its manifest describes (size, then sha256).
+
+    Raises:
+        ArtifactError: the file is missing, or its size or sha256 differ from ``expected``.
+    """
+    try:
+        size = path.stat().st_size
+        digest = sha256_file(path) if size == expected.size else ""
+    except OSError as exc:
+        raise ArtifactError(f"{path}: cannot read the model file ({exc.strerror or exc})") from exc
+    _check_digest(str(path), expected, size, digest)
+
+
+def check_model_bytes(data: bytes, expected: ModelFile, where: str = "model") -> None:
+    """:func:`check_model_file` for a model already in memory.
+
+    Raises:
+        ArtifactError: the size or sha256 of ``data`` differ from ``expected``.
+    """
+    _check_digest(where, expected, len(data), hashlib.sha256(data).hexdigest())
 
 
 class _Strict(BaseModel):
