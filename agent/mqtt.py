@@ -1,10 +1,8 @@
-"""The broker connection (paho-mqtt v2) and the outbox drain.
+"""The device's broker connection and the outbox drain.
 
-:class:`MqttLink` owns one paho client: MQTT 5 (falling back to 3.1.1 when the broker refuses
-it), TLS and username/password, a retained Last Will on the state topic, subscriptions renewed on
-every connect, and incoming messages handed to a callback with the MQTT 5 Response Topic and
-Correlation Data. It publishes only while connected: the durable queue is the outbox, not
-paho's memory.
+:class:`MqttLink` is the contract's one paho wrapper (:class:`edgefleet.mqtt.MqttConnection`)
+set up from agent.yaml: a retained Last Will on the state topic and the command subscriptions.
+It publishes only while connected: the durable queue is the outbox, not paho's memory.
 
 :class:`Forwarder` drains the :class:`~agent.outbox.Outbox` in order at a bounded rate, keeps at
 most ``max_inflight`` QoS 1 publishes unacknowledged, and deletes a row only on its PUBACK.
@@ -16,34 +14,23 @@ from __future__ import annotations
 
 import collections
 import logging
-import ssl
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from agent.config import BrokerConfig
 from agent.outbox import Outbox
-from edgefleet.errors import ConfigError
-from edgefleet.mqtt import publish_properties
+from edgefleet.mqtt import LinkSettings, Message, MqttConnection, parse_broker_url
 
-__all__ = ["Forwarder", "Incoming", "MqttLink"]
+__all__ = ["Forwarder", "Incoming", "MqttLink", "link_settings"]
 
 log = logging.getLogger(__name__)
-
-# CONNACK reason codes meaning "I do not speak this protocol version" (3.1.1 code 1, MQTT 5 code 132).
-_UNSUPPORTED_PROTOCOL = {1, 132}
 
 
 @dataclass(frozen=True)
 class Incoming:
-    """A received message, with the MQTT 5 request/response properties when present."""
+    """A received command, with the MQTT 5 request/response properties when present."""
 
     topic: str
     payload: bytes
@@ -51,177 +38,33 @@ class Incoming:
     correlation_data: bytes | None
 
 
-class MqttLink:
-    """One broker connection that reconnects by itself.
+def link_settings(cfg: BrokerConfig, password: str | None, will: tuple[str, bytes],
+                  max_inflight: int = 20) -> LinkSettings:
+    """agent.yaml's ``broker:`` block as the contract's connection settings."""
+    return LinkSettings(
+        url=parse_broker_url(cfg.url), username=cfg.username, password=password,
+        ca_file=str(cfg.ca_file) if cfg.ca_file else None, cert_file=str(cfg.cert_file) if cfg.cert_file else None,
+        key_file=str(cfg.key_file) if cfg.key_file else None, keepalive_s=cfg.keepalive_s, protocol=cfg.protocol,
+        session_expiry_s=cfg.session_expiry_s, reconnect_min_s=cfg.reconnect_min_s,
+        reconnect_max_s=cfg.reconnect_max_s, max_inflight=max_inflight, will=will)
 
-    ``on_connected`` runs on paho's thread after every successful connect (publish the birth
-    there); ``on_message`` gets every message on the subscriptions; ``on_published(mid)`` every
-    acknowledged QoS 1 publish. Callbacks must be quick and must not call back into paho with
-    locks held.
-    """
+
+class MqttLink(MqttConnection):
+    """The device's broker connection: a retained Last Will on its state topic, its command
+    subscriptions, and commands handed over as :class:`Incoming`."""
 
     def __init__(self, cfg: BrokerConfig, client_id: str, *, password: str | None,
                  will_topic: str, will_payload: bytes, subscriptions: list[str],
                  on_connected: Callable[[], None], on_message: Callable[[Incoming], None],
                  on_published: Callable[[int], None], max_inflight: int = 20) -> None:
         self.cfg = cfg
-        self.client_id = client_id
-        self._password = password
-        self._will = (will_topic, will_payload)
-        self._subscriptions = list(subscriptions)
-        self._on_connected = on_connected
-        self._on_message = on_message
-        self._on_published = on_published
-        self._max_inflight = max_inflight
-        self._protocol = paho.MQTTv311 if cfg.protocol == "3.1.1" else paho.MQTTv5
-        self._connected = threading.Event()
-        self._stopping = False
-        self._switch_lock = threading.Lock()
-        self.connects = 0
-        self._client = self._make_client()
 
-    @property
-    def protocol(self) -> str:
-        return "5" if self._protocol == paho.MQTTv5 else "3.1.1"
+        def deliver(msg: Message) -> None:
+            on_message(Incoming(msg.topic, msg.payload, msg.response_topic, msg.correlation))
 
-    @property
-    def connected(self) -> bool:
-        return self._connected.is_set()
-
-    def wait_connected(self, timeout: float) -> bool:
-        return self._connected.wait(timeout)
-
-    # -- lifecycle ----------------------------------------------------------------------------
-    def _make_client(self) -> paho.Client:
-        v5 = self._protocol == paho.MQTTv5
-        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                             protocol=self._protocol,
-                             clean_session=None if v5 else self.cfg.session_expiry_s == 0)
-        if self.cfg.username is not None:
-            client.username_pw_set(self.cfg.username, self._password)
-        if self.cfg.tls:
-            try:
-                client.tls_set(ca_certs=str(self.cfg.ca_file) if self.cfg.ca_file else None,
-                               certfile=str(self.cfg.cert_file) if self.cfg.cert_file else None,
-                               keyfile=str(self.cfg.key_file) if self.cfg.key_file else None,
-                               cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
-            except (OSError, ssl.SSLError, ValueError) as exc:
-                raise ConfigError(f"broker TLS files: {exc}") from exc
-        topic, payload = self._will
-        client.will_set(topic, payload, qos=1, retain=True)
-        # paho types these as int but only multiplies and sleeps on them: fractions work.
-        client.reconnect_delay_set(min_delay=self.cfg.reconnect_min_s,  # type: ignore[arg-type]
-                                   max_delay=self.cfg.reconnect_max_s)  # type: ignore[arg-type]
-        client.max_inflight_messages_set(self._max_inflight)
-        client.on_connect = self._handle_connect
-        client.on_disconnect = self._handle_disconnect
-        client.on_message = self._handle_message
-        client.on_publish = self._handle_publish
-        return client
-
-    def start(self) -> None:
-        """Connect in the background; never blocks on an unreachable broker."""
-        kwargs: dict[str, Any] = {}
-        if self._protocol == paho.MQTTv5:
-            # A persistent session: commands sent while the device is offline are queued by the
-            # broker (up to session_expiry_s) and judged by their TTL when they arrive.
-            kwargs["clean_start"] = self.cfg.session_expiry_s == 0
-            if self.cfg.session_expiry_s:
-                props = Properties(PacketTypes.CONNECT)
-                props.SessionExpiryInterval = int(self.cfg.session_expiry_s)
-                kwargs["properties"] = props
-        self._client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s, **kwargs)
-        self._client.loop_start()
-
-    def set_will(self, payload: bytes) -> None:
-        """Replace the Last Will used from the next connect on (e.g. after a model change)."""
-        self._will = (self._will[0], payload)
-        try:
-            self._client.will_set(self._will[0], payload, qos=1, retain=True)
-        except ValueError:
-            pass  # paho refuses while connected on some versions; the old will stays valid
-
-    def stop(self, final: tuple[str, bytes] | None = None, timeout: float = 3.0) -> None:
-        """Publish ``final`` (retained, QoS 1) if connected, then disconnect cleanly."""
-        self._stopping = True
-        client = self._client
-        if final is not None and self.connected:
-            try:
-                info = client.publish(final[0], final[1], qos=1, retain=True)
-                info.wait_for_publish(timeout)
-            except (RuntimeError, ValueError):
-                pass
-        try:
-            client.disconnect()
-        finally:
-            client.loop_stop()
-        self._connected.clear()
-
-    # -- I/O ----------------------------------------------------------------------------------
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
-                properties: Properties | None = None) -> int | None:
-        """Hand one message to paho; the mid, or None when not connected or refused."""
-        if not self.connected:
-            return None
-        if self._protocol != paho.MQTTv5:
-            properties = None
-        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
-        if info.rc != paho.MQTT_ERR_SUCCESS:
-            return None
-        return int(info.mid)
-
-    def reply(self, topic: str, payload: bytes, correlation_data: bytes | None) -> None:
-        props = publish_properties(correlation=correlation_data) if self._protocol == paho.MQTTv5 else None
-        self.publish(topic, payload, qos=1, properties=props)
-
-    # -- paho callbacks (paho's thread) -------------------------------------------------------
-    def _handle_connect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any,
-                        properties: Any) -> None:
-        if reason_code.is_failure:
-            value = int(getattr(reason_code, "value", 0))
-            if value in _UNSUPPORTED_PROTOCOL and self.cfg.protocol == "auto" and self._protocol == paho.MQTTv5:
-                log.warning("broker refused MQTT 5 (%s); falling back to 3.1.1", reason_code)
-                threading.Thread(target=self._fall_back, name="mqtt-fallback", daemon=True).start()
-            else:
-                log.warning("broker refused the connection: %s", reason_code)
-            return
-        for topic in self._subscriptions:
-            client.subscribe(topic, qos=1)
-        self.connects += 1
-        self._connected.set()
-        try:
-            self._on_connected()
-        except Exception:  # a birth that fails must not kill paho's thread
-            log.exception("on_connected callback failed")
-
-    def _handle_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any,
-                           properties: Any) -> None:
-        self._connected.clear()
-        if not self._stopping:
-            log.warning("disconnected from the broker: %s", reason_code)
-
-    def _handle_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        props = getattr(msg, "properties", None)
-        response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
-        correlation = getattr(props, "CorrelationData", None) if props is not None else None
-        try:
-            self._on_message(Incoming(msg.topic, bytes(msg.payload), response_topic, correlation))
-        except Exception:
-            log.exception("message handler failed for %s", msg.topic)
-
-    def _handle_publish(self, client: paho.Client, userdata: Any, mid: int, reason_code: Any,
-                        properties: Any) -> None:
-        self._on_published(int(mid))
-
-    def _fall_back(self) -> None:
-        with self._switch_lock:
-            if self._stopping or self._protocol == paho.MQTTv311:
-                return
-            old = self._client
-            old.loop_stop()
-            self._protocol = paho.MQTTv311
-            self._client = self._make_client()
-            self.start()
+        super().__init__(link_settings(cfg, password, (will_topic, will_payload), max_inflight), client_id,
+                         subscriptions=subscriptions, on_connected=on_connected, on_message=deliver,
+                         on_published=on_published)
 
 
 class Forwarder:

@@ -1,15 +1,22 @@
-"""The one MQTT client of the contract (paho-mqtt v2), and broker URLs parsed in one place.
+"""The one MQTT wrapper of the contract (paho-mqtt v2), and broker URLs parsed in one place.
+
+:class:`MqttConnection` owns one paho client for the agent and the fleet tool alike: MQTT 5
+(falling back to 3.1.1 when the broker refuses it and the settings allow), TLS and
+username/password, an optional retained Last Will, subscriptions renewed on every connect, and
+incoming messages handed to a callback with the MQTT 5 Response Topic and Correlation Data.
+:class:`MqttClient` is the fleet tool's blocking use of it (connect, wait for SUBACKs, flush).
 
 Accepted URLs: ``mqtt://[user[:password]@]host[:port]`` (default port 1883) and ``mqtts://...``
-(TLS with the system CA store, default port 8883). Connection failures become a
-:class:`~edgefleet.errors.TransportError` that names the URL (without the password).
+(TLS, default port 8883). Connection failures become a :class:`~edgefleet.errors.TransportError`
+that names the URL (without the password).
 
-Incoming messages are handed to a callback on paho's network thread; callers keep that
-callback cheap (append to a queue) so the thread keeps up with large fleets.
+Callbacks run on paho's network thread while paho holds its own locks: keep them cheap (append
+to a queue) and never call back into paho from them with a lock of yours held.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import ssl
 import threading
@@ -17,7 +24,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
@@ -28,7 +35,21 @@ from paho.mqtt.properties import Properties
 from edgefleet.errors import ConfigError, TransportError
 from edgefleet.messages import encode
 
-__all__ = ["BrokerURL", "Message", "MqttClient", "connect", "parse_broker_url", "publish_properties"]
+__all__ = [
+    "BrokerURL",
+    "LinkSettings",
+    "Message",
+    "MqttClient",
+    "MqttConnection",
+    "connect",
+    "parse_broker_url",
+    "publish_properties",
+]
+
+log = logging.getLogger(__name__)
+
+# CONNACK reason codes meaning "I do not speak this protocol version" (3.1.1 code 1, MQTT 5 code 132).
+_UNSUPPORTED_PROTOCOL = {1, 132}
 
 
 @dataclass(frozen=True)
@@ -80,18 +101,274 @@ def publish_properties(response_topic: str | None = None, correlation: bytes | N
 
 @dataclass(frozen=True)
 class Message:
+    """A received message, with the MQTT 5 request/response properties when present."""
+
     topic: str
     payload: bytes
-    retain: bool
+    retain: bool = False
     correlation: bytes | None = None
     response_topic: str | None = None
 
 
-class MqttClient:
-    """One connected MQTT 5 client: subscribe, publish JSON, receive into a queue.
+@dataclass(frozen=True)
+class LinkSettings:
+    """How to reach one broker. Inert: nothing is opened until :meth:`MqttConnection.start`."""
 
-    ``messages`` is a :class:`queue.SimpleQueue` of :class:`Message` filled by paho's thread.
+    url: BrokerURL
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None     # CA bundle for mqtts (None: the system store)
+    cert_file: str | None = None   # client certificate for mutual TLS
+    key_file: str | None = None
+    keepalive_s: int = 30          # the broker announces the Last Will after ~1.5x this, s
+    protocol: Literal["auto", "5", "3.1.1"] = "auto"  # auto: 5, then 3.1.1 if the broker refuses 5
+    session_expiry_s: int = 0      # > 0: a persistent session kept this long while offline, s
+    reconnect_min_s: float = 0.5   # first reconnect delay, s
+    reconnect_max_s: float = 30.0  # longest reconnect delay, s
+    max_inflight: int = 20         # QoS 1 publishes awaiting PUBACK
+    will: tuple[str, bytes] | None = None  # retained QoS 1 Last Will (topic, payload)
+
+
+class MqttConnection:
+    """One broker connection that reconnects by itself.
+
+    ``on_connected`` runs on paho's thread after every successful connect (publish the birth
+    there); ``on_message`` gets every message on the subscriptions; ``on_published(mid)`` every
+    acknowledged QoS 1 publish; ``on_subscribed(mid)`` every SUBACK.
     """
+
+    def __init__(self, settings: LinkSettings, client_id: str, *, subscriptions: Iterable[str] = (),
+                 on_connected: Callable[[], None] | None = None,
+                 on_message: Callable[[Message], None] | None = None,
+                 on_published: Callable[[int], None] | None = None,
+                 on_subscribed: Callable[[int], None] | None = None) -> None:
+        self.settings = settings
+        self.client_id = client_id
+        self._will = settings.will
+        self._subscriptions: list[tuple[str, int]] = [(t, 1) for t in subscriptions]
+        self._on_connected = on_connected
+        self._on_message = on_message
+        self._on_published = on_published
+        self._on_subscribed = on_subscribed
+        self._protocol = mqtt.MQTTv311 if settings.protocol == "3.1.1" else mqtt.MQTTv5
+        self._connected = threading.Event()
+        self._answered = threading.Event()  # a CONNACK came, good or bad
+        self.failure: str | None = None     # why the broker refused the last attempt
+        self._stopping = False
+        self._switch_lock = threading.Lock()
+        self.connects = 0
+        self._client = self._make_client()
+
+    @property
+    def protocol(self) -> str:
+        return "5" if self._protocol == mqtt.MQTTv5 else "3.1.1"
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def _make_client(self) -> mqtt.Client:
+        s = self.settings
+        v5 = self._protocol == mqtt.MQTTv5
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=self._protocol,
+                             clean_session=None if v5 else s.session_expiry_s == 0)
+        if s.username is not None:
+            client.username_pw_set(s.username, s.password)
+        if s.url.tls:
+            try:
+                client.tls_set(ca_certs=s.ca_file, certfile=s.cert_file, keyfile=s.key_file,
+                               cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                raise ConfigError(f"broker TLS files: {exc}") from exc
+        if self._will is not None:
+            client.will_set(self._will[0], self._will[1], qos=1, retain=True)
+        # paho types these as int but only multiplies and sleeps on them: fractions work.
+        client.reconnect_delay_set(min_delay=s.reconnect_min_s,  # type: ignore[arg-type]
+                                   max_delay=s.reconnect_max_s)  # type: ignore[arg-type]
+        client.max_inflight_messages_set(s.max_inflight)
+        client.max_queued_messages_set(0)
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = self._handle_message
+        client.on_publish = self._handle_publish
+        client.on_subscribe = self._handle_subscribe
+        return client
+
+    def _connect_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"keepalive": self.settings.keepalive_s}
+        if self._protocol == mqtt.MQTTv5:
+            # A persistent session: what is sent while we are offline is queued by the broker.
+            expiry = self.settings.session_expiry_s
+            kwargs["clean_start"] = expiry == 0
+            if expiry:
+                props = Properties(PacketTypes.CONNECT)
+                props.SessionExpiryInterval = int(expiry)
+                kwargs["properties"] = props
+        return kwargs
+
+    def start(self, blocking: bool = False) -> None:
+        """Connect and start the network thread.
+
+        In the background by default (never blocks on an unreachable broker); ``blocking`` opens
+        the socket first, so an unreachable broker is an error at once.
+
+        Raises:
+            TransportError: with ``blocking``, the broker could not be reached.
+        """
+        url = self.settings.url
+        if blocking:
+            try:
+                self._client.connect(url.host, url.port, **self._connect_kwargs())
+            except (OSError, ssl.SSLError) as exc:
+                raise TransportError(f"cannot reach MQTT broker {url.display()}: {exc}") from exc
+        else:
+            self._client.connect_async(url.host, url.port, **self._connect_kwargs())
+        self._client.loop_start()
+
+    def wait_answer(self, timeout: float) -> None:
+        """Wait for the first CONNACK after :meth:`start`.
+
+        Raises:
+            TransportError: no CONNACK within ``timeout``, or the broker refused us.
+        """
+        if not self._answered.wait(timeout) or not self.connected:
+            why = self.failure or f"no CONNACK within {timeout:g}s"
+            raise TransportError(f"MQTT broker {self.settings.url.display()} refused the connection: {why}")
+
+    def set_will(self, payload: bytes) -> None:
+        """Replace the Last Will's payload from the next connect on (e.g. after a model change)."""
+        if self._will is None:
+            return
+        self._will = (self._will[0], payload)
+        try:
+            self._client.will_set(self._will[0], payload, qos=1, retain=True)
+        except ValueError:
+            pass  # paho refuses while connected on some versions; the old will stays valid
+
+    def stop(self, final: tuple[str, bytes] | None = None, timeout: float = 3.0,
+             properties: Properties | None = None) -> None:
+        """Publish ``final`` (retained, QoS 1) if connected, then disconnect cleanly."""
+        self._stopping = True
+        client = self._client
+        if final is not None and self.connected:
+            try:
+                client.publish(final[0], final[1], qos=1, retain=True).wait_for_publish(timeout)
+            except (RuntimeError, ValueError):
+                pass
+        try:
+            client.disconnect(properties=properties if self._protocol == mqtt.MQTTv5 else None)
+        finally:
+            client.loop_stop()
+        self._connected.clear()
+
+    # -- I/O ----------------------------------------------------------------------------------
+    def subscribe(self, topics: Iterable[str], qos: int = 1) -> int | None:
+        """Add subscriptions (renewed on every reconnect); the SUBACK's mid, None when offline."""
+        new = [(t, qos) for t in topics if (t, qos) not in self._subscriptions]
+        self._subscriptions += new
+        if not new or not self.connected:
+            return None
+        rc, mid = self._client.subscribe(new)
+        if rc != mqtt.MQTT_ERR_SUCCESS:
+            raise TransportError(f"subscribe to {self.settings.url.display()} failed: {mqtt.error_string(rc)}")
+        return int(mid)
+
+    def send(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
+             properties: Properties | None = None) -> mqtt.MQTTMessageInfo:
+        """Hand one message to paho, which queues it while offline (the fleet tool's publish)."""
+        if self._protocol != mqtt.MQTTv5:
+            properties = None
+        return self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
+                properties: Properties | None = None) -> int | None:
+        """Publish only while connected (the durable queue is the caller's); the mid, or None."""
+        if not self.connected:
+            return None
+        info = self.send(topic, payload, qos=qos, retain=retain, properties=properties)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            return None
+        return int(info.mid)
+
+    def reply(self, topic: str, payload: bytes, correlation: bytes | None) -> None:
+        """Answer a request, echoing its Correlation Data on MQTT 5."""
+        self.publish(topic, payload, qos=1, properties=publish_properties(correlation=correlation))
+
+    # -- paho callbacks (paho's thread) -------------------------------------------------------
+    def _handle_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
+                        properties: Any) -> None:
+        if reason_code.is_failure:
+            self.failure = str(reason_code)
+            value = int(getattr(reason_code, "value", 0))
+            if value in _UNSUPPORTED_PROTOCOL and self.settings.protocol == "auto" and self._protocol == mqtt.MQTTv5:
+                log.warning("broker refused MQTT 5 (%s); falling back to 3.1.1", reason_code)
+                threading.Thread(target=self._fall_back, name="mqtt-fallback", daemon=True).start()
+                return
+            log.warning("broker refused the connection: %s", reason_code)
+            self._answered.set()
+            return
+        self.failure = None
+        if self._subscriptions:
+            # every connect: a broker that lost our session must not leave us without commands
+            client.subscribe(list(self._subscriptions))
+        self.connects += 1
+        self._connected.set()
+        self._answered.set()
+        if self._on_connected is not None:
+            try:
+                self._on_connected()
+            except Exception:  # a birth that fails must not kill paho's thread
+                log.exception("on_connected callback failed")
+
+    def _handle_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
+                           properties: Any) -> None:
+        self._connected.clear()
+        if not self._stopping:
+            log.warning("disconnected from the broker: %s", reason_code)
+
+    def _handle_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if self._on_message is None:
+            return
+        props = getattr(msg, "properties", None)
+        response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
+        correlation = getattr(props, "CorrelationData", None) if props is not None else None
+        try:
+            self._on_message(Message(msg.topic, bytes(msg.payload), bool(msg.retain), correlation, response_topic))
+        except Exception:
+            log.exception("message handler failed for %s", msg.topic)
+
+    def _handle_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any,
+                        properties: Any) -> None:
+        if self._on_published is not None:
+            self._on_published(int(mid))
+
+    def _handle_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any,
+                          properties: Any) -> None:
+        if self._on_subscribed is not None:
+            self._on_subscribed(int(mid))
+
+    def _fall_back(self) -> None:
+        with self._switch_lock:
+            if self._stopping or self._protocol == mqtt.MQTTv311:
+                return
+            self._client.loop_stop()
+            self._protocol = mqtt.MQTTv311
+            self._client = self._make_client()
+            self.start()
+
+
+class MqttClient:
+    """The fleet tool's client: connect now or fail, subscribe and wait for the SUBACK, flush.
+
+    ``messages`` is a :class:`queue.SimpleQueue` of :class:`Message` filled by paho's thread
+    unless an ``on_message`` callback is given.
+    """
+
+    SESSION_EXPIRY_S = 24 * 3600
 
     def __init__(self, url: BrokerURL, client_id: str | None = None, persistent: bool = False,
                  on_message: Callable[[Message], None] | None = None) -> None:
@@ -99,41 +376,16 @@ class MqttClient:
         self.client_id = client_id or f"edge-fleet-{uuid.uuid4().hex[:10]}"
         self.persistent = persistent
         self.messages: queue.SimpleQueue[Message] = queue.SimpleQueue()
-        self._sink = on_message or self.messages.put
-        self._connected = threading.Event()
-        self._failure: str | None = None
-        self._topics: list[tuple[str, int]] = []
         self._closed = False
         self._acked: set[int] = set()
         self._ack_cond = threading.Condition()
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                                   protocol=mqtt.MQTTv5)
-        self._client.max_inflight_messages_set(1000)
-        self._client.max_queued_messages_set(0)
-        if url.username:
-            self._client.username_pw_set(url.username, url.password)
-        if url.tls:
-            self._client.tls_set(cert_reqs=ssl.CERT_REQUIRED)
-        self._client.on_connect = self._on_connect
-        self._client.on_message = self._on_message
-        self._client.on_subscribe = self._on_subscribe
+        settings = LinkSettings(url=url, username=url.username, password=url.password, protocol="5",
+                                session_expiry_s=self.SESSION_EXPIRY_S if persistent else 0,
+                                max_inflight=1000)
+        self._link = MqttConnection(settings, self.client_id, on_message=on_message or self.messages.put,
+                                    on_subscribed=self._on_subscribed)
 
-    # paho callbacks (network thread): keep them short.
-    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        if reason.is_failure:
-            self._failure = str(reason)
-        elif self._connected.is_set() and self._topics:
-            # a reconnect (broker restart): the broker may have lost our subscriptions
-            client.subscribe(self._topics)
-        self._connected.set()
-
-    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        props = msg.properties
-        corr = getattr(props, "CorrelationData", None) if props else None
-        resp = getattr(props, "ResponseTopic", None) if props else None
-        self._sink(Message(msg.topic, msg.payload, bool(msg.retain), corr, resp))
-
-    def _on_subscribe(self, client: Any, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
+    def _on_subscribed(self, mid: int) -> None:
         with self._ack_cond:
             self._acked.add(mid)
             self._ack_cond.notify_all()
@@ -144,29 +396,19 @@ class MqttClient:
         Raises:
             TransportError: the broker refused or could not be reached within ``timeout``.
         """
-        props = None
-        if self.persistent:
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = 24 * 3600
+        self._link.start(blocking=True)
         try:
-            self._client.connect(self.url.host, self.url.port, keepalive=30,
-                                 clean_start=not self.persistent, properties=props)
-        except (OSError, ssl.SSLError) as exc:
-            raise TransportError(f"cannot reach MQTT broker {self.url.display()}: {exc}") from exc
-        self._client.loop_start()
-        if not self._connected.wait(timeout) or self._failure:
-            self._client.loop_stop()
-            why = self._failure or f"no CONNACK within {timeout:g}s"
-            raise TransportError(f"MQTT broker {self.url.display()} refused the connection: {why}")
+            self._link.wait_answer(timeout)
+        except TransportError:
+            self._link.stop()
+            raise
         return self
 
     def subscribe(self, topics: Iterable[str], qos: int = 1, timeout: float = 5.0) -> None:
         """Subscribe and wait for the SUBACK, so retained messages are on their way on return."""
-        topic_list = [(t, qos) for t in topics]
-        self._topics += [t for t in topic_list if t not in self._topics]
-        rc, mid = self._client.subscribe(topic_list)
-        if rc != mqtt.MQTT_ERR_SUCCESS:
-            raise TransportError(f"subscribe to {self.url.display()} failed: {mqtt.error_string(rc)}")
+        mid = self._link.subscribe(topics, qos)
+        if mid is None:
+            return
         with self._ack_cond:
             if not self._ack_cond.wait_for(lambda: mid in self._acked, timeout):
                 raise TransportError(f"no SUBACK from {self.url.display()} within {timeout:g}s")
@@ -174,9 +416,9 @@ class MqttClient:
 
     def publish(self, topic: str, payload: dict[str, Any] | bytes, qos: int = 1, retain: bool = False,
                 response_topic: str | None = None, correlation: bytes | None = None) -> mqtt.MQTTMessageInfo:
-        props = publish_properties(response_topic, correlation)
         data = payload if isinstance(payload, bytes) else encode(payload)
-        return self._client.publish(topic, data, qos=qos, retain=retain, properties=props)
+        return self._link.send(topic, data, qos=qos, retain=retain,
+                               properties=publish_properties(response_topic, correlation))
 
     def flush(self, infos: Iterable[mqtt.MQTTMessageInfo], timeout: float = 10.0) -> None:
         """Wait until the given publishes left the client (PUBACK for QoS 1)."""
@@ -199,10 +441,7 @@ class MqttClient:
         if end_session and self.persistent:
             props = Properties(PacketTypes.DISCONNECT)
             props.SessionExpiryInterval = 0
-        try:
-            self._client.disconnect(properties=props)
-        finally:
-            self._client.loop_stop()
+        self._link.stop(properties=props)
 
     def __enter__(self) -> MqttClient:  # noqa: PYI034 (py3.10: no typing.Self)
         return self

@@ -24,7 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.mqtt import publish_properties
+from edgefleet.mqtt import publish_properties
 from edgefleet.testing.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
