@@ -6,7 +6,7 @@ TFLITE_VENV := .venv-tflite
 PY := $(VENV)/bin/python
 PIP_FLAGS := --disable-pip-version-check --quiet
 
-.PHONY: install install-tflite test test-main test-tflite demo bench lint clean broker
+.PHONY: install install-tflite test test-main test-tflite demo bench lint clean broker fuzz
 
 install: $(VENV)/.installed
 
@@ -24,7 +24,7 @@ install-tflite: $(TFLITE_VENV)/.installed
 $(TFLITE_VENV)/.installed: pyproject.toml
 	@test -x $(TFLITE_VENV)/bin/python || $(PYTHON) -m venv $(TFLITE_VENV)
 	@echo "installing edgefleet[tflite-runtime] into $(TFLITE_VENV) ..."
-	@$(TFLITE_VENV)/bin/pip install $(PIP_FLAGS) -e '.[tflite-runtime]' pytest pytest-timeout
+	@$(TFLITE_VENV)/bin/pip install $(PIP_FLAGS) -e '.[tflite-runtime]' pytest pytest-timeout 'hypothesis>=6.100'
 	@touch $@
 
 broker:
@@ -40,6 +40,10 @@ test-main:
 # The runtime tests once more under tflite-runtime + numpy 1.x (no TensorFlow in that venv).
 test-tflite:
 	$(TFLITE_VENV)/bin/python -m pytest -m runtime tests/agent -p no:cacheprovider
+
+# The parsers' fuzz tests with many more examples than `make test` gives them (about 10 min).
+fuzz: install
+	HYPOTHESIS_PROFILE=deep $(PY) -m pytest -m fuzz tests -p no:cacheprovider
 
 demo: install broker
 	$(PY) scripts/demo.py

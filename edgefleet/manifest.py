@@ -17,6 +17,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgefleet.errors import ArtifactError
+from edgefleet.messages import parse_json
 from edgefleet.profiles import format_validation_error
 
 __all__ = [
@@ -229,8 +230,8 @@ def parse_manifest(data: dict[str, Any] | bytes | str, source: str = "manifest")
         if len(data) > MAX_MANIFEST_BYTES:
             raise ArtifactError(f"{source}: {len(data)} bytes, expected at most {MAX_MANIFEST_BYTES}")
         try:
-            data = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            data = parse_json(data)
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise ArtifactError(f"{source}: not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
         raise ArtifactError(f"{source}: expected a JSON object, got {type(data).__name__}")
@@ -252,7 +253,7 @@ def load_manifest(artifact_dir: Path) -> tuple[Manifest, dict[str, Any], str | N
         raise ArtifactError(f"{artifact_dir}: no {MANIFEST_NAME} (expected an artifact directory from edge-convert)")
     raw_bytes = path.read_bytes()
     manifest = parse_manifest(raw_bytes, str(path))
-    raw = json.loads(raw_bytes)
+    raw = json.loads(raw_bytes)  # parse_manifest above refused anything that is not plain JSON
     sig_path = path.with_name(SIGNATURE_NAME)
     signature = sig_path.read_text().strip() if sig_path.is_file() else None
     return manifest, raw, signature

@@ -36,6 +36,7 @@ __all__ = [
     "decode",
     "encode",
     "make_command",
+    "parse_json",
 ]
 
 MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
@@ -184,11 +185,29 @@ def encode(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json(data: bytes | str) -> Any:
+    """Strict JSON: ``NaN`` and ``Infinity`` are refused, and so is nesting too deep to parse.
+
+    They are not JSON, and a NaN in a timestamp or a bound makes every comparison with it false.
+
+    Raises:
+        ValueError: not strict JSON (UnicodeDecodeError, a ValueError, for bytes that are not UTF-8).
+    """
+    try:
+        return json.loads(data, parse_constant=_refuse_constant)
+    except RecursionError as exc:
+        raise ValueError("JSON nested too deeply") from exc
+
+
 def decode(data: bytes) -> dict[str, Any]:
-    """Parse a payload; raises ValueError for anything that is not a bounded JSON object."""
+    """Parse a payload; raises ValueError for anything that is not a bounded strict JSON object."""
     if len(data) > MAX_PAYLOAD_BYTES:
         raise ValueError(f"payload of {len(data)} bytes exceeds {MAX_PAYLOAD_BYTES}")
-    obj = json.loads(data.decode("utf-8"))
+    obj = parse_json(data.decode("utf-8"))
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")  # noqa: TRY004 (callers catch ValueError for any bad payload)
     return obj

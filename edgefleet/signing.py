@@ -20,7 +20,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edgefleet.errors import ConfigError, SignatureError
+from edgefleet.errors import ArtifactError, ConfigError, SignatureError
 
 __all__ = [
     "canonical_bytes",
@@ -35,8 +35,15 @@ __all__ = [
 
 
 def canonical_bytes(manifest: Mapping[str, Any]) -> bytes:
-    """The exact bytes a signature covers: independent of key order and whitespace."""
-    return json.dumps(manifest, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    """The exact bytes a signature covers: independent of key order and whitespace.
+
+    Raises:
+        ArtifactError: the value holds something JSON cannot carry (NaN, Infinity, bytes...).
+    """
+    try:
+        return json.dumps(manifest, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise ArtifactError(f"cannot be signed or verified: not plain JSON ({exc})") from exc
 
 
 def generate_keypair(out_dir: Path) -> tuple[Path, Path]:
