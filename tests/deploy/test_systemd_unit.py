@@ -48,7 +48,7 @@ def test_bad_config_is_not_restarted_forever_and_an_oom_killed_child_does_not_st
 def test_optional_paths_cannot_stop_the_unit_from_starting() -> None:
     for path in _settings().get("ReadWritePaths", []):
         for entry in path.split():
-            assert entry.startswith("-") or entry.startswith("/var/lib/edge-agent"), entry
+            assert entry.startswith(("-", "/var/lib/edge-agent")), entry
 
 
 @needs_analyze
