@@ -7,6 +7,7 @@ the model is used. Schema version 1 is documented field by field in ``docs/proto
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
 import json
 import re
@@ -17,6 +18,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgefleet.errors import ArtifactError
+from edgefleet.ids import ID_RULE, is_valid_id
 from edgefleet.messages import parse_json
 from edgefleet.profiles import format_validation_error
 
@@ -99,6 +101,17 @@ def check_model_bytes(data: bytes, expected: ModelFile, where: str = "model") ->
         ArtifactError: the size or sha256 of ``data`` differ from ``expected``.
     """
     _check_digest(where, expected, len(data), hashlib.sha256(data).hexdigest())
+
+
+def _epoch(iso: str) -> float:
+    """ISO 8601 (``2026-12-31T00:00:00Z``) -> epoch seconds; a time without a zone is UTC."""
+    try:
+        when = datetime.datetime.fromisoformat(iso)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"expected an ISO 8601 time such as 2026-12-31T00:00:00Z, got {iso!r}") from exc
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return when.timestamp()
 
 
 class _Strict(BaseModel):
@@ -184,6 +197,32 @@ class Manifest(_Strict):
     cache_allowed: bool = Field(default=True, description="False when outputs must never be reused")
     new_contract: bool = Field(default=False, description="Inputs/outputs differ from the previous model on purpose")
     probation: ProbationOverrides | None = None
+    expires: str | None = Field(default=None, description="ISO 8601 UTC; devices refuse the manifest after it "
+                                                           "(a frozen mirror cannot serve it for ever)")
+    fleet: str | None = Field(default=None, description="Fleet it is meant for; devices of another fleet refuse it")
+    groups: list[str] | None = Field(default=None, description="Groups it is meant for (None: any group)")
+
+    @field_validator("expires")
+    @classmethod
+    def _expires(cls, value: str | None) -> str | None:
+        if value is not None:
+            _epoch(value)
+        return value
+
+    @field_validator("fleet")
+    @classmethod
+    def _fleet(cls, value: str | None) -> str | None:
+        if value is not None and not is_valid_id(value):
+            raise ValueError(f"expected {ID_RULE}")
+        return value
+
+    @field_validator("groups")
+    @classmethod
+    def _groups(cls, value: list[str] | None) -> list[str] | None:
+        for group in value or ():
+            if not is_valid_id(group):
+                raise ValueError(f"group {group!r}: expected {ID_RULE}")
+        return value
 
     @field_validator("version")
     @classmethod
@@ -195,6 +234,24 @@ class Manifest(_Strict):
     @property
     def version_key(self) -> tuple[int, ...]:
         return parse_version(self.version)
+
+    def check_meant_for(self, fleet: str | None, group: str, now: float) -> None:
+        """Refuse a manifest that has expired, or that names another fleet or other groups.
+
+        ``now`` is epoch seconds, read once by the caller.
+
+        Raises:
+            ArtifactError: expired (a freeze attack replays an old signed manifest) or meant for
+                someone else (a mix-and-match attack sends one fleet's model to another).
+        """
+        if self.expires is not None and _epoch(self.expires) < now:
+            raise ArtifactError(f"manifest {self.name} v{self.version} expired at {self.expires}")
+        if self.fleet is not None and self.fleet != fleet:
+            raise ArtifactError(f"manifest {self.name} v{self.version} is meant for fleet {self.fleet!r}, "
+                                f"this device is in {fleet!r}")
+        if self.groups is not None and group not in self.groups:
+            raise ArtifactError(f"manifest {self.name} v{self.version} is meant for groups "
+                                f"{', '.join(self.groups)}, not {group!r}")
 
     def to_json_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)

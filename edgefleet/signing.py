@@ -29,7 +29,9 @@ __all__ = [
     "load_private_key",
     "load_public_key",
     "load_trusted_keys",
+    "sign_document",
     "sign_manifest",
+    "verify_document",
     "verify_manifest",
 ]
 
@@ -100,33 +102,45 @@ def key_id(key: Ed25519PublicKey) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
-def sign_manifest(manifest: Mapping[str, Any], key: Ed25519PrivateKey) -> str:
-    """Base64 signature of the manifest's canonical bytes."""
-    return base64.b64encode(key.sign(canonical_bytes(manifest))).decode("ascii")
+def sign_document(document: Mapping[str, Any], key: Ed25519PrivateKey) -> str:
+    """Base64 signature of a document's canonical bytes (a manifest or a signed statement)."""
+    return base64.b64encode(key.sign(canonical_bytes(document))).decode("ascii")
 
 
-def verify_manifest(manifest: Mapping[str, Any], signature: str | None,
-                    trusted: list[Ed25519PublicKey]) -> str | None:
+def verify_document(document: Mapping[str, Any], signature: str | None, trusted: list[Ed25519PublicKey],
+                    what: str = "manifest") -> str | None:
     """Check the signature against any trusted key; return the key id that verified it.
 
     With no trusted keys configured, signatures are not required and None is returned.
 
     Raises:
         SignatureError: keys are configured and the signature is missing, malformed or untrusted.
+        ArtifactError: the document is not plain JSON (it cannot have been signed).
     """
     if not trusted:
         return None
     if not signature:
-        raise SignatureError("manifest is not signed, but this device requires a signature from a trusted key")
+        raise SignatureError(f"{what} is not signed, but this device requires a signature from a trusted key")
     try:
         raw = base64.b64decode(signature, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise SignatureError("manifest signature is not valid base64") from exc
-    data = canonical_bytes(manifest)
+        raise SignatureError(f"{what} signature is not valid base64") from exc
+    data = canonical_bytes(document)
     for key in trusted:
         try:
             key.verify(raw, data)
             return key_id(key)
         except InvalidSignature:
             continue
-    raise SignatureError(f"manifest signature does not verify against any of {len(trusted)} trusted key(s)")
+    raise SignatureError(f"{what} signature does not verify against any of {len(trusted)} trusted key(s)")
+
+
+def sign_manifest(manifest: Mapping[str, Any], key: Ed25519PrivateKey) -> str:
+    """Base64 signature of the manifest's canonical bytes."""
+    return sign_document(manifest, key)
+
+
+def verify_manifest(manifest: Mapping[str, Any], signature: str | None,
+                    trusted: list[Ed25519PublicKey]) -> str | None:
+    """:func:`verify_document` for a manifest (same errors)."""
+    return verify_document(manifest, signature, trusted, "manifest")
