@@ -80,8 +80,11 @@ def _check_digest(where: str, expected: ModelFile, size: int, digest: str) -> No
                             "(corrupted or substituted)")
 
 
-def check_model_file(path: Path, expected: ModelFile) -> None:
+def check_model_file(path: Path, expected: ModelFile, where: str | None = None) -> None:
     """The one check that a model file on disk is the one its manifest describes (size, then sha256).
+
+    ``where`` names the file in the message (default: its path; devices pass the manifest's
+    file name so their own paths do not travel to the fleet).
 
     Raises:
         ArtifactError: the file is missing, or its size or sha256 differ from ``expected``.
@@ -90,8 +93,8 @@ def check_model_file(path: Path, expected: ModelFile) -> None:
         size = path.stat().st_size
         digest = sha256_file(path) if size == expected.size else ""
     except OSError as exc:
-        raise ArtifactError(f"{path}: cannot read the model file ({exc.strerror or exc})") from exc
-    _check_digest(str(path), expected, size, digest)
+        raise ArtifactError(f"{where or path}: cannot read the model file ({exc.strerror or exc})") from exc
+    _check_digest(where or str(path), expected, size, digest)
 
 
 def check_model_bytes(data: bytes, expected: ModelFile, where: str = "model") -> None:

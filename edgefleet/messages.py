@@ -84,8 +84,9 @@ _O = OtaState
 OTA_TRANSITIONS: Mapping[OtaState, frozenset[OtaState]] = {
     _O.QUEUED: frozenset({_O.DOWNLOADING, _O.REJECTED, _O.FAILED}),
     _O.DOWNLOADING: frozenset({_O.VERIFYING, _O.REJECTED, _O.FAILED}),
-    _O.VERIFYING: frozenset({_O.VALIDATING, _O.REJECTED, _O.FAILED}),
-    _O.VALIDATING: frozenset({_O.INSTALLING, _O.REJECTED, _O.FAILED}),
+    # Boot resumes an update interrupted after its download by checking the staged file again.
+    _O.VERIFYING: frozenset({_O.VALIDATING, _O.DOWNLOADING, _O.REJECTED, _O.FAILED}),
+    _O.VALIDATING: frozenset({_O.INSTALLING, _O.DOWNLOADING, _O.REJECTED, _O.FAILED}),
     # A rollback command starts at installing (the kept slot) and ends committed without probation.
     _O.INSTALLING: frozenset({_O.PROBATION, _O.COMMITTED, _O.FAILED, _O.ROLLED_BACK}),
     _O.PROBATION: frozenset({_O.COMMITTED, _O.ROLLED_BACK, _O.FAILED}),

@@ -13,17 +13,14 @@ then reported through ``emit_event``. The checks are pure functions in :mod:`age
 and :mod:`agent.ota.probation`; this module only does the I/O around them, on one worker thread,
 so live inference never waits on the network or the disk.
 
-Crash recovery (:meth:`OtaManager.boot`): the journal names the committed slot; that model is
-served first. Then an update interrupted before installing resumes (the download continues from
-its ``.part`` file, every check runs again); one interrupted while installing or in probation is
-rolled back (the new model may be what killed the agent); an interrupted rollback is finished.
+The jobs around it live beside it: commands are parsed and admitted in :mod:`agent.ota.commands`,
+what boot does with interrupted work is decided in :mod:`agent.ota.recovery` (this module only
+carries the plan out), and probation runs in :mod:`agent.ota.probation`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -31,43 +28,40 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from agent.ota.crashpoints import crash_point
-from agent.ota.download import DownloadPolicy, download
-from agent.ota.probation import ProbationWatcher, Verdict, judge, policy_for
-from agent.ota.slots import Journal, Outcome, Pending, SlotStore, slot_name
-from agent.ota.verify import (
-    DeviceFacts,
+from agent.ota.commands import (
     UpdateRequest,
-    check_contract,
-    check_file,
-    check_manifest,
-    check_report,
-    contract_of,
+    admit_update,
+    load_command,
     parse_rollback,
     parse_update,
+    refuse_busy,
+    rollback_target,
+    save_command,
 )
-from edgefleet.atomic import atomic_write_json
+from agent.ota.crashpoints import crash_point
+from agent.ota.download import DownloadPolicy, DownloadResult, download
+from agent.ota.probation import run_probation
+from agent.ota.recovery import BootAction, plan_boot, serving_order, with_served
+from agent.ota.slots import Journal, Outcome, Pending, SlotStore, slot_name
+from agent.ota.verify import DeviceFacts, check_contract, check_manifest, check_report, contract_of
+from agent.ota.worker import Worker
 from edgefleet.errors import ArtifactError, ConfigError, EdgefleetError, ModelError, TransportError
 from edgefleet.manifest import (
     MANIFEST_NAME,
     Manifest,
+    check_model_file,
     load_manifest,
     parse_manifest,
-    parse_version,
     sha256_file,
 )
+from edgefleet.messages import OtaState
 from edgefleet.profiles import Profile, load_profile
 
 __all__ = ["OtaManager"]
 
 log = logging.getLogger(__name__)
 
-_RESUMABLE = ("queued", "downloading", "verifying", "validating")
-_COMMAND_FILE = "command.json"
-
-
-class _Stopping(Exception):
-    """close() was called: leave the journal as it is; the next boot finishes or undoes the work."""
+_SERVING_CHANGED = frozenset({OtaState.COMMITTED, OtaState.ROLLED_BACK})
 
 
 def _slot_label(slot: str) -> str:
@@ -97,18 +91,23 @@ class OtaManager:
         download_timeout_s, download_retries, backoff_s: see :class:`~agent.ota.download.DownloadPolicy`.
         validate_timeout_s: limit for the child-process validation, s.
         golden_traffic: golden samples run through the live path at the start of probation.
+        on_serving_changed: called once a ``committed`` or ``rolled_back`` outcome of an update or
+            rollback has been reported, i.e. the served model changed (also when boot re-reports
+            one). Exceptions are logged, never raised; like ``emit_event`` it must be quick.
     """
 
     def __init__(self, state_dir: Path, profile: Profile, trusted_keys: list[Any], host: Any,
                  emit_event: Callable[[dict[str, Any]], None], *, keep_versions: int = 3,
                  reserve_free_mb: float = 16.0, download_timeout_s: float = 10.0, download_retries: int = 4,
-                 backoff_s: float = 0.25, validate_timeout_s: float = 60.0, golden_traffic: int = 8) -> None:
+                 backoff_s: float = 0.25, validate_timeout_s: float = 60.0, golden_traffic: int = 8,
+                 on_serving_changed: Callable[[], None] | None = None) -> None:
         if keep_versions < 2:
             raise ConfigError(f"keep_versions must be >= 2 (current and previous), got {keep_versions}")
         self.profile = profile
         self.trusted_keys = tuple(trusted_keys)
         self.host = host
         self.emit_event = emit_event
+        self.on_serving_changed = on_serving_changed
         self.keep_versions = keep_versions
         self.validate_timeout_s = validate_timeout_s
         self.golden_traffic = golden_traffic
@@ -118,11 +117,8 @@ class OtaManager:
         self.store = SlotStore(Path(state_dir))
         self._lock = threading.RLock()  # guards the journal (command threads vs the worker)
         self._journal = Journal()
-        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
-        self._worker: threading.Thread | None = None
-        self._closing = threading.Event()
-        self._busy = False
         self._idle = threading.Condition(self._lock)
+        self._worker = Worker(self._idle, self._job_failed)
         self.timeline: list[tuple[float, str, str]] = []  # (monotonic s, version, state), for benchmarks
         self.last_revert_s: float | None = None
         self.boot_error: str | None = None
@@ -140,31 +136,20 @@ class OtaManager:
         """
         with self._lock:
             self._journal = self.store.read_journal()
-            j = self._journal
-            resume: Callable[[], None] | None = None
-            if j.pending is not None:
-                p = j.pending
-                if p.kind == "update" and p.state in _RESUMABLE:
-                    req = self._load_command(p.rollout_id)
-                    if req is None:
-                        self._finish("rejected", "agent restarted and the update command was lost")
-                    else:
-                        resume = lambda req=req: self._run_update(req)
-                elif p.kind == "update":
-                    self._finish("rolled_back", f"agent restarted during {p.state}; kept the committed "
-                                 f"version {self._version(j.active)}")
-                else:
-                    resume = lambda: self._run_rollback()
-            j = self._journal
-            keep = {s for s in (j.active, *j.history) if s}
-            if j.pending and j.pending.kind == "rollback" and j.pending.slot:
-                keep.add(j.pending.slot)
-            self.store.prune(keep, {j.pending.rollout_id} if j.pending else set())
+            p = self._journal.pending
+            command = load_command(self.store, p.rollout_id) if p is not None and p.kind == "update" else None
+            plan = plan_boot(self._journal, command)
+            if plan.outcome is not None:
+                self._finish(plan.outcome, plan.reason)
+            self.store.prune(plan.keep_slots, plan.keep_staging)
             info = self._activate_committed()
             self._report_outcome()
-        self._start_worker()
-        if resume is not None:
-            self._enqueue(resume)
+        self._worker.start()
+        req = plan.request
+        if plan.action is BootAction.RESUME_UPDATE and req is not None:
+            self._worker.put(lambda: self._run_update(req))
+        elif plan.action is BootAction.FINISH_ROLLBACK:
+            self._worker.put(self._run_rollback)
         return info
 
     def install_initial(self, path: Path | str) -> dict[str, str] | None:
@@ -190,7 +175,7 @@ class OtaManager:
                 model = path / manifest.model.file
                 if not model.is_file():
                     raise ArtifactError(f"{path}: manifest names {manifest.model.file}, which is missing")
-                check_file(manifest, model.stat().st_size, sha256_file(model))
+                check_model_file(model, manifest.model, manifest.model.file)
                 name, version, sha = manifest.name, manifest.version, manifest.model.sha256
             elif path.is_file():
                 manifest, raw, sig, model = None, None, None, path
@@ -201,10 +186,11 @@ class OtaManager:
             slot = slot_name(safe, version, sha)
             self.store.install(slot, model, raw, sig)
             info = self.host.activate(self.store.model_path(slot), manifest, name=safe)
-            committed = self._journal.committed(slot, version, self.keep_versions,
-                                                Outcome("initial", version, "committed", reported=True))
-            self._persist(replace(committed, pending=self._journal.pending))  # a resumed update stays queued
-        self._start_worker()
+            # Not a move of the work in flight: a resumed update (if any) stays where it is.
+            outcome = Outcome("initial", version, OtaState.COMMITTED, reported=True)
+            committed = self._journal.with_pending(None).committed(slot, version, self.keep_versions, outcome)
+            self._persist(committed.with_pending(self._journal.pending))
+        self._worker.start()
         return info
 
     def handle_update(self, cmd: dict[str, Any]) -> dict[str, Any]:
@@ -219,27 +205,24 @@ class OtaManager:
         """
         req = parse_update(cmd)
         with self._lock:
-            p = self._journal.pending
-            if p is not None:
-                if p.kind == "update" and p.rollout_id == req.rollout_id and p.version == req.version:
-                    return {"accepted": True, "state": p.state, "duplicate": True}
-                raise ConfigError(f"busy: {p.kind} {p.rollout_id} (version {p.version}) is {p.state}")
+            duplicate = admit_update(self._journal, req)
+            if duplicate is not None:
+                return duplicate
             try:
                 check_manifest(req, self._facts(), _resolve_profile)
             except ArtifactError as exc:
                 self._report_rejection(req.rollout_id, req.version, str(exc))
                 raise
-            staging = self.store.staging_dir(req.rollout_id)
-            staging.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(staging / _COMMAND_FILE, {"rollout_id": req.rollout_id, "manifest": req.raw,
-                                                         "signature": req.signature, "artifact_url": req.url})
-            self._persist(self._journal.with_pending(
-                Pending("update", req.rollout_id, req.version, "queued", from_slot=self._journal.active)))
-            self._emit(req.rollout_id, req.version, "queued")
+            save_command(self.store, req)
+            j = self._journal
+            self._persist(j.with_pending(Pending("update", req.rollout_id, req.version, OtaState.QUEUED,
+                                                 from_slot=j.active)))
+            self._emit(req.rollout_id, req.version, OtaState.QUEUED)
             crash_point("queued")
-        self._start_worker()
-        self._enqueue(lambda: self._run_update(req))
-        return {"accepted": True, "state": "queued", "rollout_id": req.rollout_id, "version": req.version}
+        self._worker.start()
+        self._worker.put(lambda: self._run_update(req))
+        return {"accepted": True, "state": OtaState.QUEUED.value, "rollout_id": req.rollout_id,
+                "version": req.version}
 
     def handle_rollback(self, cmd: dict[str, Any]) -> dict[str, Any]:
         """Roll back to the previous kept version, or to ``cmd["to"]`` if it is still kept.
@@ -250,33 +233,31 @@ class OtaManager:
         req = parse_rollback(cmd)
         with self._lock:
             j = self._journal
-            if j.pending is not None:
-                raise ConfigError(f"busy: {j.pending.kind} {j.pending.rollout_id} is {j.pending.state}")
-            target = j.slot_for_version(parse_version(req.to) if req.to else None, parse_version)
-            if target is None:
-                kept = ", ".join(self._version(s) for s in j.history) or "none"
-                reason = (f"version {req.to} is not kept on this device (kept: {kept})" if req.to
-                          else "no previous version is kept on this device")
-                self._emit(req.rollout_id, req.to or "", "failed", reason=reason, rollback=True)
-                raise ConfigError(reason)
-            version = self._version(target)
-            self._persist(j.with_pending(Pending("rollback", req.rollout_id, version, "installing",
+            refuse_busy(j)
+            try:
+                target, version = rollback_target(j, req)
+            except ConfigError as exc:
+                self._emit(req.rollout_id, req.to or "", OtaState.FAILED, reason=str(exc), rollback=True)
+                raise
+            self._persist(j.with_pending(Pending("rollback", req.rollout_id, version, OtaState.INSTALLING,
                                                  slot=target, from_slot=j.active)))
-            self._emit(req.rollout_id, version, "installing", rollback=True)
-        self._start_worker()
-        self._enqueue(self._run_rollback)
-        return {"accepted": True, "state": "installing", "rollout_id": req.rollout_id, "version": version}
+            self._emit(req.rollout_id, version, OtaState.INSTALLING, rollback=True)
+        self._worker.start()
+        self._worker.put(self._run_rollback)
+        return {"accepted": True, "state": OtaState.INSTALLING.value, "rollout_id": req.rollout_id,
+                "version": version}
 
     def status(self) -> dict[str, Any]:
         """Active version, kept versions, what is in flight and the last outcome."""
         with self._lock:
             j = self._journal
+            records = j.to_json()  # pending and outcome with their states as plain strings
             return {
                 "active": {"slot": j.active, "version": self._version(j.active)} if j.active else None,
                 "serving": self.host.model_info,
                 "kept": [{"slot": s, "version": self._version(s)} for s in j.history],
-                "pending": asdict(j.pending) if j.pending else None,
-                "last": asdict(j.outcome) if j.outcome else None,
+                "pending": records["pending"],
+                "last": records["outcome"],
                 "boot_error": self.boot_error,
             }
 
@@ -284,7 +265,7 @@ class OtaManager:
         """Block until nothing is in flight (tests, scripts); False on timeout."""
         deadline = time.monotonic() + timeout
         with self._idle:
-            while self._journal.pending is not None or self._busy or not self._jobs.empty():
+            while self._journal.pending is not None or self._worker.busy:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -293,10 +274,7 @@ class OtaManager:
 
     def close(self) -> None:
         """Stop the worker; an update in flight stays in the journal for the next boot."""
-        self._closing.set()
-        self._jobs.put(None)
-        if self._worker is not None and self._worker is not threading.current_thread():
-            self._worker.join(timeout=30)
+        self._worker.close()
 
     # ================================================================== the update
     def _run_update(self, req: UpdateRequest) -> None:
@@ -305,22 +283,23 @@ class OtaManager:
         staging.mkdir(parents=True, exist_ok=True)
         staged = staging / m.model.file
         try:
-            self._step("downloading")
+            # A resumed update restarts at downloading from wherever it was (a move the table allows).
+            self._step(OtaState.DOWNLOADING)
             result = self._download(req, staged)
             crash_point("downloaded")
-            self._step("verifying")
+            self._step(OtaState.VERIFYING)
             with self._lock:
                 check_manifest(req, self._facts(), _resolve_profile)  # again: a resume may run much later
             try:
-                check_file(m, staged.stat().st_size, sha256_file(staged))
+                check_model_file(staged, m.model, f"downloaded {m.model.file}")
             except ArtifactError:
                 if not result.resumed_from:
                     raise
                 staged.unlink(missing_ok=True)  # the resumed part may be stale: one clean retry
                 self._download(req, staged)
-                check_file(m, staged.stat().st_size, sha256_file(staged))
+                check_model_file(staged, m.model, f"downloaded {m.model.file}")
             crash_point("verified")
-            self._step("validating")
+            self._step(OtaState.VALIDATING)
             check_contract(m, self._active_contract())
             from agent.validation import validate_model
 
@@ -328,84 +307,54 @@ class OtaManager:
             check_report(report)
             crash_point("validated")
         except (ArtifactError, TransportError, ConfigError, ModelError) as exc:
-            self._finish("rejected", str(exc))
-            self.store.prune(self._kept_slots(), set())
+            self._finish(OtaState.REJECTED, str(exc))
+            self.store.prune(self._journal.kept)
             return
         slot = slot_name(m.name, m.version, m.model.sha256)
-        self._step("installing", slot=slot)
+        self._step(OtaState.INSTALLING, slot=slot)
         self.store.install(slot, staged, req.raw, req.signature, crash=crash_point)
         crash_point("slot-written")
         try:
             self.host.activate(self.store.model_path(slot), m, keep_previous=True)
         except EdgefleetError as exc:
-            self._finish("failed", f"cannot activate: {exc}")
-            self.store.prune(self._kept_slots(), set())
+            self._finish(OtaState.FAILED, f"cannot activate: {exc}")
+            self.store.prune(self._journal.kept)
             return
         crash_point("activated")
-        self._step("probation")
-        verdict, counters = self._probation(m)
+        self._step(OtaState.PROBATION)
+        verdict, counters = run_probation(self.host, m, self.profile, self.golden_traffic,
+                                          self._worker.check_stop)
         details = asdict(counters)
         if verdict.decision == "commit":
             crash_point("commit-before-journal")
+            outcome = Outcome(req.rollout_id, m.version, OtaState.COMMITTED, verdict.reason)
             with self._lock:
-                self._persist(self._journal.committed(slot, m.version, self.keep_versions,
-                                                      Outcome(req.rollout_id, m.version, "committed", verdict.reason)))
+                self._persist(self._journal.committed(slot, m.version, self.keep_versions, outcome))
             crash_point("commit-after-journal")
             self.host.release_previous()
             self._report_outcome(details=details)
         else:
             if self.host.previous_info is None:  # nothing committed before: nothing to return to
-                self._finish("failed", f"probation failed and there is no previous model to return to: "
-                             f"{verdict.reason}", details=details)
+                self._finish(OtaState.FAILED, "probation failed and there is no previous model to return "
+                             f"to: {verdict.reason}", details=details)
                 return
             t0 = time.perf_counter()
             self.host.revert()
             self.last_revert_s = time.perf_counter() - t0
             crash_point("rollback-reverted")
-            self._finish("rolled_back", verdict.reason, details=details)
-        self.store.prune(self._kept_slots(), set())
+            self._finish(OtaState.ROLLED_BACK, verdict.reason, details=details)
+        self.store.prune(self._journal.kept)
 
-    def _download(self, req: UpdateRequest, staged: Path) -> Any:
+    def _download(self, req: UpdateRequest, staged: Path) -> DownloadResult:
         first = [True]
 
         def on_chunk(total: int) -> None:
             if first[0]:
                 first[0] = False
                 crash_point("download-partial")
-            if self._closing.is_set():
-                raise _Stopping()
+            self._worker.check_stop()
 
         return download(req.url, staged, req.manifest.model.size, self.policy, on_chunk=on_chunk)
-
-    def _probation(self, m: Manifest) -> tuple[Verdict, Any]:
-        policy = policy_for(self.profile, m)
-        watcher = ProbationWatcher(policy)
-        self.host.set_observer(watcher)
-        try:
-            watcher.synthetic_mode = True
-            for feed, _ in (m.golden_arrays()[: self.golden_traffic] if m.golden else []):
-                try:
-                    self.host.infer(feed)
-                except EdgefleetError:
-                    pass  # counted by the observer
-            watcher.synthetic_mode = False
-            start = time.monotonic()
-            crashed = False
-            while True:
-                watcher.wake.wait(0.05)
-                watcher.wake.clear()
-                if self._closing.is_set():
-                    raise _Stopping()
-                watcher.run_shadow(self.host.infer_previous)
-                counters = watcher.counters()
-                if counters.calls and not crashed:
-                    crashed = True
-                    crash_point("probation")
-                verdict = judge(counters, policy, time.monotonic() - start)
-                if verdict.decision != "continue":
-                    return verdict, counters
-        finally:
-            self.host.set_observer(None)
 
     # ================================================================== rollback command
     def _run_rollback(self) -> None:
@@ -418,12 +367,12 @@ class OtaManager:
             manifest = self._slot_manifest(slot)
             self.host.activate(self.store.model_path(slot), manifest, name=_slot_label(slot))
         except EdgefleetError as exc:
-            self._finish("failed", f"cannot activate version {p.version}: {exc}", rollback=True)
+            self._finish(OtaState.FAILED, f"cannot activate version {p.version}: {exc}", rollback=True)
             return
         crash_point("operator-rollback")
+        outcome = Outcome(p.rollout_id, p.version, OtaState.COMMITTED, rollback=True)
         with self._lock:
-            self._persist(self._journal.committed(slot, p.version, self.keep_versions,
-                                                  Outcome(p.rollout_id, p.version, "committed", rollback=True)))
+            self._persist(self._journal.committed(slot, p.version, self.keep_versions, outcome))
         self._report_outcome()
 
     # ================================================================== helpers
@@ -443,10 +392,6 @@ class OtaManager:
     def _version(self, slot: str | None) -> str:
         return self._journal.versions.get(slot or "", "?")
 
-    def _kept_slots(self) -> set[str]:
-        j = self._journal
-        return {s for s in (j.active, *j.history) if s}
-
     def _slot_manifest(self, slot: str) -> Manifest | None:
         path = self.store.slot_dir(slot) / MANIFEST_NAME
         return parse_manifest(path.read_bytes(), str(path)) if path.is_file() else None
@@ -457,24 +402,25 @@ class OtaManager:
             self._journal = journal
             self._idle.notify_all()
 
-    def _emit(self, rollout_id: str, version: str, state: str, **extra: Any) -> None:
-        self.timeline.append((time.monotonic(), version, state))
-        event = {"event": "ota", "rollout_id": rollout_id, "version": version, "state": state}
+    def _emit(self, rollout_id: str, version: str, state: OtaState, **extra: Any) -> None:
+        """Hand one event to the service; the state goes on the wire as its plain string."""
+        self.timeline.append((time.monotonic(), version, state.value))
+        event = {"event": "ota", "rollout_id": rollout_id, "version": version, "state": state.value}
         event.update({k: v for k, v in extra.items() if v is not None})
         try:
             self.emit_event(event)
         except Exception:
             log.exception("emit_event failed for %s", event)
 
-    def _step(self, state: str, **changes: Any) -> None:
-        """Persist the new state of the work in flight, then report it."""
+    def _step(self, state: OtaState, **changes: Any) -> None:
+        """Persist the new state of the work in flight (a legal move, see Journal.step), then report it."""
         with self._lock:
             self._persist(self._journal.step(state, **changes))
             p = self._journal.pending
         assert p is not None
         self._emit(p.rollout_id, p.version, state, rollback=True if p.kind == "rollback" else None)
 
-    def _finish(self, state: str, reason: str | None, rollback: bool = False,
+    def _finish(self, state: OtaState, reason: str | None, rollback: bool = False,
                 details: dict[str, Any] | None = None) -> None:
         with self._lock:
             p = self._journal.pending
@@ -484,7 +430,7 @@ class OtaManager:
             self._report_outcome(details=details)
 
     def _report_rejection(self, rollout_id: str, version: str, reason: str) -> None:
-        self._persist(self._journal.finished(Outcome(rollout_id, version, "rejected", reason)))
+        self._persist(self._journal.finished(Outcome(rollout_id, version, OtaState.REJECTED, reason)))
         self._report_outcome()
 
     def _report_outcome(self, details: dict[str, Any] | None = None) -> None:
@@ -496,67 +442,35 @@ class OtaManager:
             self._emit(o.rollout_id, o.version, o.state, reason=o.reason,
                        rollback=True if o.rollback else None, probation=details)
             self._persist(replace(self._journal, outcome=replace(o, reported=True)))
+            if o.state in _SERVING_CHANGED and self.on_serving_changed is not None:
+                try:
+                    self.on_serving_changed()
+                except Exception:
+                    log.exception("on_serving_changed failed after %s %s", o.rollout_id, o.state.value)
 
     def _activate_committed(self) -> dict[str, str] | None:
         """Serve the journal's active slot; fall back to a kept one if its file is damaged."""
         j = self._journal
-        candidates = [s for s in (j.active, *j.history) if s]
         errors = []
-        for slot in candidates:
+        for slot in serving_order(j):
             try:
                 manifest = self._slot_manifest(slot)
                 model = self.store.model_path(slot)
                 if manifest is not None:
-                    check_file(manifest, model.stat().st_size, sha256_file(model))
+                    check_model_file(model, manifest.model, manifest.model.file)
                 info = self.host.activate(model, manifest, name=_slot_label(slot))
             except (EdgefleetError, OSError) as exc:
                 errors.append(f"{slot}: {exc}")
                 log.error("committed slot %s unusable: %s", slot, exc)
                 continue
             if slot != j.active:
-                history = tuple(s for s in j.history if s != slot)
-                self._persist(replace(j, active=slot, history=history))
+                self._persist(with_served(j, slot))
             return info
         if errors:
             self.boot_error = "no committed model can be served: " + "; ".join(errors)
             log.error("%s", self.boot_error)
         return None
 
-    def _load_command(self, rollout_id: str) -> UpdateRequest | None:
-        try:
-            path = self.store.staging_dir(rollout_id) / _COMMAND_FILE
-            return parse_update(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError, EdgefleetError):
-            return None
-
-    # ================================================================== the worker
-    def _start_worker(self) -> None:
-        with self._lock:
-            if self._worker is None or not self._worker.is_alive():
-                self._closing.clear()
-                self._worker = threading.Thread(target=self._work, name="ota-worker", daemon=True)
-                self._worker.start()
-
-    def _enqueue(self, job: Callable[[], None]) -> None:
-        with self._lock:
-            self._busy = True
-        self._jobs.put(job)
-
-    def _work(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None or self._closing.is_set():
-                return
-            try:
-                job()
-            except _Stopping:
-                return
-            except Exception as exc:
-                log.exception("OTA job failed")
-                with self._lock:
-                    if self._journal.pending is not None:
-                        self._finish("failed", f"internal error: {type(exc).__name__}: {exc}")
-            finally:
-                with self._lock:
-                    self._busy = not self._jobs.empty()
-                    self._idle.notify_all()
+    def _job_failed(self, exc: Exception) -> None:
+        if self._journal.pending is not None:
+            self._finish(OtaState.FAILED, f"internal error: {type(exc).__name__}: {exc}")

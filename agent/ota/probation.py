@@ -14,25 +14,31 @@ The verdict is a pure function of the counters (:func:`judge`):
 - shadow top-1 agreement < min_agreement (with at least ``min_shadow`` comparisons) -> roll back
 - ``inferences`` live calls seen, or ``seconds`` elapsed -> commit
 
-No traffic at all: before waiting, the manager runs the manifest's golden samples through the
-new model on the live path (synthetic traffic: catches errors, NaN and latency there). If no
-live inference arrives before the time limit, the model commits on that evidence plus the
-child-process validation; agreement is then not measured, and the event says so.
+No traffic at all: before waiting, :func:`run_probation` runs the manifest's golden samples
+through the new model on the live path (synthetic traffic: catches errors, NaN and latency
+there). If no live inference arrives before the time limit, the model commits on that evidence
+plus the child-process validation; agreement is then not measured, and the event says so.
 """
 
 from __future__ import annotations
 
 import collections
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from agent.ota.crashpoints import crash_point
+from edgefleet.errors import EdgefleetError
 from edgefleet.manifest import Manifest
 from edgefleet.profiles import Profile
+from edgefleet.quant import first_output, top1
 
-__all__ = ["ProbationCounters", "ProbationPolicy", "ProbationWatcher", "Verdict", "judge", "policy_for"]
+__all__ = ["ProbationCounters", "ProbationPolicy", "ProbationWatcher", "Verdict", "judge", "policy_for",
+           "run_probation"]
 
 
 @dataclass(frozen=True)
@@ -106,9 +112,8 @@ def judge(c: ProbationCounters, policy: ProbationPolicy, elapsed_s: float) -> Ve
     return Verdict("continue")
 
 
-def _top1(out: Any) -> int:
-    arr = out if not isinstance(out, dict) else next(iter(out.values()))
-    return int(np.argmax(np.asarray(arr)))
+def _top1(out: Any) -> np.ndarray:
+    return top1(first_output(out))
 
 
 def _finite(out: Any) -> bool:
@@ -128,7 +133,7 @@ class ProbationWatcher:
         self._lat: collections.deque[float] = collections.deque(maxlen=1024)
         self._last_error: str | None = None
         self._every = max(1, round(1 / policy.shadow_fraction)) if policy.shadow_fraction > 0 else 0
-        self._queue: collections.deque[tuple[Any, int]] = collections.deque(maxlen=max_pending_shadow)
+        self._queue: collections.deque[tuple[Any, np.ndarray]] = collections.deque(maxlen=max_pending_shadow)
         self.synthetic_mode = False
         self.wake = threading.Event()
 
@@ -167,7 +172,7 @@ class ProbationWatcher:
                 continue
             with self._lock:
                 self._shadow += 1
-                self._agree += int(_top1(prev) == top_new)
+                self._agree += int(np.array_equal(_top1(prev), top_new))
 
     def counters(self) -> ProbationCounters:
         with self._lock:
@@ -177,3 +182,40 @@ class ProbationWatcher:
                 p95_ms=float(np.percentile(lat, 95)) * 1000.0 if lat is not None else None,
                 shadow=self._shadow, agree=self._agree, synthetic=self._synthetic,
                 last_error=self._last_error)
+
+
+def run_probation(host: Any, manifest: Manifest, profile: Profile, golden_traffic: int,
+                  check_stop: Callable[[], None]) -> tuple[Verdict, ProbationCounters]:
+    """Watch the model ``host`` now serves until :func:`judge` commits or rolls back.
+
+    Runs on the OTA worker: first up to ``golden_traffic`` golden samples through the live path
+    (synthetic traffic), then live traffic with the shadow runs. ``check_stop`` is called at
+    every wake-up and raises to abandon probation (the agent is stopping; the next boot undoes it).
+    """
+    policy = policy_for(profile, manifest)
+    watcher = ProbationWatcher(policy)
+    host.set_observer(watcher)
+    try:
+        watcher.synthetic_mode = True
+        for feed, _ in (manifest.golden_arrays()[:golden_traffic] if manifest.golden else []):
+            try:
+                host.infer(feed)
+            except EdgefleetError:
+                pass  # counted by the observer
+        watcher.synthetic_mode = False
+        start = time.monotonic()
+        crashed = False
+        while True:
+            watcher.wake.wait(0.05)
+            watcher.wake.clear()
+            check_stop()
+            watcher.run_shadow(host.infer_previous)
+            counters = watcher.counters()
+            if counters.calls and not crashed:
+                crashed = True
+                crash_point("probation")
+            verdict = judge(counters, policy, time.monotonic() - start)
+            if verdict.decision != "continue":
+                return verdict, counters
+    finally:
+        host.set_observer(None)

@@ -13,7 +13,9 @@ moment restarts on a committed model. Committing is one journal write; rolling b
 swap (no copy). Slots that no journal entry names are leftovers of a crash and are deleted.
 
 The :class:`Journal` is an immutable value; the functions here that change it return a new one
-(deciding), and :class:`SlotStore` does the file I/O (doing).
+(deciding), and :class:`SlotStore` does the file I/O (doing). Every move of the work in flight is
+checked against :data:`edgefleet.messages.OTA_TRANSITIONS` before it is returned, so a step taken
+out of order fails loudly instead of being written down.
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Set as AbstractSet
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from edgefleet.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
 from edgefleet.errors import ArtifactError, ConfigError
 from edgefleet.manifest import MANIFEST_NAME, MODEL_NAME, SIGNATURE_NAME
+from edgefleet.messages import OtaState, check_transition
 
 __all__ = ["JOURNAL_NAME", "Journal", "Outcome", "Pending", "SlotStore", "slot_name"]
 
@@ -51,7 +55,7 @@ class Pending:
     kind: Literal["update", "rollback"]
     rollout_id: str
     version: str
-    state: str
+    state: OtaState
     slot: str | None = None  # target slot once known
     from_slot: str | None = None  # the committed slot when it started
 
@@ -62,10 +66,22 @@ class Outcome:
 
     rollout_id: str
     version: str
-    state: str
+    state: OtaState
     reason: str | None = None
     rollback: bool = False
     reported: bool = False
+
+
+_R = TypeVar("_R", Pending, Outcome)
+
+
+def _record_json(record: Pending | Outcome) -> dict[str, Any]:
+    return {**asdict(record), "state": record.state.value}
+
+
+def _record(cls: type[_R], data: dict[str, Any]) -> _R:
+    """Raises ValueError for a state that is not an :class:`OtaState` (a damaged journal)."""
+    return cls(**{**data, "state": OtaState(data["state"])})
 
 
 @dataclass(frozen=True)
@@ -78,29 +94,52 @@ class Journal:
 
     def to_json(self) -> dict[str, Any]:
         return {"active": self.active, "history": list(self.history), "versions": dict(self.versions),
-                "pending": asdict(self.pending) if self.pending else None,
-                "outcome": asdict(self.outcome) if self.outcome else None}
+                "pending": _record_json(self.pending) if self.pending else None,
+                "outcome": _record_json(self.outcome) if self.outcome else None}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Journal:
-        pending = data.get("pending")
+        """Raises ValueError/TypeError/KeyError for a damaged journal (unknown state, missing field)."""
+        pending = _record(Pending, data["pending"]) if data.get("pending") else None
+        if pending is not None and pending.state.terminal:
+            raise ValueError(f"work in flight is in the final state {pending.state.value!r}")
         outcome = data.get("outcome")
         return cls(active=data.get("active"), history=tuple(data.get("history") or ()),
-                   versions=dict(data.get("versions") or {}),
-                   pending=Pending(**pending) if pending else None,
-                   outcome=Outcome(**outcome) if outcome else None)
+                   versions=dict(data.get("versions") or {}), pending=pending,
+                   outcome=_record(Outcome, outcome) if outcome else None)
+
+    @property
+    def kept(self) -> frozenset[str]:
+        """The committed slots on disk: the active one and its history."""
+        return frozenset(s for s in (self.active, *self.history) if s)
 
     # -- transitions (pure) ---------------------------------------------------------------------
     def with_pending(self, pending: Pending | None) -> Journal:
         return replace(self, pending=pending)
 
-    def step(self, state: str, **changes: Any) -> Journal:
+    def step(self, state: OtaState, **changes: Any) -> Journal:
+        """The work in flight moves to ``state`` (with ``changes`` to its other fields).
+
+        Raises:
+            RuntimeError: nothing is in flight, or the move is not in the transition table.
+        """
         if self.pending is None:
-            raise RuntimeError(f"cannot move to {state!r}: nothing in flight")
+            raise RuntimeError(f"cannot move to {state.value!r}: nothing in flight")
+        check_transition(self.pending.state, state)
         return replace(self, pending=replace(self.pending, state=state, **changes))
 
+    def _check_end(self, state: OtaState) -> None:
+        # A rejection refused before anything was queued has no pending state to move from.
+        if self.pending is not None:
+            check_transition(self.pending.state, state)
+
     def committed(self, slot: str, version: str, keep: int, outcome: Outcome) -> Journal:
-        """``slot`` becomes active; the old active goes first in history; keep at most ``keep`` slots."""
+        """``slot`` becomes active; the old active goes first in history; keep at most ``keep`` slots.
+
+        Raises:
+            RuntimeError: the work in flight may not move to ``outcome.state`` from where it is.
+        """
+        self._check_end(outcome.state)
         history = [s for s in ((self.active,) + self.history) if s and s != slot]
         history = history[: max(keep - 1, 1)]
         kept = {slot, *history}
@@ -108,7 +147,12 @@ class Journal:
         return Journal(active=slot, history=tuple(history), versions=versions, pending=None, outcome=outcome)
 
     def finished(self, outcome: Outcome) -> Journal:
-        """The in-flight work ended without changing what is committed."""
+        """The in-flight work ended without changing what is committed.
+
+        Raises:
+            RuntimeError: the work in flight may not move to ``outcome.state`` from where it is.
+        """
+        self._check_end(outcome.state)
         return replace(self, pending=None, outcome=outcome)
 
     def slot_for_version(self, version_key: tuple[int, ...] | None, parse: Any) -> str | None:
@@ -205,7 +249,7 @@ class SlotStore:
         if path.exists():
             shutil.rmtree(path, ignore_errors=True)
 
-    def prune(self, keep: set[str], keep_staging: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
+    def prune(self, keep: AbstractSet[str], keep_staging: AbstractSet[str] = frozenset()) -> list[str]:
         """Delete slot and staging directories that nothing references (leftovers of a crash)."""
         removed = []
         for base, keepers in ((self.slots, keep), (self.staging, keep_staging)):

@@ -1,17 +1,17 @@
 """Decide whether an update may proceed: pure functions, no I/O (python-tuf style).
 
-Each check takes typed values and either returns or raises with "expected X, got Y". The manager
-(:mod:`agent.ota.manager`) does the downloading, writing and swapping around them, so everything
-here is testable without a network, a disk or an interpreter.
+Each check takes typed values and either returns or raises with "expected X, got Y". Commands are
+parsed in :mod:`agent.ota.commands`; the manager (:mod:`agent.ota.manager`) does the downloading,
+writing and swapping around the checks, so everything here is testable without a network, a disk
+or an interpreter.
 
 What each check stops:
 
-- :func:`parse_update` / :func:`parse_rollback`: malformed commands, ids that would escape the
-  staging directory, unknown URL schemes.
 - :func:`check_manifest`: a bad or missing signature (when keys are configured), a replayed or
   older manifest (anti-downgrade: only an explicit rollback may go back), an artifact built for
   an incompatible device, an oversize model.
-- :func:`check_file`: a truncated, padded or corrupted download (size, then sha256).
+- the downloaded file is checked by :func:`edgefleet.manifest.check_model_file` (size, then
+  sha256): a truncated, padded, corrupted or substituted file.
 - :func:`check_contract`: a model whose inputs/outputs differ from the active one's, unless its
   manifest says ``new_contract: true``.
 - :func:`check_report`: whatever the child-process validation found (unresolved ops, golden
@@ -20,50 +20,24 @@ What each check stops:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from edgefleet.errors import ArtifactError, ConfigError
-from edgefleet.ids import validate_id
-from edgefleet.manifest import Manifest, parse_manifest, parse_version
+from agent.ota.commands import UpdateRequest
+from edgefleet.errors import ArtifactError
+from edgefleet.manifest import Manifest, parse_version
 from edgefleet.profiles import Profile
 from edgefleet.signing import verify_manifest
 
 __all__ = [
     "DeviceFacts",
-    "RollbackRequest",
-    "UpdateRequest",
     "check_contract",
-    "check_file",
     "check_manifest",
     "check_report",
     "contract_of",
-    "parse_rollback",
-    "parse_update",
     "profile_compatible",
 ]
-
-_SCHEMES = ("http://", "https://", "file://")
-
-
-@dataclass(frozen=True)
-class UpdateRequest:
-    rollout_id: str
-    manifest: Manifest
-    raw: dict[str, Any]
-    signature: str | None
-    url: str
-
-    @property
-    def version(self) -> str:
-        return self.manifest.version
-
-
-@dataclass(frozen=True)
-class RollbackRequest:
-    rollout_id: str
-    to: str | None  # version, or None for the previous one
 
 
 @dataclass(frozen=True)
@@ -74,52 +48,6 @@ class DeviceFacts:
     trusted_keys: tuple[Any, ...]
     committed_version: str | None
     active_manifest: Manifest | None
-
-
-def _rollout_id(cmd: Mapping[str, Any]) -> str:
-    rid = cmd.get("rollout_id") or cmd.get("id")
-    try:
-        return validate_id(rid, "rollout_id")  # same rule as topic ids: no '/', no leading '.'
-    except ConfigError as exc:
-        raise ConfigError(f"{exc} (it names a directory under the agent's state_dir)") from exc
-
-
-def parse_update(cmd: Mapping[str, Any]) -> UpdateRequest:
-    """Turn an ``update`` command into a typed request.
-
-    Raises:
-        ConfigError: missing fields, a rollout id that is not a plain name, an unsupported URL.
-        ArtifactError: the manifest does not fit schema v1.
-    """
-    if not isinstance(cmd, Mapping):
-        raise ConfigError(f"update command: expected a JSON object, got {type(cmd).__name__}")
-    rid = _rollout_id(cmd)
-    raw = cmd.get("manifest")
-    if not isinstance(raw, dict):
-        raise ConfigError(f"update command: 'manifest' must be the manifest object, got {type(raw).__name__}")
-    url = cmd.get("artifact_url")
-    if not isinstance(url, str) or not url.startswith(_SCHEMES):
-        raise ConfigError(f"update command: artifact_url {url!r}: expected an http://, https:// or file:// URL")
-    sig = cmd.get("signature")
-    if sig is not None and not isinstance(sig, str):
-        raise ConfigError("update command: 'signature' must be base64 text or null")
-    manifest = parse_manifest(raw, "update manifest")
-    return UpdateRequest(rollout_id=rid, manifest=manifest, raw=dict(raw), signature=sig or None, url=url)
-
-
-def parse_rollback(cmd: Mapping[str, Any]) -> RollbackRequest:
-    """Raises ConfigError for a malformed rollback command."""
-    if not isinstance(cmd, Mapping):
-        raise ConfigError(f"rollback command: expected a JSON object, got {type(cmd).__name__}")
-    to = cmd.get("to")
-    if to is not None:
-        if not isinstance(to, str):
-            raise ConfigError(f"rollback command: 'to' must be a version string or null, got {to!r}")
-        try:
-            parse_version(to)
-        except ArtifactError as exc:
-            raise ConfigError(f"rollback command: {exc}") from exc
-    return RollbackRequest(rollout_id=_rollout_id(cmd), to=to)
 
 
 def profile_compatible(device: Profile, built_for: Profile | None, name: str) -> str | None:
@@ -174,16 +102,6 @@ def check_manifest(req: UpdateRequest, facts: DeviceFacts,
     if m.model.size > min(max_model, max_download):
         raise ArtifactError(f"model is {m.model.size} bytes, expected at most {min(max_model, max_download)} "
                             f"(profile {facts.profile.name} limits)")
-
-
-def check_file(manifest: Manifest, size: int, sha256: str) -> None:
-    """Raises ArtifactError when the downloaded file is not the one the manifest describes."""
-    if size != manifest.model.size:
-        raise ArtifactError(f"downloaded file is {size} bytes, manifest says {manifest.model.size} "
-                            "(truncated or padded)")
-    if sha256 != manifest.model.sha256:
-        raise ArtifactError(f"sha256 mismatch: manifest says {manifest.model.sha256[:16]}..., "
-                            f"file has {sha256[:16]}... (corrupted or substituted)")
 
 
 Contract = list[tuple[str, tuple[int, ...], str]]

@@ -33,6 +33,7 @@ def check_model(model: str | os.PathLike[str], profile: Any = None, manifest: An
     from edgefleet.errors import EdgefleetError
     from edgefleet.manifest import parse_manifest
     from edgefleet.profiles import Profile, load_profile
+    from edgefleet.quant import top1
 
     try:
         if profile is None:
@@ -88,9 +89,10 @@ def check_model(model: str | os.PathLike[str], profile: Any = None, manifest: An
                         return ValidationReport(ok=False, reason=f"golden sample {i} output {name!r}: max abs "
                                                 f"difference {diff:.4g} exceeds atol {atol:g}",
                                                 golden={**golden, "max_abs_diff": diff}, details=details, **base)
-                    if need_top1 and want.size > 1 and int(np.argmax(have)) != int(np.argmax(want)):
+                    got_top, want_top = int(top1(have)), int(top1(want))
+                    if need_top1 and want.size > 1 and got_top != want_top:
                         return ValidationReport(ok=False, reason=f"golden sample {i} output {name!r}: top-1 "
-                                                f"{int(np.argmax(have))}, expected {int(np.argmax(want))}",
+                                                f"{got_top}, expected {want_top}",
                                                 golden=golden, details=details, **base)
                 golden["passed"] += 1
             golden.update(samples=len(samples), max_abs_diff=worst, atol=atol)

@@ -5,20 +5,16 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from agent.ota.probation import ProbationCounters, ProbationPolicy, judge
+from agent.ota.commands import parse_rollback, parse_update
+from agent.ota.probation import ProbationCounters, ProbationPolicy, ProbationWatcher, judge
 from agent.ota.slots import Journal, Outcome, Pending, SlotStore
-from agent.ota.verify import (
-    DeviceFacts,
-    check_contract,
-    check_file,
-    check_manifest,
-    parse_rollback,
-    parse_update,
-    profile_compatible,
-)
+from agent.ota.verify import DeviceFacts, check_contract, check_manifest, profile_compatible
 from edgefleet.errors import ArtifactError, ConfigError, SignatureError
+from edgefleet.manifest import check_model_bytes, check_model_file
+from edgefleet.messages import OtaState
 from edgefleet.profiles import load_profile
 from edgefleet.signing import Ed25519PrivateKey, sign_manifest
 from edgefleet.testing.artifacts import build_artifact
@@ -103,12 +99,33 @@ def test_model_larger_than_the_device_limit_is_refused(art, tmp_path: Path):
         check_manifest(request(art), DeviceFacts(prof, (KEY.public_key(),), "1", None), lambda n: PROFILE)
 
 
-def test_corrupted_or_truncated_file_is_refused(art):
-    m = art.manifest
-    with pytest.raises(ArtifactError, match="truncated"):
-        check_file(m, m.model.size - 1, m.model.sha256)
-    with pytest.raises(ArtifactError, match="sha256 mismatch"):
-        check_file(m, m.model.size, "0" * 64)
+def test_truncated_or_padded_file_is_refused(art, tmp_path: Path):
+    data = art.model_path.read_bytes()
+    short, long = tmp_path / "short.tflite", tmp_path / "long.tflite"
+    short.write_bytes(data[:-1])
+    long.write_bytes(data + b"\0")
+    for path in (short, long):
+        with pytest.raises(ArtifactError, match="truncated or padded"):
+            check_model_file(path, art.manifest.model)
+    with pytest.raises(ArtifactError, match="truncated or padded"):
+        check_model_bytes(data[:-1], art.manifest.model, "download")
+
+
+def test_corrupted_or_substituted_file_is_refused(art, tmp_path: Path):
+    data = bytearray(art.model_path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad = tmp_path / "bad.tflite"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="corrupted or substituted"):
+        check_model_file(bad, art.manifest.model)
+    with pytest.raises(ArtifactError, match="corrupted or substituted"):
+        check_model_bytes(bytes(data), art.manifest.model, "download")
+    check_model_file(art.model_path, art.manifest.model)  # the real file passes
+
+
+def test_missing_model_file_is_an_artifact_error(art, tmp_path: Path):
+    with pytest.raises(ArtifactError, match="cannot read"):
+        check_model_file(tmp_path / "absent.tflite", art.manifest.model)
 
 
 def test_contract_change_needs_new_contract(art, tmp_path: Path):
@@ -187,7 +204,19 @@ def test_no_traffic_commits_on_golden_evidence_at_the_time_limit():
 def test_journal_commit_keeps_k_versions_and_round_trips():
     j = Journal()
     for i, slot in enumerate(["a", "b", "c", "d"], start=1):
-        j = j.with_pending(Pending("update", f"r{i}", str(i), "probation", slot=slot))
-        j = j.committed(slot, str(i), keep=3, outcome=Outcome(f"r{i}", str(i), "committed"))
+        j = j.with_pending(Pending("update", f"r{i}", str(i), OtaState.PROBATION, slot=slot))
+        j = j.committed(slot, str(i), keep=3, outcome=Outcome(f"r{i}", str(i), OtaState.COMMITTED))
     assert j.active == "d" and j.history == ("c", "b") and set(j.versions) == {"b", "c", "d"}
     assert Journal.from_json(j.to_json()) == j
+
+
+def test_shadow_agreement_compares_the_top1_of_the_first_output():
+    watcher = ProbationWatcher(ProbationPolicy(inferences=100, seconds=30, max_error_rate=0.01, min_agreement=0.9,
+                                               shadow_fraction=1.0, max_latency_ms=100))
+    x = np.zeros((1, 4), np.int8)
+    watcher(x, {"a_scores": np.array([[0.1, 0.9, 0.0]]), "b_other": np.zeros((1, 2))}, 0.001, None)
+    watcher(x, np.array([[0.8, 0.1, 0.1]]), 0.001, None)
+    previous = iter([{"a_scores": np.array([[0.0, 1.0, 0.0]])}, np.array([[0.0, 0.0, 1.0]])])
+    watcher.run_shadow(lambda _x: next(previous))
+    c = watcher.counters()
+    assert (c.shadow, c.agree) == (2, 1)

@@ -179,6 +179,30 @@ def test_operator_rollback_to_previous_then_named_version(device, arts):
     assert device.host.model_info["version"] == "1"
 
 
+def test_serving_changed_hook_runs_after_each_commit_and_rollback_and_cannot_break_them(tmp_path, arts, caplog):
+    seen: list[str] = []
+
+    def hook() -> None:
+        seen.append(d.host.model_info["version"])
+        raise RuntimeError("the service tripped")  # logged, never raised into the OTA worker
+
+    d = Device(tmp_path / "state", arts, quiet=True, on_serving_changed=hook)
+    try:
+        d.update(arts["v2"], "r2")
+        assert d.final("r2")["state"] == "committed"
+        d.ota.wait_idle(10)
+        d.ota.handle_rollback({"id": "rb", "to": None})
+        assert d.final("rb")["state"] == "committed"
+        d.ota.wait_idle(10)
+        with pytest.raises(ArtifactError):
+            d.update(arts["v1"], "r1-replay")  # rejected: the served model does not change
+        assert seen == ["2", "1"]
+        assert d.ota.status()["active"]["version"] == "1" and d.ota.status()["last"]["reported"]
+        assert "on_serving_changed failed" in caplog.text
+    finally:
+        d.close()
+
+
 def test_rollback_to_a_version_not_kept_is_refused(device):
     with pytest.raises(ConfigError, match="not kept"):
         device.ota.handle_rollback({"id": "rb", "to": "7"})
@@ -218,7 +242,7 @@ def test_corrupted_file_is_rejected(device, arts, http):
     with Traffic(device.host) as traffic:
         device.update(arts["v2"], "r-corrupt", url)
         final = device.final("r-corrupt")
-    assert final["state"] == "rejected" and "sha256 mismatch" in final["reason"]
+    assert final["state"] == "rejected" and "corrupted or substituted" in final["reason"]
     assert_still_serving_v1(device, traffic)
 
 

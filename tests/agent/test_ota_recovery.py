@@ -1,0 +1,178 @@
+"""The OTA state machine as data, and what boot does with interrupted work: pure, no files, no device."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from agent.ota import OtaManager
+from agent.ota.commands import RollbackRequest, UpdateRequest, admit_update, refuse_busy, rollback_target
+from agent.ota.recovery import BootAction, plan_boot, serving_order, with_served
+from agent.ota.slots import JOURNAL_NAME, Journal, Outcome, Pending, SlotStore
+from edgefleet.errors import ConfigError
+from edgefleet.messages import OtaState
+from edgefleet.profiles import load_profile
+
+S = OtaState
+COMMITTED = Journal(active="clf-v2-bbbb", history=("clf-v1-aaaa",),
+                    versions={"clf-v2-bbbb": "2", "clf-v1-aaaa": "1"})
+# Stands for the command kept in staging; plan_boot only passes it on.
+COMMAND = UpdateRequest("r3", None, {}, None, "http://x/model.tflite")  # type: ignore[arg-type]
+
+
+def in_flight(state: OtaState, kind: str = "update", slot: str | None = None) -> Journal:
+    return COMMITTED.with_pending(Pending(kind, "r3", "3", state, slot=slot, from_slot=COMMITTED.active))
+
+
+# ---------------------------------------------------------------- the order guard
+def test_a_step_out_of_order_is_refused():
+    with pytest.raises(RuntimeError, match="illegal OtaState transition queued -> probation"):
+        in_flight(S.QUEUED).step(S.PROBATION)
+    with pytest.raises(RuntimeError, match="illegal"):
+        in_flight(S.DOWNLOADING).step(S.INSTALLING, slot="clf-v3-cccc")
+
+
+def test_the_normal_order_is_accepted_and_persisted_as_strings():
+    j = in_flight(S.QUEUED)
+    for state in (S.DOWNLOADING, S.VERIFYING, S.VALIDATING, S.INSTALLING, S.PROBATION):
+        j = j.step(state)
+    assert j.to_json()["pending"]["state"] == "probation"
+    assert type(j.to_json()["pending"]["state"]) is str
+    done = j.committed("clf-v3-cccc", "3", 3, Outcome("r3", "3", S.COMMITTED))
+    assert done.active == "clf-v3-cccc" and done.outcome.state is S.COMMITTED
+
+
+def test_committing_an_update_that_never_served_is_refused():
+    with pytest.raises(RuntimeError, match="verifying -> committed"):
+        in_flight(S.VERIFYING).committed("clf-v3-cccc", "3", 3, Outcome("r3", "3", S.COMMITTED))
+
+
+def test_rolling_back_an_update_that_never_served_is_refused():
+    with pytest.raises(RuntimeError, match="queued -> rolled_back"):
+        in_flight(S.QUEUED).finished(Outcome("r3", "3", S.ROLLED_BACK))
+
+
+def test_a_rejection_before_anything_was_queued_needs_no_pending_state():
+    j = COMMITTED.finished(Outcome("r9", "9", S.REJECTED, "not signed"))
+    assert j.pending is None and j.outcome.state is S.REJECTED
+
+
+def test_a_resumed_update_may_restart_downloading_but_never_skip_verification():
+    assert in_flight(S.VALIDATING).step(S.DOWNLOADING).pending.state is S.DOWNLOADING
+    with pytest.raises(RuntimeError, match="downloading -> installing"):
+        in_flight(S.DOWNLOADING).step(S.INSTALLING)
+
+
+# ---------------------------------------------------------------- damaged journals
+def _write_journal(root: Path, pending_state: str) -> None:
+    data = in_flight(S.DOWNLOADING).to_json()
+    data["pending"]["state"] = pending_state
+    (root / JOURNAL_NAME).write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("state", ["exploded", "COMMITTED", "committed"])
+def test_journal_with_an_unknown_or_final_pending_state_is_unreadable(tmp_path: Path, state: str):
+    store = SlotStore(tmp_path)
+    _write_journal(store.root, state)
+    with pytest.raises(ConfigError, match="unreadable OTA journal"):
+        store.read_journal()
+
+
+def test_journal_with_an_unknown_outcome_state_is_unreadable(tmp_path: Path):
+    store = SlotStore(tmp_path)
+    data = COMMITTED.finished(Outcome("r2", "2", S.COMMITTED)).to_json()
+    data["outcome"]["state"] = "sort_of_committed"
+    store.journal_path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="unreadable OTA journal"):
+        store.read_journal()
+
+
+def test_boot_refuses_a_journal_with_an_unknown_state_instead_of_starting_fresh(tmp_path: Path):
+    # Same as any damaged journal: an error, never a silent fresh start (docs/ota.md, crash recovery).
+    ota = OtaManager(tmp_path, load_profile("x86-dev"), [], None, lambda event: None)
+    _write_journal(ota.store.root, "exploded")
+    with pytest.raises(ConfigError, match="unreadable OTA journal"):
+        ota.boot()
+
+
+# ---------------------------------------------------------------- plan_boot, per pending state
+def test_nothing_in_flight_keeps_the_committed_slots_and_no_staging():
+    plan = plan_boot(COMMITTED, None)
+    assert plan.action is BootAction.NOTHING and plan.outcome is None
+    assert plan.keep_slots == {"clf-v2-bbbb", "clf-v1-aaaa"} and plan.keep_staging == frozenset()
+
+
+@pytest.mark.parametrize("state", [S.QUEUED, S.DOWNLOADING, S.VERIFYING, S.VALIDATING])
+def test_update_interrupted_before_installing_is_resumed(state: OtaState):
+    plan = plan_boot(in_flight(state), COMMAND)
+    assert plan.action is BootAction.RESUME_UPDATE and plan.request is COMMAND and plan.outcome is None
+    assert plan.keep_staging == {"r3"}, "the staged command and .part file are what it resumes from"
+    assert plan.keep_slots == COMMITTED.kept
+
+
+@pytest.mark.parametrize("state", [S.QUEUED, S.DOWNLOADING, S.VERIFYING, S.VALIDATING])
+def test_update_whose_command_was_lost_is_rejected(state: OtaState):
+    plan = plan_boot(in_flight(state), None)
+    assert plan.action is BootAction.REJECT and plan.outcome is S.REJECTED
+    assert "command was lost" in plan.reason and plan.keep_staging == frozenset()
+
+
+@pytest.mark.parametrize("state", [S.INSTALLING, S.PROBATION])
+def test_update_interrupted_while_installing_or_in_probation_is_rolled_back(state: OtaState):
+    plan = plan_boot(in_flight(state, slot="clf-v3-cccc"), COMMAND)
+    assert plan.action is BootAction.ROLL_BACK and plan.outcome is S.ROLLED_BACK and plan.request is None
+    assert plan.reason == f"agent restarted during {state.value}; kept the committed version 2"
+    assert "clf-v3-cccc" not in plan.keep_slots, "the new slot is a leftover once rolled back"
+    assert plan.keep_staging == frozenset()
+
+
+def test_interrupted_rollback_command_is_finished_and_its_target_kept():
+    plan = plan_boot(in_flight(S.INSTALLING, kind="rollback", slot="clf-v1-aaaa"), None)
+    assert plan.action is BootAction.FINISH_ROLLBACK and plan.outcome is None
+    assert "clf-v1-aaaa" in plan.keep_slots
+
+
+def test_the_boot_plan_of_every_non_final_state_is_defined():
+    for state in S:
+        if not state.terminal:
+            assert plan_boot(in_flight(state), COMMAND).action is not BootAction.NOTHING
+
+
+def test_a_damaged_active_slot_falls_back_to_the_most_recent_kept_one():
+    assert serving_order(COMMITTED) == ("clf-v2-bbbb", "clf-v1-aaaa")
+    j = with_served(COMMITTED, "clf-v1-aaaa")
+    assert j.active == "clf-v1-aaaa" and j.history == ()
+    assert with_served(COMMITTED, COMMITTED.active) is COMMITTED
+
+
+# ---------------------------------------------------------------- admitting commands
+def request(rollout_id: str, version: str) -> UpdateRequest:
+    # admit_update reads only the rollout id and the manifest's version.
+    return UpdateRequest(rollout_id, SimpleNamespace(version=version), {}, None, "http://x")  # type: ignore[arg-type]
+
+
+def test_redelivered_update_in_flight_gets_its_state_not_a_second_run():
+    j = in_flight(S.VERIFYING)
+    assert admit_update(j, request("r3", "3")) == {"accepted": True, "state": "verifying", "duplicate": True}
+    other = request("r4", "4")
+    with pytest.raises(ConfigError, match="busy: update r3"):
+        admit_update(j, other)
+    assert admit_update(COMMITTED, other) is None
+
+
+def test_rollback_while_an_update_is_in_flight_is_busy():
+    with pytest.raises(ConfigError, match="busy"):
+        refuse_busy(in_flight(S.PROBATION))
+    refuse_busy(COMMITTED)
+
+
+def test_rollback_target_is_a_kept_version_or_the_reason_why_not():
+    assert rollback_target(COMMITTED, RollbackRequest("rb", None)) == ("clf-v1-aaaa", "1")
+    assert rollback_target(COMMITTED, RollbackRequest("rb", "1.0")) == ("clf-v1-aaaa", "1")
+    with pytest.raises(ConfigError, match=r"version 7 is not kept on this device \(kept: 1\)"):
+        rollback_target(COMMITTED, RollbackRequest("rb", "7"))
+    with pytest.raises(ConfigError, match="no previous version"):
+        rollback_target(Journal(active="clf-v1-aaaa", versions={"clf-v1-aaaa": "1"}), RollbackRequest("rb", None))
