@@ -26,17 +26,19 @@ import random
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 import xxhash
+from pydantic import ValidationError
 
 from agent.tensors import TensorInfo
 from edgefleet.errors import ConfigError
+from edgefleet.profiles import CacheSettings, format_validation_error
+from edgefleet.quant import dequantize, top1
 
-__all__ = ["CacheConfig", "InferenceCache", "Lookup", "input_signature", "signature_distance"]
+__all__ = ["CacheSpec", "InferenceCache", "Lookup", "input_signature", "resolve_cache", "signature_distance"]
 
 _ENTRY_OVERHEAD = 128  # bytes per entry for the key, tuple and OrderedDict node
 _SIGNATURE_CELLS = 32  # samples per spatial axis
@@ -52,60 +54,38 @@ _YOUNG_FRACTION = 0.5
 _YOUNG_VERIFICATIONS = 10
 
 
-@dataclass(frozen=True)
-class CacheConfig:
-    """Cache settings; the defaults mirror ``profile.cache``. Units in the comments."""
+CacheSpec = bool | CacheSettings | Mapping[str, Any] | None
+"""How callers ask for a cache: off (None/False), the profile's (True), the profile's with some
+settings overridden (a mapping of :class:`CacheSettings` keys), or complete settings."""
 
-    max_bytes: int = 8 * 1024 * 1024  # exact-cache capacity, bytes (0 disables the exact layer)
-    near: bool = True  # near-duplicate reuse on/off
-    near_threshold: float = 0.02  # mean abs difference, fraction of the input's value range
-    max_age_s: float = 2.0  # longest reuse of one computed result, seconds
-    max_consecutive: int = 10  # most near reuses in a row
-    verify_fraction: float = 0.05  # fraction of near hits recomputed, 0..1
-    target_disagreement: float = 0.01  # disagreement rate the threshold is tuned to stay under
-    output_tolerance: float = 0.05  # non-classifiers: max abs diff as a fraction of the output range
-    seed: int = 0  # sampling of verifications, for reproducible runs
 
-    def __post_init__(self) -> None:
-        checks = [
-            (self.max_bytes >= 0, "max_bytes must be >= 0"),
-            (0 <= self.near_threshold <= 1, "near_threshold must be within 0..1"),
-            (self.max_age_s >= 0, "max_age_s must be >= 0"),
-            (self.max_consecutive >= 0, "max_consecutive must be >= 0"),
-            (0 <= self.verify_fraction <= 1, "verify_fraction must be within 0..1"),
-            (0 <= self.target_disagreement <= 1, "target_disagreement must be within 0..1"),
-            (self.output_tolerance >= 0, "output_tolerance must be >= 0"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(f"cache: {message}")
+def resolve_cache(cache: CacheSpec, profile: Any) -> CacheSettings | None:
+    """The cache settings to run with, or None for no cache: the one place a request meets the profile.
 
-    @classmethod
-    def from_profile(cls, profile: Any, **overrides: Any) -> CacheConfig:
-        """Settings from a profile's ``cache`` section (``enabled`` is the caller's business)."""
-        c = profile.cache
-        values = {"max_bytes": c.max_bytes, "near_threshold": c.near_threshold, "max_age_s": c.max_age_s,
-                  "max_consecutive": c.max_consecutive, "verify_fraction": c.verify_fraction,
-                  "target_disagreement": c.target_disagreement}
-        values.update(overrides)
-        return cls(**values)
+    Asking for a cache (True or a mapping) turns it on whatever the profile's ``enabled`` says:
+    that default is the service's to apply; ``{"enabled": False}`` turns it off.
 
-    @classmethod
-    def resolve(cls, cache: bool | CacheConfig | dict[str, Any] | None, profile: Any) -> CacheConfig | None:
-        """``None``/``False`` -> off, ``True`` -> profile defaults, a dict -> profile defaults + overrides."""
-        if cache is None or cache is False:
-            return None
-        if cache is True:
-            return cls.from_profile(profile)
-        if isinstance(cache, cls):
-            return cache
-        if isinstance(cache, dict):
-            known = {f.name for f in fields(cls)}
-            unknown = sorted(set(cache) - known)
-            if unknown:
-                raise ConfigError(f"cache: unknown keys {unknown}; expected some of {sorted(known)}")
-            return cls.from_profile(profile, **cache)
-        raise ConfigError(f"cache: expected None, a bool, a dict or a CacheConfig, got {type(cache).__name__}")
+    Raises:
+        ConfigError: unknown keys, or a value outside its bounds (named in the message).
+    """
+    if cache is None or cache is False:
+        return None
+    if isinstance(cache, CacheSettings):
+        return cache if cache.enabled else None
+    base: CacheSettings = profile.cache
+    if cache is True:
+        return base
+    if not isinstance(cache, Mapping):
+        raise ConfigError(f"cache: expected None, a bool, a mapping or CacheSettings, got {type(cache).__name__}")
+    known = set(CacheSettings.model_fields)
+    unknown = sorted(set(cache) - known)
+    if unknown:
+        raise ConfigError(f"cache: unknown keys {unknown}; expected some of {sorted(known)}")
+    try:
+        settings = CacheSettings.model_validate({**base.model_dump(), "enabled": True, **cache})
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error("cache", exc)) from exc
+    return settings if settings.enabled else None
 
 
 class Lookup(NamedTuple):
@@ -154,7 +134,7 @@ def signature_distance(a: np.ndarray, b: np.ndarray) -> float:
 class InferenceCache:
     """Exact + near-duplicate cache for one model, with self-verification. Thread-safe."""
 
-    def __init__(self, config: CacheConfig, model_sha256: str, inputs: Sequence[TensorInfo],
+    def __init__(self, config: CacheSettings, model_sha256: str, inputs: Sequence[TensorInfo],
                  outputs: Sequence[TensorInfo], *, classifier: bool,
                  input_ranges: Sequence[tuple[float, float]] | None = None) -> None:
         self.config = config
@@ -269,9 +249,9 @@ class InferenceCache:
 
     def _agree(self, reused: tuple[np.ndarray, ...], fresh: tuple[np.ndarray, ...]) -> bool:
         for old, new, info in zip(reused, fresh, self._outputs):
-            a, b = _as_float(old, info), _as_float(new, info)
+            a, b = dequantize(old, info), dequantize(new, info)
             if self._classifier:
-                if np.argmax(a) != np.argmax(b):
+                if not np.array_equal(top1(a), top1(b)):
                     return False
                 continue
             span = float(b.max() - b.min()) if b.size else 0.0
@@ -328,7 +308,7 @@ class InferenceCache:
                 "max_bytes": self.config.max_bytes,
                 "evictions": self.evictions,
                 "lookup_us": round(self._lookup_s / self._lookups * 1e6, 2) if self._lookups else None,
-                "config": asdict(self.config),
+                "config": self.config.model_dump(exclude={"enabled"}),
             }
 
 
@@ -350,8 +330,3 @@ def _value_range(arr: np.ndarray, info: TensorInfo) -> tuple[float, float]:
         return 0.0, 255.0
     return lo, hi if hi > lo else lo + 1.0
 
-
-def _as_float(arr: np.ndarray, info: TensorInfo) -> np.ndarray:
-    if info.quantized:
-        return (arr.astype(np.float32) - info.zero_point) * info.scale
-    return arr.astype(np.float32, copy=False)

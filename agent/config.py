@@ -9,20 +9,29 @@ service at start-up, never here. Relative paths are taken relative to the config
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
 
 from edgefleet.addresses import parse_host_port
 from edgefleet.errors import ConfigError
 from edgefleet.ids import ID_RULE, validate_id
 from edgefleet.mqtt import parse_broker_url
-from edgefleet.profiles import format_validation_error, read_yaml_file
+from edgefleet.profiles import CacheSettings, format_validation_error, read_yaml_file
 
 __all__ = [
     "AgentConfig",
     "BrokerConfig",
-    "CacheConfig",
+    "CacheOverrides",
     "CommandsConfig",
     "HttpConfig",
     "OutboxConfig",
@@ -165,10 +174,19 @@ class TelemetryConfig(_Strict):
     drift_window: int = Field(default=1000, ge=10, description="Recent results compared with the baseline")
 
 
-class CacheConfig(_Strict):
-    enabled: bool | None = Field(default=None, description="Input-locality cache on/off; null = the profile's default")
-    near_threshold: float | None = Field(default=None, ge=0, le=1, description="Override the near-duplicate threshold")
-    max_age_s: float | None = Field(default=None, ge=0, description="Override the reuse age limit, s")
+def _all_optional(model: type[BaseModel], name: str) -> type[_Strict]:
+    """``model`` with every field optional (None = not overridden), same bounds and descriptions."""
+    fields: dict[str, Any] = {}
+    for key, info in model.model_fields.items():
+        optional = FieldInfo.merge_field_infos(info, default=None)
+        optional.description = f"{info.description}; null = the profile's"
+        fields[key] = (info.annotation | None, optional)
+    return create_model(name, __base__=_Strict, __doc__=f"Overrides of {model.__name__}.", **fields)
+
+
+CacheOverrides = _all_optional(CacheSettings, "CacheOverrides")
+"""agent.yaml's ``cache:`` block: any :class:`~edgefleet.profiles.CacheSettings` key, overriding
+the profile's value (``overrides.model_dump(exclude_none=True)`` is what was set)."""
 
 
 class AgentConfig(_Strict):
@@ -185,7 +203,7 @@ class AgentConfig(_Strict):
     source: SourceConfig = SourceConfig()
     sinks: SinksConfig = SinksConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
-    cache: CacheConfig = CacheConfig()
+    cache: CacheOverrides = CacheOverrides()  # type: ignore[valid-type]
     outbox: OutboxConfig = OutboxConfig()
     commands: CommandsConfig = CommandsConfig()
 

@@ -2,8 +2,9 @@
 
 ``Engine(model, profile="rpi4", threads=None, cache=None)`` loads a ``.tflite`` file, an artifact
 directory (``model.tflite`` + ``manifest.json``) or model bytes, opens a small pool of
-interpreters (one per worker, so callers on several threads never share one), optionally
-autotunes the threads x instances layout for the profile's objective, and serves ``infer``.
+interpreters (one per worker, so callers on several threads never share one), laid out as
+threads x instances by the profile or by :mod:`agent.autotune`, and serves ``infer``. Each call
+is timed once, here (:func:`last_latency_s`).
 
 Inputs may be float (quantized with the model's own parameters) or already in the model's
 integer dtype (passed through). A batch ``[N, ...]`` is run sample by sample on a batch-1 model.
@@ -22,33 +23,36 @@ import queue
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from agent.cache import CacheConfig, InferenceCache
+from agent.autotune import Layout, TuneResult, choose_layout
+from agent.cache import CacheSpec, InferenceCache, resolve_cache
 from agent.runtime import Runtime, get_runtime, open_interpreter
-from agent.tensors import TensorInfo, describe_tensors, split_batch, to_model_dtype
+from agent.tensors import describe_tensors, split_batch, to_model_dtype
 from edgefleet.errors import ArtifactError, ConfigError, InputError, ModelError
 from edgefleet.manifest import MODEL_NAME, Manifest, load_manifest
 from edgefleet.profiles import Profile, load_profile
-from edgefleet.quant import dequantize
+from edgefleet.quant import dequantize, first_output, top1
 
-__all__ = ["Engine", "Layout", "Outputs", "load_model_bytes"]
+__all__ = ["Engine", "Layout", "Outputs", "last_latency_s", "load_model_bytes"]
 
 Outputs = np.ndarray | dict[str, np.ndarray]
 _LATENCY_WINDOW = 2048
-_AUTOTUNE_BUDGET_S = 0.4
+_last_call = threading.local()
 
 
-@dataclass(frozen=True)
-class Layout:
-    """How the interpreter pool is laid out: threads per interpreter x interpreters."""
+def last_latency_s() -> float | None:
+    """Seconds the last successful :meth:`Engine.infer` on this thread took (None before any).
 
-    threads: int
-    instances: int
+    Why: the engine is the one clock of an inference. Callers that wrap it (the service's
+    Metrics, the result sinks, ``edge-agent bench``) read this instead of timing the call again,
+    so every figure for a call is the same number. Read it right after ``infer`` returns, on the
+    same thread.
+    """
+    return getattr(_last_call, "latency_s", None)
 
 
 class _Worker:
@@ -107,7 +111,8 @@ class Engine:
         model: ``.tflite`` path, artifact directory, or model bytes.
         profile: device profile name, path or :class:`Profile` (threads, accelerator, cache defaults).
         threads: interpreter threads; ``None`` = the profile's (and autotune may choose).
-        cache: ``None``/``False`` off, ``True`` profile defaults, or a :class:`CacheConfig`.
+        cache: ``None``/``False`` off, ``True`` the profile's settings, a mapping of overrides, or
+            :class:`~edgefleet.profiles.CacheSettings` (see :func:`agent.cache.resolve_cache`).
         instances: interpreters in the pool; ``None`` = the profile's (and autotune may choose).
         autotune: ``None`` = the profile's setting; ``False`` skips it (tests, OTA validation).
         validate: check the file in a child process first (untrusted files can crash the runtime).
@@ -117,7 +122,7 @@ class Engine:
     """
 
     def __init__(self, model: str | os.PathLike[str] | bytes, profile: str | Path | Profile = "rpi4",
-                 threads: int | None = None, cache: bool | CacheConfig | None = None, *,
+                 threads: int | None = None, cache: CacheSpec = None, *,
                  instances: int | None = None, autotune: bool | None = None, validate: bool = False,
                  validate_timeout_s: float = 30.0) -> None:
         self.profile: Profile = profile if isinstance(profile, Profile) else load_profile(profile)
@@ -143,11 +148,11 @@ class Engine:
         for info in self.input_details:
             if not info.shape or info.shape[0] != 1:
                 raise ModelError(f"input {info.name!r} has shape {list(info.shape)}; expected batch 1")
-        self._autotune_report: list[dict[str, Any]] = []
-        self._autotune_note: str | None = None
+        self._tuning = TuneResult(layout)
         wants_autotune = rt.autotune if autotune is None else autotune
         if wants_autotune and threads is None and instances is None and self.accelerator != "edgetpu":
-            layout = self._autotune(first, layout, cores)
+            self._tuning = choose_layout(first, layout, cores, self.input_details, rt.objective, self._open)
+            layout = self._tuning.layout
         self.layout = layout
         self._workers = self._build_pool(layout, first, first_threads)
         self._pool: queue.SimpleQueue[_Worker | None] = queue.SimpleQueue()  # None: closed
@@ -155,7 +160,7 @@ class Engine:
             self._pool.put(worker)
         self._cache: InferenceCache | None = None
         self.cache_disabled_reason: str | None = None
-        config = CacheConfig.resolve(cache, self.profile)
+        config = resolve_cache(cache, self.profile)
         if config is not None and self.manifest is not None and not self.manifest.cache_allowed:
             config, self.cache_disabled_reason = None, "manifest says cache_allowed: false"
         if config is not None:
@@ -207,41 +212,6 @@ class Engine:
             return self.manifest.task == "classification"
         return len(self.output_details) == 1 and len(self.output_details[0].shape) == 2 \
             and self.output_details[0].shape[-1] > 1
-
-    def _autotune(self, first: Any, default: Layout, cores: int) -> Layout:
-        """Try a few layouts for a fraction of a second and keep the best for the objective."""
-        objective = self.profile.runtime.objective
-        thread_options = sorted({1, default.threads, cores} & set(range(1, cores + 1)))
-        if objective == "latency":
-            candidates = [Layout(t, default.instances) for t in thread_options]
-        else:
-            candidates = [Layout(t, i) for t in thread_options for i in sorted({1, 2, default.instances, cores})
-                          if t * i <= max(cores, default.threads * default.instances)]
-        if len(candidates) <= 1:
-            return default
-        zeros = [np.zeros(t.shape, t.dtype) for t in self.input_details]
-        budget = _AUTOTUNE_BUDGET_S / len(candidates)
-        for info, z in zip(self.input_details, zeros):
-            first.set_tensor(info.index, z)
-        t0 = time.perf_counter()
-        first.invoke()  # also the warm-up of the first interpreter
-        one_call = time.perf_counter() - t0
-        if one_call > budget / 4:  # too slow to measure in the budget: keep the profile's layout
-            self._autotune_note = (f"skipped: one inference takes {one_call * 1000:.1f} ms, too long for the "
-                                   f"{_AUTOTUNE_BUDGET_S:g} s autotune budget")
-            return default
-        best, best_score = default, -1.0
-        for layout in candidates:
-            count = 1 if objective == "latency" else layout.instances
-            interpreters = [first if layout.threads == default.threads and i == 0 else self._open(layout.threads)
-                            for i in range(count)]
-            score = _measure(interpreters, self.input_details, zeros, budget, objective)
-            self._autotune_report.append({"threads": layout.threads, "instances": layout.instances,
-                                          "score": round(score, 2),
-                                          "unit": "1/p50_ms" if objective == "latency" else "inferences/s"})
-            if score > best_score:
-                best, best_score = layout, score
-        return best
 
     # ------------------------------------------------------------------ inference
     def _prepare(self, x: np.ndarray | Mapping[str, np.ndarray]) -> tuple[list[np.ndarray], int]:
@@ -327,6 +297,7 @@ class Engine:
             final = [dequantize(r, info) if info.quantized else (r.copy() if not r.flags.writeable else r)
                      for r, info in zip(results, self.output_details)]
         elapsed = time.perf_counter() - start
+        _last_call.latency_s = elapsed
         with self._stats_lock:  # uncontended: ~0.1 us; keeps counts exact under threads
             self._latencies[self._calls % _LATENCY_WINDOW] = elapsed
             self._calls += 1
@@ -337,8 +308,7 @@ class Engine:
 
     def top1(self, outputs: Outputs) -> np.ndarray:
         """Class index per sample for a classifier's output (the first output for dicts)."""
-        arr = outputs if isinstance(outputs, np.ndarray) else outputs[self.output_details[0].name]
-        return np.argmax(arr, axis=-1)
+        return top1(first_output(outputs))
 
     # ------------------------------------------------------------------ status
     def stats(self) -> dict[str, Any]:
@@ -359,8 +329,8 @@ class Engine:
             "runtime": self._runtime.name,
             "accelerator": self.accelerator,
             "layout": {"threads": self.layout.threads, "instances": self.layout.instances,
-                       "autotuned": bool(self._autotune_report), "candidates": list(self._autotune_report),
-                       "note": self._autotune_note,
+                       "autotuned": bool(self._tuning.candidates), "candidates": list(self._tuning.candidates),
+                       "note": self._tuning.note,
                        "objective": self.profile.runtime.objective},
             "model": {"sha256": self.sha256, "source": self.source,
                       "name": self.manifest.name if self.manifest else None,
@@ -402,29 +372,3 @@ class Engine:
                 f"threads={self.layout.threads}, instances={self.layout.instances}, "
                 f"cache={'on' if self._cache else 'off'})")
 
-
-def _measure(interpreters: list[Any], inputs: tuple[TensorInfo, ...], zeros: list[np.ndarray],
-             budget_s: float, objective: str) -> float:
-    """Score one layout: 1/p50 latency (ms) for "latency", inferences per second for "throughput"."""
-    def loop(interp: Any, deadline: float, times: list[float]) -> None:
-        for info, z in zip(inputs, zeros):
-            interp.set_tensor(info.index, z)
-        interp.invoke()  # warm-up
-        while (now := time.perf_counter()) < deadline:
-            interp.invoke()
-            times.append(time.perf_counter() - now)
-
-    deadline = time.perf_counter() + budget_s
-    if objective == "latency" or len(interpreters) == 1:
-        times: list[float] = []
-        loop(interpreters[0], deadline, times)
-        if objective == "latency":
-            return 1.0 / max(float(np.median(times)) * 1000.0, 1e-6) if times else 0.0
-        return len(times) / budget_s
-    per_thread: list[list[float]] = [[] for _ in interpreters]
-    threads = [threading.Thread(target=loop, args=(it, deadline, t)) for it, t in zip(interpreters, per_thread)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    return sum(len(t) for t in per_thread) / budget_s

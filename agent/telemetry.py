@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from edgefleet.manifest import Baseline
+from edgefleet.quant import first_output, top1
 
 __all__ = [
     "Metrics",
@@ -39,12 +40,11 @@ THERMAL_ROOT = Path("/sys/class/thermal")
 
 def summarize_output(output: Any) -> tuple[int | None, float | None]:
     """(top-1 class, its score) for a classifier's first output; (None, None) when not a vector."""
-    arr = next(iter(output.values())) if isinstance(output, dict) else output
-    arr = np.asarray(arr)
+    arr = first_output(output)
     if arr.ndim == 0 or arr.size < 2 or arr.dtype.kind not in "fiu":
         return None, None
     flat = arr.reshape(-1, arr.shape[-1])[0]
-    idx = int(np.argmax(flat))
+    idx = int(top1(flat))
     return idx, float(flat[idx])
 
 
@@ -67,6 +67,10 @@ class WindowStats:
 class Metrics:
     """Per-window counts and latency percentiles, plus a bounded sample of outputs for drift.
 
+    The service's one record of what it served: MQTT telemetry (:meth:`take_window`) and the
+    Prometheus page (:attr:`total_inferences`, :attr:`last_window`) both read it, and it outlives
+    every model swap (the engines' own counters start again with each model).
+
     Hot path (:meth:`record`): two ``deque.append`` and one counter step, no lock (each is
     atomic under the GIL). Latencies keep at most ``max_window`` per window for the percentiles;
     only the last ``drift_per_window`` outputs of a window are summarized for drift, so a window
@@ -85,8 +89,18 @@ class Metrics:
         self._calls_seen = 0
         self._errors_seen = 0
         self._started = time.monotonic()
-        self.total_inferences = 0
-        self.total_errors = 0
+        self.last_window: WindowStats | None = None
+        """The window :meth:`take_window` closed last (what the last telemetry message carried)."""
+
+    @property
+    def total_inferences(self) -> int:
+        """Inferences served since start, exact and live (any thread may read it)."""
+        return _peek(self._calls)
+
+    @property
+    def total_errors(self) -> int:
+        """Failed inferences since start."""
+        return _peek(self._errors)
 
     def record(self, latency_s: float, output: Any = None, error: bool = False, samples: int = 1) -> None:
         """Hot path: note one call (its output is summarized later, off this thread).
@@ -117,14 +131,13 @@ class Metrics:
                 top1, conf = summarize_output(output)
                 if top1 is not None and conf is not None:
                     self._recent.append((top1, conf))
-        self.total_inferences += count
-        self.total_errors += n_errors
         if latencies:
             arr = np.fromiter(latencies, dtype=np.float64, count=len(latencies))
             p50, p95, p99 = (round(float(v) * 1000.0, 3) for v in np.percentile(arr, [50, 95, 99]))
         else:
             p50 = p95 = p99 = None
-        return WindowStats(span, count, n_errors, count / span, p50, p95, p99)
+        self.last_window = WindowStats(span, count, n_errors, count / span, p50, p95, p99)
+        return self.last_window
 
     def drift(self, baseline: Baseline | None) -> dict[str, Any]:
         return drift_report(list(self._recent), baseline)

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from edgefleet.errors import ConfigError
 
 __all__ = [
-    "CacheDefaults",
+    "CacheSettings",
     "Profile",
     "default_profile",
     "format_validation_error",
@@ -102,14 +102,21 @@ class Probation(_Strict):
     max_latency_factor: float = Field(default=3.0, gt=0, description="Largest p95 latency vs the budget")
 
 
-class CacheDefaults(_Strict):
+class CacheSettings(_Strict):
+    """Every input-locality cache setting, defined once: a profile's ``cache:`` block, the
+    ``cache:`` overrides in agent.yaml, the ``config`` command and the engine's runtime cache all
+    use this model (``enabled`` is for the service; the cache itself ignores it)."""
+
     enabled: bool = Field(default=True, description="Input-locality cache on by default")
-    max_bytes: int = Field(default=8 * 1024 * 1024, ge=0, description="Exact-cache capacity, bytes")
-    near_threshold: float = Field(default=0.02, ge=0, le=1, description="Initial near-duplicate distance threshold (mean abs diff, 0..1)")
+    max_bytes: int = Field(default=8 * 1024 * 1024, ge=0, description="Exact-cache capacity, bytes (0 disables the exact layer)")
+    near: bool = Field(default=True, description="Near-duplicate reuse on/off")
+    near_threshold: float = Field(default=0.02, ge=0, le=1, description="Initial near-duplicate distance threshold (mean abs diff, fraction of the input range, 0..1)")
     max_age_s: float = Field(default=2.0, ge=0, description="Longest time a computed result is reused, s")
     max_consecutive: int = Field(default=10, ge=0, description="Most near-duplicate reuses in a row")
     verify_fraction: float = Field(default=0.05, ge=0, le=1, description="Fraction of near hits recomputed to measure disagreement")
     target_disagreement: float = Field(default=0.01, ge=0, le=1, description="Disagreement rate the threshold is tuned to stay under")
+    output_tolerance: float = Field(default=0.05, ge=0, description="Non-classifiers: largest abs output difference that still agrees, fraction of the output range")
+    seed: int = Field(default=0, description="Seed of the verification sampling, for reproducible runs")
 
 
 class Profile(_Strict):
@@ -121,7 +128,7 @@ class Profile(_Strict):
     fidelity: Fidelity
     limits: Limits
     probation: Probation = Probation()
-    cache: CacheDefaults = CacheDefaults()
+    cache: CacheSettings = CacheSettings()
 
     @model_validator(mode="after")
     def _edgetpu_needs_full_integer(self) -> Profile:

@@ -39,8 +39,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 from agent import Engine
-from agent.cache import CacheConfig
 from agent.runtime import get_runtime
+from edgefleet.profiles import CacheSettings
 
 TINY = REPO / "tests" / "data" / "models" / "tiny.tflite"
 CACHE_DIR = REPO / "bench" / "cache"
@@ -208,9 +208,9 @@ def overhead(path: Path, x: np.ndarray, calls: int, threads: int) -> dict[str, A
     return res
 
 
-def stream_run(path: Path, frames: np.ndarray, cache: bool | CacheConfig, threads: int) -> dict[str, Any]:
-    config = (cache if isinstance(cache, CacheConfig)
-              else CacheConfig(max_bytes=16 * 1024 * 1024, seed=1) if cache else None)
+def stream_run(path: Path, frames: np.ndarray, cache: bool | CacheSettings, threads: int) -> dict[str, Any]:
+    config = (cache if isinstance(cache, CacheSettings)
+              else CacheSettings(max_bytes=16 * 1024 * 1024, seed=1) if cache else None)
     engine = Engine(path, profile="x86-dev", threads=threads, instances=1, autotune=False, cache=config)
     tops = np.empty(len(frames), np.int64)
     times = np.empty(len(frames))
@@ -269,7 +269,7 @@ def threshold_sweep(path: Path, frames: int, threads: int) -> dict[str, list[dic
         off = stream_run(path, stream, False, threads)
         rows = []
         for threshold in SWEEP_THRESHOLDS:
-            fixed = CacheConfig(max_bytes=16 * 1024 * 1024, near_threshold=threshold, verify_fraction=0.0, seed=1)
+            fixed = CacheSettings(max_bytes=16 * 1024 * 1024, near_threshold=threshold, verify_fraction=0.0, seed=1)
             on = stream_run(path, stream, fixed, threads)
             computed = on["stats"]["misses"] + on["stats"]["verified_hits"]
             rows.append({"threshold": threshold, "saved_pct": round(100.0 * (1 - computed / len(stream)), 1),
@@ -334,7 +334,7 @@ def main() -> int:
     results["mobilenet"]["overhead"] = overhead(model, frame, 400, threads=1)
 
     hit_engine = Engine(model, profile="x86-dev", threads=args.threads, instances=1, autotune=False,
-                        cache=CacheConfig(near=False))
+                        cache=CacheSettings(near=False))
     hit_engine.infer(frame)
     hit = interleaved({"hit": lambda: hit_engine.infer(frame)}, 2000)["hit"]
     results["exact_hit_us"] = {"p50": round(p50_us(hit), 2), "p95": round(float(np.percentile(hit, 95)) * 1e6, 2),

@@ -9,15 +9,16 @@ import numpy as np
 import pytest
 
 from agent import Engine
-from agent.cache import CacheConfig, InferenceCache, input_signature, signature_distance
+from agent.cache import InferenceCache, input_signature, signature_distance
 from agent.tensors import TensorInfo
 from edgefleet.errors import ConfigError
+from edgefleet.profiles import CacheSettings
 
 pytestmark = pytest.mark.runtime
 
 
 def _engine(models, name="int8.tflite", **cache):
-    config = CacheConfig(**{"verify_fraction": 0.0, **cache})
+    config = CacheSettings(**{"verify_fraction": 0.0, **cache})
     return Engine(models / name, profile="x86-dev", autotune=False, cache=config)
 
 
@@ -49,8 +50,8 @@ def test_float_inputs_that_quantize_to_the_same_tensor_share_an_entry(models):
 def test_exact_key_includes_the_model_hash(models):
     info = TensorInfo("x", 0, (1, 4), np.dtype(np.float32), 0.0, 0)
     sample = [np.arange(4, dtype=np.float32).reshape(1, 4)]
-    a = InferenceCache(CacheConfig(), "a" * 64, [info], [info], classifier=False)
-    b = InferenceCache(CacheConfig(), "b" * 64, [info], [info], classifier=False)
+    a = InferenceCache(CacheSettings(), "a" * 64, [info], [info], classifier=False)
+    b = InferenceCache(CacheSettings(), "b" * 64, [info], [info], classifier=False)
     assert a.key(sample) != b.key(sample)
     assert a.key(sample) == a.key([sample[0].copy()])
 
@@ -141,7 +142,7 @@ def test_verified_outputs_are_the_fresh_ones(models):
 
 def test_threshold_loosens_slowly_back_to_but_never_beyond_the_configured_value():
     info = TensorInfo("x", 0, (1, 3), np.dtype(np.float32), 0.0, 0)
-    cache = InferenceCache(CacheConfig(near_threshold=0.02), "c" * 64, [info], [info], classifier=True)
+    cache = InferenceCache(CacheSettings(near_threshold=0.02), "c" * 64, [info], [info], classifier=True)
     a = (np.array([[0.1, 0.9, 0.0]], np.float32),)
     b = (np.array([[0.9, 0.1, 0.0]], np.float32),)
     cache._score(a, b)  # one disagreement: tighten at once
@@ -171,7 +172,7 @@ def test_cache_true_uses_the_profile_defaults(models):
 
 def test_bad_cache_settings_are_config_errors(models):
     with pytest.raises(ConfigError, match="near_threshold"):
-        CacheConfig(near_threshold=2.0)
+        Engine(models / "int8.tflite", profile="x86-dev", cache={"near_threshold": 2.0})
     with pytest.raises(ConfigError, match="unknown keys"):
         Engine(models / "int8.tflite", profile="x86-dev", cache={"colour": "blue"})
 
@@ -188,7 +189,7 @@ def test_signatures_of_int8_and_uint8_views_of_one_image_agree():
 
 def test_cache_is_consistent_under_several_threads(models):
     engine = Engine(models / "int8.tflite", profile="x86-dev", autotune=False, instances=2, threads=1,
-                    cache=CacheConfig(near=False))
+                    cache=CacheSettings(near=False))
     plain = Engine(models / "int8.tflite", profile="x86-dev", autotune=False)
     frames = [_frame(i) for i in range(6)]
     want = [plain.infer(f) for f in frames]
@@ -214,7 +215,7 @@ def test_a_young_threshold_is_verified_often_then_at_the_configured_fraction():
     """Directly on InferenceCache: near hits on a static input, outputs that always agree."""
     info = TensorInfo("x", 0, (1, 8, 8, 1), np.dtype(np.float32), 0.0, 0)
     out = TensorInfo("y", 1, (1, 4), np.dtype(np.float32), 0.0, 0)
-    cache = InferenceCache(CacheConfig(max_bytes=0, verify_fraction=0.05, max_consecutive=10**6, max_age_s=1e6,
+    cache = InferenceCache(CacheSettings(max_bytes=0, verify_fraction=0.05, max_consecutive=10**6, max_age_s=1e6,
                                        seed=3), "c" * 64, [info], [out], classifier=True,
                            input_ranges=[(0.0, 1.0)])
     frame = [np.full((1, 8, 8, 1), 0.5, np.float32)]

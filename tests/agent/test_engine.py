@@ -192,6 +192,14 @@ def test_stats_report_counts_latency_and_runtime(models, images):
     json.dumps(stats)  # the service publishes it as telemetry
 
 
+def test_each_call_is_timed_once_and_callers_read_that_figure(models, images):
+    from agent.engine import last_latency_s
+
+    engine = Engine(models / "int8.tflite", profile="x86-dev", autotune=False)
+    engine.infer(images)
+    assert last_latency_s() == engine._latencies[0] > 0  # what the service records in its Metrics
+
+
 def test_closed_engine_refuses_to_infer(models, images):
     engine = Engine(models / "int8.tflite", profile="x86-dev", autotune=False)
     engine.close()
@@ -230,16 +238,17 @@ def test_top1_helper_gives_class_per_sample(models, images):
 
 def test_pool_is_rebuilt_when_autotune_picks_another_thread_count(models, monkeypatch):
     """The timing is replaced by a score that prefers one thread, so the choice is deterministic."""
+    import agent.autotune as autotune_module
     import agent.engine as engine_module
 
     monkeypatch.setattr(engine_module.os, "cpu_count", lambda: 2)
     scores = iter([1.0, 5.0])  # threads=1 scores 1, threads=2 scores 5 -> two threads win
-    monkeypatch.setattr(engine_module, "_measure", lambda *a: next(scores))
+    monkeypatch.setattr(autotune_module, "_measure", lambda *a: next(scores))
     engine = Engine(models / "tiny.tflite", profile="x86-dev")
     assert (engine.layout.threads, engine.layout.instances) == (2, 1)
     assert [w.threads for w in engine._workers] == [2]
     scores = iter([5.0, 1.0])  # now one thread wins: the 2-thread first interpreter must not be kept
-    monkeypatch.setattr(engine_module, "_measure", lambda *a: next(scores))
+    monkeypatch.setattr(autotune_module, "_measure", lambda *a: next(scores))
     engine = Engine(models / "tiny.tflite", profile="x86-dev")
     assert engine.layout.threads == 1
     assert [w.threads for w in engine._workers] == [1]
@@ -264,10 +273,11 @@ def test_throughput_objective_tries_several_instances(models, tmp_path, monkeypa
 
 
 def test_autotune_is_skipped_for_a_model_too_slow_to_measure(models, monkeypatch):
+    import agent.autotune as autotune_module
     import agent.engine as engine_module
 
     monkeypatch.setattr(engine_module.os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(engine_module, "_AUTOTUNE_BUDGET_S", 1e-7)  # any model is "too slow" for this
+    monkeypatch.setattr(autotune_module, "_AUTOTUNE_BUDGET_S", 1e-7)  # any model is "too slow" for this
     engine = Engine(models / "int8.tflite", profile="x86-dev")
     layout = engine.stats()["layout"]
     assert layout["autotuned"] is False and layout["note"].startswith("skipped: one inference takes")

@@ -13,6 +13,7 @@ from agent.config import parse_config
 from agent.service import AgentService
 from edgefleet.testing.artifacts import build_artifact
 from edgefleet.testing.waiting import wait_for
+from edgefleet.topics import telemetry_topic
 from tests.support.models import OTA_MODELS
 
 pytestmark = pytest.mark.runtime
@@ -31,7 +32,7 @@ def test_service_serves_http_and_publishes_telemetry_on_this_runtime(broker, tmp
     sub = paho.Client(CallbackAPIVersion.VERSION2)
     sub.on_message = lambda c, u, m: seen.append(json.loads(m.payload))
     sub.connect("127.0.0.1", broker.port)
-    sub.subscribe("edgefleet/v1/devices/pi-rt/telemetry", qos=1)
+    sub.subscribe(telemetry_topic("pi-rt"), qos=1)
     sub.loop_start()
     svc = AgentService(cfg)
     svc.start()

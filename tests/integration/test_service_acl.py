@@ -12,7 +12,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edgefleet.testing.broker import MosquittoBroker
 from edgefleet.testing.waiting import wait_for
-from edgefleet.topics import ROOT
+from edgefleet.topics import device_cmd_topic, device_topic, state_topic, telemetry_topic
 from tests.integration.service_support import (
     REPO,
     AgentProcess,
@@ -56,22 +56,22 @@ def test_a_device_cannot_read_or_write_another_devices_topics(acl_broker, tmp_pa
     cfg = agent_config(tmp_path, acl_broker.url, device_id="pi-a", telemetry={"interval_s": 0.2},
                        broker={"username": "pi-a", "password_file": str(tmp_path / "pi-a.pass")})
     fleet = Observer(acl_broker.port, username="fleet", password=PASSWORDS["fleet"])
-    spy = Observer(acl_broker.port, topic=f"{ROOT}/devices/pi-a/#", username="pi-b", password=PASSWORDS["pi-b"])
+    spy = Observer(acl_broker.port, topic=device_topic("pi-a", "#"), username="pi-b", password=PASSWORDS["pi-b"])
     agent = AgentProcess(tmp_path, cfg).start()
     try:
         # The agent authenticates with its password file and works normally.
         wait_for(lambda: len(fleet.on("pi-a/telemetry")) >= 3, 20, what="pi-a telemetry at the fleet")
         assert fleet.on("pi-a/state")[-1]["online"] is True
         ok = command("status")
-        fleet.publish(f"{ROOT}/devices/pi-a/cmd/status", ok)
+        fleet.publish(device_cmd_topic("pi-a", "status"), ok)
         wait_for(lambda: [b for b in fleet.on("pi-a/cmd/status/response") if b["id"] == ok["id"]], 5,
                  what="pi-a answers the fleet")
         # pi-b forges pi-a's state, telemetry and a command to pi-a, and writes its own telemetry.
         forged = command("status")
-        spy.publish(f"{ROOT}/devices/pi-a/state", {"online": False, "forged": True})
-        spy.publish(f"{ROOT}/devices/pi-a/telemetry", {"seq": 0, "forged": True})
-        spy.publish(f"{ROOT}/devices/pi-a/cmd/status", forged)
-        spy.publish(f"{ROOT}/devices/pi-b/telemetry", {"seq": 1, "own": True})
+        spy.publish(state_topic("pi-a"), {"online": False, "forged": True})
+        spy.publish(telemetry_topic("pi-a"), {"seq": 0, "forged": True})
+        spy.publish(device_cmd_topic("pi-a", "status"), forged)
+        spy.publish(telemetry_topic("pi-b"), {"seq": 1, "own": True})
         wait_for(lambda: fleet.on("pi-b/telemetry"), 5, what="pi-b's own telemetry")  # the ACL lets that through
         time.sleep(1.0)
         assert not [b for b in fleet.on("pi-a/state") + fleet.on("pi-a/telemetry") if b.get("forged")]

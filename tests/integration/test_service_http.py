@@ -143,6 +143,28 @@ def test_batch_requests_count_every_instance_in_telemetry(service) -> None:
     assert svc.metrics.take_window().inferences == 8
 
 
+def _prometheus_value(svc: AgentService, name: str) -> float:
+    status, text = request(svc, "GET", "/metrics")
+    assert status == 200 and isinstance(text, str)
+    return float(next(line.rsplit(" ", 1)[1] for line in text.splitlines() if line.startswith(name + "{")))
+
+
+def test_inferences_total_survives_a_model_swap(service) -> None:
+    """The counter lives in the service's Metrics: the new engine's own counts start at zero."""
+    svc, reference, tmp = service
+    x = np.zeros((1, *reference.input_details[0].shape[1:]), np.float32)
+    for _ in range(3):
+        svc.infer(x)
+    before = _prometheus_value(svc, "edgefleet_inferences_total")
+    assert before >= 3
+    svc.host.activate(tmp / "art")  # the swap an OTA commit does: same model, a fresh Engine
+    assert svc.host.stats()["engine"]["inferences"] == 0
+    svc.infer(x)
+    assert _prometheus_value(svc, "edgefleet_inferences_total") == before + 1
+    telemetry = svc.telemetry_payload()
+    assert _prometheus_value(svc, "edgefleet_latency_p50_ms") == telemetry["latency_ms"]["p50"]
+
+
 def test_connections_beyond_the_limit_get_503_and_a_stalled_client_does_not_block_others(service) -> None:
     import socket
 

@@ -9,11 +9,17 @@ import pytest
 
 from edgefleet.testing.artifacts import build_artifact
 from edgefleet.testing.waiting import wait_for
-from edgefleet.topics import ROOT
+from edgefleet.topics import (
+    device_cmd_topic,
+    device_topic,
+    events_topic,
+    fleet_reply_topic,
+    group_cmd_topic,
+    response_topic,
+    state_topic,
+)
 from tests.integration.service_support import AgentProcess, Observer, agent_config, command
 from tests.support.models import OTA_MODELS
-
-DEV = f"{ROOT}/devices/pi-1"
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +28,7 @@ def artifact(tmp_path_factory: pytest.TempPathFactory):
 
 
 def online_state(obs: Observer) -> dict | None:
-    states = obs.on(f"{DEV}/state")
+    states = obs.on(state_topic("pi-1"))
     return states[-1] if states and states[-1]["online"] else None
 
 
@@ -30,11 +36,11 @@ def test_birth_is_retained_and_kill_9_publishes_the_last_will_within_1_5_keepali
         broker, artifact, tmp_path: Path) -> None:
     agent = AgentProcess(tmp_path, agent_config(tmp_path, broker.url, model=artifact.dir)).start()
     try:
-        probe = Observer(broker.port, topic=f"{DEV}/state")
+        probe = Observer(broker.port, topic=state_topic("pi-1"))
         wait_for(lambda: online_state(probe), 20, what="birth")
         probe.close()
         # A subscriber arriving later still sees the birth: it is retained.
-        late = Observer(broker.port, topic=f"{DEV}/state")
+        late = Observer(broker.port, topic=state_topic("pi-1"))
         state = wait_for(lambda: online_state(late), 5, what="retained birth")
         assert late.raw()[0][2] is True
         assert state["device_id"] == "pi-1" and state["group"] == "g1" and state["profile"] == "x86-dev"
@@ -42,7 +48,7 @@ def test_birth_is_retained_and_kill_9_publishes_the_last_will_within_1_5_keepali
         assert state["boot"] == 1 and state["agent_version"]
         agent.kill9()
         killed = time.monotonic()
-        offline = wait_for(lambda: [s for s in late.on(f"{DEV}/state") if not s["online"]], 3.0,
+        offline = wait_for(lambda: [s for s in late.on(state_topic("pi-1")) if not s["online"]], 3.0,
                            what="Last Will")
         assert time.monotonic() - killed <= 1.5 * 2
         assert offline[-1]["device_id"] == "pi-1" and offline[-1]["boot"] == 1
@@ -52,15 +58,15 @@ def test_birth_is_retained_and_kill_9_publishes_the_last_will_within_1_5_keepali
     # The boot counter is persisted: the next start is boot 2.
     again = AgentProcess(tmp_path, agent_config(tmp_path, broker.url, model=artifact.dir)).start()
     try:
-        obs = Observer(broker.port, topic=f"{DEV}/#")
+        obs = Observer(broker.port, topic=device_topic("pi-1", "#"))
         wait_for(lambda: (s := online_state(obs)) and s["boot"] == 2, 20, what="second birth")
         assert again.terminate() == 0
-        wait_for(lambda: not obs.on(f"{DEV}/state")[-1]["online"], 5, what="offline on clean stop")
-        events = [e["event"] for e in obs.on(f"{DEV}/events")]
+        wait_for(lambda: not obs.on(state_topic("pi-1"))[-1]["online"], 5, what="offline on clean stop")
+        events = [e["event"] for e in obs.on(events_topic("pi-1"))]
         assert "stopping" in events
-        retained = Observer(broker.port, topic=f"{DEV}/state")
-        wait_for(lambda: retained.on(f"{DEV}/state"), 5, what="retained offline state")
-        assert retained.on(f"{DEV}/state")[-1]["online"] is False
+        retained = Observer(broker.port, topic=state_topic("pi-1"))
+        wait_for(lambda: retained.on(state_topic("pi-1")), 5, what="retained offline state")
+        assert retained.on(state_topic("pi-1"))[-1]["online"] is False
         retained.close()
         obs.close()
     finally:
@@ -74,7 +80,7 @@ def running(broker, artifact, tmp_path_factory: pytest.TempPathFactory):
     cfg = agent_config(tmp, broker.url, device_id="pi-cmd", group="cmdgroup", model=artifact.dir,
                        telemetry={"interval_s": 5})
     agent = AgentProcess(tmp, cfg).start()
-    obs = Observer(broker.port, topic=f"{ROOT}/#")
+    obs = Observer(broker.port)  # everything under the topic root
     wait_for(lambda: any(b.get("online") for b in obs.on("pi-cmd/state")), 20, what="agent birth")
     yield agent, obs
     obs.close()
@@ -86,14 +92,11 @@ def reply_for(obs: Observer, cid: str | None, suffix: str, timeout: float = 5.0)
                     what=f"reply to {cid} on {suffix}")
 
 
-CMD = f"{ROOT}/devices/pi-cmd/cmd"
-
-
 def test_status_command_replies_on_the_default_response_topic(running) -> None:
     _, obs = running
     cmd = command("status")
-    obs.publish(f"{CMD}/status", cmd)
-    reply = reply_for(obs, cmd["id"], f"{CMD}/status/response")
+    obs.publish(device_cmd_topic("pi-cmd", "status"), cmd)
+    reply = reply_for(obs, cmd["id"], response_topic("pi-cmd", "status"))
     assert reply["ok"] is True and reply["device_id"] == "pi-cmd"
     assert reply["result"]["state"]["model"]["name"] == "clf"
     assert reply["result"]["mqtt"]["protocol"] == "5"
@@ -102,95 +105,96 @@ def test_status_command_replies_on_the_default_response_topic(running) -> None:
 def test_mqtt5_response_topic_and_correlation_data_are_honoured(running) -> None:
     _, obs = running
     cmd = command("status")
-    obs.publish(f"{CMD}/status", cmd, response_topic=f"{ROOT}/replies/ops-1", correlation=b"corr-42")
-    reply_for(obs, cmd["id"], f"{ROOT}/replies/ops-1")
-    props = next(p for t, b, _, p in obs.raw() if t.endswith("replies/ops-1") and b["id"] == cmd["id"])
+    reply_to = fleet_reply_topic("ops-1")
+    obs.publish(device_cmd_topic("pi-cmd", "status"), cmd, response_topic=reply_to, correlation=b"corr-42")
+    reply_for(obs, cmd["id"], reply_to)
+    props = next(p for t, b, _, p in obs.raw() if t == reply_to and b["id"] == cmd["id"])
     assert props.CorrelationData == b"corr-42"
 
 
 def test_group_command_reaches_the_device(running) -> None:
     _, obs = running
     cmd = command("status")
-    obs.publish(f"{ROOT}/groups/cmdgroup/cmd/status", cmd)
-    assert reply_for(obs, cmd["id"], f"{CMD}/status/response")["ok"] is True
+    obs.publish(group_cmd_topic("cmdgroup", "status"), cmd)
+    assert reply_for(obs, cmd["id"], response_topic("pi-cmd", "status"))["ok"] is True
 
 
 def test_duplicate_id_gets_the_same_reply_without_running_again(running) -> None:
     _, obs = running
     cmd = command("status")
-    obs.publish(f"{CMD}/status", cmd)
-    first = reply_for(obs, cmd["id"], f"{CMD}/status/response")
+    obs.publish(device_cmd_topic("pi-cmd", "status"), cmd)
+    first = reply_for(obs, cmd["id"], response_topic("pi-cmd", "status"))
     time.sleep(0.2)  # a re-execution would report a different uptime and timestamp
-    obs.publish(f"{CMD}/status", cmd)
-    wait_for(lambda: len([b for b in obs.on(f"{CMD}/status/response") if b["id"] == cmd["id"]]) == 2, 5,
+    obs.publish(device_cmd_topic("pi-cmd", "status"), cmd)
+    wait_for(lambda: len([b for b in obs.on(response_topic("pi-cmd", "status")) if b["id"] == cmd["id"]]) == 2, 5,
              what="second reply")
-    replies = [b for b in obs.on(f"{CMD}/status/response") if b["id"] == cmd["id"]]
+    replies = [b for b in obs.on(response_topic("pi-cmd", "status")) if b["id"] == cmd["id"]]
     assert replies[0] == replies[1] == first
 
 
 def test_expired_malformed_and_unknown_commands_get_error_replies_and_the_agent_keeps_running(running) -> None:
     agent, obs = running
     expired = command("status", ts=time.time() - 120, ttl_s=60)
-    obs.publish(f"{CMD}/status", expired)
-    assert "expired" in reply_for(obs, expired["id"], f"{CMD}/status/response")["error"]
-    obs.publish(f"{CMD}/config", b"{not json")
-    bad = reply_for(obs, None, f"{CMD}/config/response")
+    obs.publish(device_cmd_topic("pi-cmd", "status"), expired)
+    assert "expired" in reply_for(obs, expired["id"], response_topic("pi-cmd", "status"))["error"]
+    obs.publish(device_cmd_topic("pi-cmd", "config"), b"{not json")
+    bad = reply_for(obs, None, response_topic("pi-cmd", "config"))
     assert bad["ok"] is False and "malformed" in bad["error"]
     unknown = command("reboot")
-    obs.publish(f"{CMD}/reboot", unknown)
-    assert "unknown command 'reboot'" in reply_for(obs, unknown["id"], f"{CMD}/reboot/response")["error"]
+    obs.publish(device_cmd_topic("pi-cmd", "reboot"), unknown)
+    assert "unknown command 'reboot'" in reply_for(obs, unknown["id"], response_topic("pi-cmd", "reboot"))["error"]
     no_id = {"ts": time.time()}
-    obs.publish(f"{CMD}/status", no_id)
-    wait_for(lambda: [b for b in obs.on(f"{CMD}/status/response") if b["id"] is None], 5, what="no-id reply")
+    obs.publish(device_cmd_topic("pi-cmd", "status"), no_id)
+    wait_for(lambda: [b for b in obs.on(response_topic("pi-cmd", "status")) if b["id"] is None], 5, what="no-id reply")
     bad_cfg = command("config", telemetry={"interval_s": -3})
-    obs.publish(f"{CMD}/config", bad_cfg)
-    assert "interval_s" in reply_for(obs, bad_cfg["id"], f"{CMD}/config/response")["error"]
+    obs.publish(device_cmd_topic("pi-cmd", "config"), bad_cfg)
+    assert "interval_s" in reply_for(obs, bad_cfg["id"], response_topic("pi-cmd", "config"))["error"]
     ok = command("status")
-    obs.publish(f"{CMD}/status", ok)
-    assert reply_for(obs, ok["id"], f"{CMD}/status/response")["ok"] is True
+    obs.publish(device_cmd_topic("pi-cmd", "status"), ok)
+    assert reply_for(obs, ok["id"], response_topic("pi-cmd", "status"))["ok"] is True
     assert agent.proc.poll() is None
 
 
 def test_config_command_changes_the_telemetry_interval(running) -> None:
     _, obs = running
     cmd = command("config", telemetry={"interval_s": 0.2})
-    obs.publish(f"{CMD}/config", cmd)
-    reply = reply_for(obs, cmd["id"], f"{CMD}/config/response")
+    obs.publish(device_cmd_topic("pi-cmd", "config"), cmd)
+    reply = reply_for(obs, cmd["id"], response_topic("pi-cmd", "config"))
     assert reply["ok"] and reply["result"]["applied"]["telemetry"]["interval_s"] == 0.2
     before = len(obs.on("pi-cmd/telemetry"))
     time.sleep(1.5)
     assert len(obs.on("pi-cmd/telemetry")) - before >= 4  # was one per 5 s
     back = command("config", telemetry={"interval_s": 5})
-    obs.publish(f"{CMD}/config", back)
-    assert reply_for(obs, back["id"], f"{CMD}/config/response")["ok"]
+    obs.publish(device_cmd_topic("pi-cmd", "config"), back)
+    assert reply_for(obs, back["id"], response_topic("pi-cmd", "config"))["ok"]
 
 
 def test_config_command_turns_the_cache_off_and_on(running) -> None:
     _, obs = running
     on = command("config", cache={"enabled": True, "near_threshold": 0.01})
-    obs.publish(f"{CMD}/config", on)
-    assert reply_for(obs, on["id"], f"{CMD}/config/response", 15)["ok"]
+    obs.publish(device_cmd_topic("pi-cmd", "config"), on)
+    assert reply_for(obs, on["id"], response_topic("pi-cmd", "config"), 15)["ok"]
     status = command("status")
-    obs.publish(f"{CMD}/status", status)
-    engine = reply_for(obs, status["id"], f"{CMD}/status/response")["result"]["host"]["engine"]
+    obs.publish(device_cmd_topic("pi-cmd", "status"), status)
+    engine = reply_for(obs, status["id"], response_topic("pi-cmd", "status"))["result"]["host"]["engine"]
     assert engine["cache"]["enabled"] is True and engine["cache"]["config"]["near_threshold"] == 0.01
     off = command("config", cache={"enabled": False})
-    obs.publish(f"{CMD}/config", off)
-    assert reply_for(obs, off["id"], f"{CMD}/config/response", 15)["ok"]
+    obs.publish(device_cmd_topic("pi-cmd", "config"), off)
+    assert reply_for(obs, off["id"], response_topic("pi-cmd", "config"), 15)["ok"]
     status = command("status")
-    obs.publish(f"{CMD}/status", status)
-    engine = reply_for(obs, status["id"], f"{CMD}/status/response")["result"]["host"]["engine"]
+    obs.publish(device_cmd_topic("pi-cmd", "status"), status)
+    engine = reply_for(obs, status["id"], response_topic("pi-cmd", "status"))["result"]["host"]["engine"]
     assert engine["cache"]["enabled"] is False
 
 
 def test_a_restart_does_not_execute_a_remembered_command_again(broker, artifact, tmp_path: Path) -> None:
     cfg = agent_config(tmp_path, broker.url, device_id="pi-mem", model=artifact.dir, telemetry={"interval_s": 5})
-    obs = Observer(broker.port, topic=f"{ROOT}/devices/pi-mem/#")
+    obs = Observer(broker.port, topic=device_topic("pi-mem", "#"))
     agent = AgentProcess(tmp_path, cfg).start()
     try:
         wait_for(lambda: any(b.get("online") for b in obs.on("pi-mem/state")), 20, what="birth")
         cmd = command("status")
-        topic = f"{ROOT}/devices/pi-mem/cmd/status"
+        topic = device_cmd_topic("pi-mem", "status")
         obs.publish(topic, cmd)
         first = reply_for(obs, cmd["id"], "pi-mem/cmd/status/response")
         assert agent.terminate() == 0
@@ -211,8 +215,8 @@ def test_update_and_rollback_commands_drive_ota_and_the_retained_state(running, 
     v2 = build_artifact(OTA_MODELS / "clf_a2.tflite", tmp_path / "v2", version="2",
                         probation={"inferences": 1, "seconds": 1})
     update = command("update", **v2.update_fields(rollout_id="r-svc-1"))
-    obs.publish(f"{CMD}/update", update)
-    reply = reply_for(obs, update["id"], f"{CMD}/update/response")
+    obs.publish(device_cmd_topic("pi-cmd", "update"), update)
+    reply = reply_for(obs, update["id"], response_topic("pi-cmd", "update"))
     assert reply["ok"] is True and reply["result"]["state"] == "queued"
 
     def ota_states(rollout: str) -> list[str]:
@@ -224,8 +228,8 @@ def test_update_and_rollback_commands_drive_ota_and_the_retained_state(running, 
     events = [e for e in obs.on("pi-cmd/events")]
     assert [e["seq"] for e in events] == sorted(e["seq"] for e in events)
     back = command("rollback", to=None, rollout_id="r-svc-back")
-    obs.publish(f"{CMD}/rollback", back)
-    assert reply_for(obs, back["id"], f"{CMD}/rollback/response")["ok"] is True
+    obs.publish(device_cmd_topic("pi-cmd", "rollback"), back)
+    assert reply_for(obs, back["id"], response_topic("pi-cmd", "rollback"))["ok"] is True
     wait_for(lambda: "committed" in ota_states("r-svc-back"), 30, what="rollback committed")
     done = [e for e in obs.on("pi-cmd/events") if e.get("rollout_id") == "r-svc-back" and e["state"] == "committed"]
     assert done[-1]["rollback"] is True and done[-1]["version"] == "1"
@@ -237,7 +241,7 @@ def test_mqtt_3_1_1_works_without_response_topics(broker, tmp_path: Path) -> Non
     from agent.service import AgentService
 
     cfg = agent_config(tmp_path, broker.url, device_id="pi-v311", broker={"protocol": "3.1.1"})
-    obs = Observer(broker.port, topic=f"{ROOT}/devices/pi-v311/#")
+    obs = Observer(broker.port, topic=device_topic("pi-v311", "#"))
     svc = AgentService(parse_config(cfg))
     svc.start()
     try:
@@ -245,7 +249,7 @@ def test_mqtt_3_1_1_works_without_response_topics(broker, tmp_path: Path) -> Non
         assert obs.on("pi-v311/state")[-1]["model"] is None  # no model configured: still reports
         cmd = command("status")
         # A Response Topic cannot reach a 3.1.1 client: the reply goes to the default topic.
-        obs.publish(f"{ROOT}/devices/pi-v311/cmd/status", cmd, response_topic=f"{ROOT}/replies/x")
+        obs.publish(device_cmd_topic("pi-v311", "status"), cmd, response_topic=fleet_reply_topic("x"))
         reply = reply_for(obs, cmd["id"], "pi-v311/cmd/status/response")
         assert reply["result"]["mqtt"]["protocol"] == "3.1.1"
     finally:
@@ -341,7 +345,7 @@ def test_auto_protocol_falls_back_to_3_1_1_when_the_broker_refuses_mqtt5(broker)
 
     threading.Thread(target=serve, daemon=True).start()
     link = MqttLink(BrokerConfig(url=f"mqtt://127.0.0.1:{port}", reconnect_min_s=0.5, reconnect_max_s=1),
-                    "fallback-test", password=None, will_topic=f"{ROOT}/devices/fb/state", will_payload=b"{}",
+                    "fallback-test", password=None, will_topic=state_topic("fb"), will_payload=b"{}",
                     subscriptions=[], on_connected=lambda: None, on_message=lambda m: None,
                     on_published=lambda mid: None)
     try:
@@ -364,7 +368,7 @@ def test_a_frozen_agent_goes_offline_by_keepalive_and_comes_back_with_a_new_birt
     broker = MosquittoBroker(tmp_path / "broker").start()
     agent = AgentProcess(tmp_path, agent_config(tmp_path, broker.url, device_id="pi-frozen",
                                                 model=artifact.dir)).start()
-    obs = Observer(broker.port, topic=f"{ROOT}/devices/pi-frozen/state")
+    obs = Observer(broker.port, topic=state_topic("pi-frozen"))
     try:
         wait_for(lambda: [s for s in obs.on("pi-frozen/state") if s["online"]], 20, what="birth")
         agent.proc.send_signal(signal.SIGSTOP)
@@ -389,14 +393,14 @@ def test_a_frozen_agent_goes_offline_by_keepalive_and_comes_back_with_a_new_birt
 def test_a_command_sent_while_the_agent_was_down_is_answered_after_it_starts(broker, artifact,
                                                                               tmp_path: Path) -> None:
     cfg = agent_config(tmp_path, broker.url, device_id="pi-late", model=artifact.dir, telemetry={"interval_s": 5})
-    obs = Observer(broker.port, topic=f"{ROOT}/devices/pi-late/#")
+    obs = Observer(broker.port, topic=device_topic("pi-late", "#"))
     agent = AgentProcess(tmp_path, cfg).start()
     try:
         wait_for(lambda: [s for s in obs.on("pi-late/state") if s["online"]], 20, what="birth")
         assert agent.terminate() == 0
         fresh, stale = command("status", ttl_s=600), command("status", ttl_s=0.5)
-        obs.publish(f"{ROOT}/devices/pi-late/cmd/status", fresh)  # queued in the agent's session
-        obs.publish(f"{ROOT}/devices/pi-late/cmd/status", stale)
+        obs.publish(device_cmd_topic("pi-late", "status"), fresh)  # queued in the agent's session
+        obs.publish(device_cmd_topic("pi-late", "status"), stale)
         time.sleep(1.0)  # the stale one expires while the device is away
         agent.start()
         assert reply_for(obs, fresh["id"], "pi-late/cmd/status/response", 20)["ok"] is True
@@ -409,7 +413,7 @@ def test_a_command_sent_while_the_agent_was_down_is_answered_after_it_starts(bro
 def test_a_damaged_committed_model_leaves_the_agent_reachable_and_an_update_repairs_it(
         broker, artifact, tmp_path: Path) -> None:
     cfg = agent_config(tmp_path, broker.url, device_id="pi-dmg", model=artifact.dir, telemetry={"interval_s": 5})
-    obs = Observer(broker.port, topic=f"{ROOT}/devices/pi-dmg/#")
+    obs = Observer(broker.port, topic=device_topic("pi-dmg", "#"))
     agent = AgentProcess(tmp_path, cfg).start()
     try:
         wait_for(lambda: [s for s in obs.on("pi-dmg/state") if s["online"]], 20, what="birth")
@@ -427,7 +431,7 @@ def test_a_damaged_committed_model_leaves_the_agent_reachable_and_an_update_repa
         v2 = build_artifact(OTA_MODELS / "clf_a2.tflite", tmp_path / "v2", version="2",
                             probation={"inferences": 1, "seconds": 1})
         update = command("update", **v2.update_fields(rollout_id="r-repair"))
-        obs.publish(f"{ROOT}/devices/pi-dmg/cmd/update", update)
+        obs.publish(device_cmd_topic("pi-dmg", "update"), update)
         assert reply_for(obs, update["id"], "pi-dmg/cmd/update/response")["ok"] is True
         wait_for(lambda: (obs.on("pi-dmg/state")[-1]["model"] or {}).get("version") == "2", 30,
                  what=f"repaired by the update; log:\n{agent.log()[-1500:]}")

@@ -9,7 +9,7 @@ from pathlib import Path
 from agent.outbox import Outbox
 from edgefleet.testing.broker import MosquittoBroker, free_port
 from edgefleet.testing.waiting import wait_for
-from edgefleet.topics import ROOT
+from edgefleet.topics import device_topic, state_topic, telemetry_topic
 from tests.integration.service_support import AgentProcess, Observer, agent_config, broker_files_access
 
 
@@ -30,7 +30,7 @@ def test_broker_outage_of_10_s_leaves_no_gap_in_telemetry_seq(tmp_path: Path) ->
         tmp_path / "agent", broker.url, device_id="pi-out", telemetry={"interval_s": 0.25})).start()
     # The observer keeps a persistent session, so what the agent drains while the observer is
     # still reconnecting is queued for it by the broker (the fleet tool does the same).
-    obs = Observer(broker.port, topic=f"{ROOT}/devices/pi-out/telemetry", session=True, client_id="obs-outage")
+    obs = Observer(broker.port, topic=telemetry_topic("pi-out"), session=True, client_id="obs-outage")
     try:
         wait_for(lambda: len(seqs(obs, "pi-out")) >= 3, 20, what="telemetry before the outage")
         broker.stop()
@@ -71,7 +71,7 @@ def test_agent_killed_with_a_full_outbox_drains_it_in_order_after_restart(tmp_pa
     assert len(stored) == 20 and dropped_before > 0
     # Phase 2: broker up, agent restarted: the stored backlog arrives, oldest first.
     broker = MosquittoBroker(tmp_path / "broker", port=port).start()
-    obs = Observer(port, topic=f"{ROOT}/devices/pi-full/#")
+    obs = Observer(port, topic=device_topic("pi-full", "#"))
     agent = AgentProcess(tmp_path / "agent", {**cfg, "telemetry": {"interval_s": 5}}).start()
     try:
         wait_for(lambda: obs.on("pi-full/events") and Outbox(db).pending() == 0, 20, what="outbox emptied")
@@ -95,11 +95,11 @@ def test_backlog_drains_in_order_at_the_configured_rate(broker, tmp_path: Path) 
 
     box = Outbox(tmp_path / "o.sqlite")
     for i in range(60):
-        box.append(f"{ROOT}/devices/pi-rate/telemetry", {"i": i}, "telemetry")
-    obs = Observer(broker.port, topic=f"{ROOT}/devices/pi-rate/telemetry")
+        box.append(telemetry_topic("pi-rate"), {"i": i}, "telemetry")
+    obs = Observer(broker.port, topic=telemetry_topic("pi-rate"))
     fwd = Forwarder(box, max_inflight=5, drain_per_s=20.0)
     link = MqttLink(BrokerConfig(url=broker.url), "rate-test", password=None,
-                    will_topic=f"{ROOT}/devices/pi-rate/state", will_payload=b"{}", subscriptions=[],
+                    will_topic=state_topic("pi-rate"), will_payload=b"{}", subscriptions=[],
                     on_connected=fwd.notify, on_message=lambda m: None, on_published=fwd.on_published)
     fwd.attach(link)
     fwd.start()

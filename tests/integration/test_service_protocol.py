@@ -14,7 +14,7 @@ from agent.config import parse_config
 from agent.service import AgentService
 from edgefleet.testing.artifacts import build_artifact
 from edgefleet.testing.waiting import wait_for
-from edgefleet.topics import ROOT
+from edgefleet.topics import device_cmd_topic, device_topic
 from tests.integration.service_support import REPO, Observer, agent_config, command
 from tests.support.models import OTA_MODELS
 
@@ -80,7 +80,7 @@ def test_real_agent_payloads_match_the_documented_schemas(broker, tmp_path: Path
     cfg = agent_config(tmp_path, broker.url, device_id="pi-doc", model=art.dir, telemetry={"interval_s": 0.2},
                        source={"type": "directory", "path": str(tmp_path / "frames"), "poll_interval_s": 0.05},
                        sinks={"results_topic": True})
-    obs = Observer(broker.port, topic=f"{ROOT}/devices/pi-doc/#")
+    obs = Observer(broker.port, topic=device_topic("pi-doc", "#"))
     svc = AgentService(parse_config(cfg))
     svc.start()
     try:
@@ -90,10 +90,10 @@ def test_real_agent_payloads_match_the_documented_schemas(broker, tmp_path: Path
         (tmp_path / "frames" / ".f.npy").rename(tmp_path / "frames" / "f.npy")
         wait_for(lambda: obs.on("pi-doc/results"), 20, what="a result")
         status = command("status")
-        obs.publish(f"{ROOT}/devices/pi-doc/cmd/status", status)
+        obs.publish(device_cmd_topic("pi-doc", "status"), status)
         rollback = command("rollback", rollout_id="doc-rb")  # nothing older is kept: a failed OTA event
-        obs.publish(f"{ROOT}/devices/pi-doc/cmd/rollback", rollback)
-        obs.publish(f"{ROOT}/devices/pi-doc/cmd/status", b"{malformed")
+        obs.publish(device_cmd_topic("pi-doc", "rollback"), rollback)
+        obs.publish(device_cmd_topic("pi-doc", "status"), b"{malformed")
         wait_for(lambda: len(obs.on("cmd/status/response")) >= 2 and obs.on("cmd/rollback/response")
                  and [e for e in obs.on("pi-doc/events") if e["event"] == "ota"], 20, what="replies and events")
         assert not check(command("status"), s["command"])

@@ -15,7 +15,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edgefleet.testing.broker import MosquittoBroker, free_port
 from edgefleet.testing.waiting import wait_for
-from edgefleet.topics import ROOT
+from edgefleet.topics import all_devices
 from tests.integration.service_support import AgentProcess, Observer, agent_config, broker_files_access
 
 
@@ -73,7 +73,7 @@ def tls_broker(tmp_path_factory: pytest.TempPathFactory):
 
 def test_agent_connects_over_mutual_tls_and_refuses_a_broker_it_cannot_verify(tls_broker, tmp_path: Path) -> None:
     broker, tls_port, pki = tls_broker
-    obs = Observer(broker.port, topic=f"{ROOT}/devices/+/state")  # the plain loopback listener
+    obs = Observer(broker.port, topic=all_devices("state"))  # the plain loopback listener
     url = f"mqtts://127.0.0.1:{tls_port}"
     good = AgentProcess(tmp_path / "good", agent_config(
         tmp_path / "good", url, device_id="pi-tls",
