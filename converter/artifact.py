@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 
 from converter.data import SampleSet
-from converter.fidelity import SIGNATURE, classification_output, quantize_input
+from converter.fidelity import SIGNATURE, classification_output
 from converter.tflite_inspect import make_interpreter
 from edgefleet.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
-from edgefleet.errors import ArtifactError, ConfigError
+from edgefleet.errors import ConfigError
 from edgefleet.manifest import (
     MANIFEST_NAME,
     MODEL_NAME,
@@ -31,8 +31,10 @@ from edgefleet.manifest import (
     Manifest,
     Quantization,
     TensorSpec,
+    check_model_bytes,
     parse_manifest,
 )
+from edgefleet.quant import QuantParams, quantize, top1
 from edgefleet.signing import load_private_key, sign_manifest
 
 __all__ = [
@@ -90,8 +92,11 @@ def choose_golden(model: bytes, samples: SampleSet, reference: dict[str, np.ndar
                   candidate: dict[str, np.ndarray], count: int = 5) -> GoldenChoice:
     """Pick confident samples the candidate gets right (top-1 as float), one per class first.
 
-    ``atol`` is twice the worst error seen on them plus three output quantization steps: a device
-    runtime may round differently by a step or two, a broken model is far outside.
+    Inputs are the quantized tensor bytes; outputs are the candidate's own (``candidate``, from
+    :func:`converter.fidelity.run_model`, dequantized by :mod:`edgefleet.quant`), so a device with the
+    same runtime reproduces them bit for bit. ``atol`` is twice the worst int8-vs-float error seen
+    on them plus three output quantization steps: a device runtime may round differently by a step
+    or two, a broken model is far outside.
     """
     cls = classification_output(reference)
     n = len(samples)
@@ -99,14 +104,15 @@ def choose_golden(model: bytes, samples: SampleSet, reference: dict[str, np.ndar
         ref = reference[cls]
         top2 = np.sort(ref, axis=1)[:, -2:]
         margin = top2[:, 1] - top2[:, 0]
-        agree = ref.argmax(1) == candidate[cls].argmax(1)
+        ref_top = top1(ref)
+        agree = ref_top == top1(candidate[cls])
         order = [int(i) for i in np.argsort(-margin) if agree[i]]
         picked: list[int] = []
         seen: set[int] = set()
         for i in order:
-            if int(ref[i].argmax()) not in seen:
+            if int(ref_top[i]) not in seen:
                 picked.append(i)
-                seen.add(int(ref[i].argmax()))
+                seen.add(int(ref_top[i]))
             if len(picked) == count:
                 break
         for i in order:
@@ -117,16 +123,16 @@ def choose_golden(model: bytes, samples: SampleSet, reference: dict[str, np.ndar
     else:
         picked = list(range(min(count, n)))
     runner = make_interpreter(model).get_signature_runner(SIGNATURE)
-    in_details, out_details = runner.get_input_details(), runner.get_output_details()
-    step = max((float(d["quantization"][0]) for d in out_details.values()), default=0.0)
+    in_params = {k: QuantParams.from_detail(d) for k, d in runner.get_input_details().items()}
+    step = max((QuantParams.from_detail(d).scale for d in runner.get_output_details().values()), default=0.0)
     error = max((float(np.max(np.abs(reference[k][picked] - candidate[k][picked]))) for k in reference),
                 default=0.0) if picked else 0.0
     atol = float(f"{2 * error + 3 * step + 1e-6:.6g}")
     golden_samples = []
     for i in picked:
-        raw = {k: base64.b64encode(quantize_input(v, in_details[k]).tobytes()).decode("ascii")
+        raw = {k: base64.b64encode(quantize(v, in_params[k]).tobytes()).decode("ascii")
                for k, v in samples.sample(i).items()}
-        outs = {k: [float(x) for x in reference[k][i].ravel()] for k in reference}
+        outs = {k: [float(x) for x in candidate[k][i].ravel()] for k in candidate}
         golden_samples.append(GoldenSample(inputs=raw, outputs=outs))
     return GoldenChoice(Golden(atol=atol, require_top1=cls is not None, samples=golden_samples),
                         tuple(picked), error)
@@ -139,7 +145,7 @@ def baseline_stats(candidate: dict[str, np.ndarray]) -> Baseline:
     hist = conf = None
     if cls is not None:
         scores = candidate[cls]
-        counts = np.bincount(scores.argmax(1), minlength=scores.shape[1])
+        counts = np.bincount(top1(scores), minlength=scores.shape[1])
         hist = [float(c) for c in counts / counts.sum()]
         if float(scores.min()) >= -1e-3 and np.allclose(scores.sum(1), 1, atol=0.05):
             conf = float(scores.max(1).mean())
@@ -170,13 +176,13 @@ def write_artifact(stage: Path, out: Path, model: bytes, manifest: Manifest, rep
 
     Raises:
         ConfigError: the signing key cannot be read.
-        ArtifactError: the manifest does not validate against the schema (a converter bug).
+        ArtifactError: the manifest does not validate against the schema, or its size or sha256 do not
+            match ``model`` (a converter bug).
     """
     key = load_private_key(sign_key) if sign_key else None
     raw = manifest.to_json_dict()
     parse_manifest(raw, "generated manifest")  # what the agent will run, validated the same way
-    if raw["model"]["size"] != len(model):
-        raise ArtifactError("manifest size does not match the model bytes")
+    check_model_bytes(model, manifest.model, "generated model")  # the agent's own size + sha256 check
     stage.mkdir(parents=True)
     atomic_write_bytes(stage / MODEL_NAME, model)
     atomic_write_json(stage / MANIFEST_NAME, raw)

@@ -12,8 +12,10 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
+from converter.options import PRUNE_ALLOCATIONS, ConvertOptions
 from edgefleet.cli import run_main
 from edgefleet.errors import ConfigError
 
@@ -25,16 +27,6 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.3, got {text!r}") from exc
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="edge-convert", description="Convert a trained Keras/TensorFlow model into a checked "
                 "full-integer TFLite artifact for a device profile.")
@@ -43,12 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", help="samples: .npz (x or one array per input, optional y), .npy, or an image folder")
     p.add_argument("--eval", dest="eval_data", help="held-out samples for the fidelity check (default: 20%% of --calibration)")
     p.add_argument("--input-range", help="float range the model expects, e.g. 0,1 or -1,1 (images are scaled to it)")
-    p.add_argument("--prune-channels", type=_fraction, default=0.0, metavar="FRACTION",
+    p.add_argument("--prune-channels", type=float, default=0.0, metavar="FRACTION",
                    help="remove this fraction of the prunable filters (Keras models)")
-    p.add_argument("--prune-allocation", choices=("cost", "uniform", "width"), default="cost",
+    p.add_argument("--prune-allocation", choices=sorted(PRUNE_ALLOCATIONS), default="cost",
                    help="how the fraction is spread over layers: cost (default; more where a channel costs more "
                         "multiply-accumulates), uniform, or width")
-    p.add_argument("--sparsity", type=_fraction, default=0.0, metavar="FRACTION",
+    p.add_argument("--sparsity", type=float, default=0.0, metavar="FRACTION",
                    help="zero this fraction of each kernel's smallest weights (smaller compressed artifact)")
     p.add_argument("--finetune-epochs", type=int, default=3, metavar="N", help="distillation epochs after pruning")
     p.add_argument("--version", default="1", help="artifact version, dotted numbers (default 1)")
@@ -65,6 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _options(args: argparse.Namespace) -> ConvertOptions:
+    """The flags as validated options (fractions, version, name, ... are checked here, before TensorFlow)."""
+    from converter.data import parse_range
+
+    return ConvertOptions(version=args.version, name=args.name, input_range=parse_range(args.input_range),
+                          prune_channels=args.prune_channels, prune_allocation=args.prune_allocation,
+                          sparsity=args.sparsity, finetune_epochs=args.finetune_epochs,
+                          keep_tensor_names=args.keep_tensor_names,
+                          sign_key=Path(args.sign_key) if args.sign_key else None, progress=not args.quiet)
+
+
 def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.list_profiles:
@@ -76,19 +79,14 @@ def _main(argv: list[str]) -> int:
                                         ("--calibration", args.calibration), ("--out", args.out)) if not value]
     if missing:
         raise ConfigError(f"missing {', '.join(missing)} (see edge-convert --help)")
-    from converter.data import parse_range
     from edgefleet.profiles import load_profile
 
-    profile = load_profile(args.profile)  # fail on a bad profile before paying for TensorFlow
-    input_range = parse_range(args.input_range)
+    profile = load_profile(args.profile)  # fail on a bad profile or flag before paying for TensorFlow
+    options = _options(args)
     from converter.pipeline import convert
     from converter.report import summary
 
-    result = convert(args.model, profile, args.calibration, args.out, eval_data=args.eval_data,
-                     input_range=input_range, prune_channels=args.prune_channels,
-                     prune_allocation=args.prune_allocation, sparsity=args.sparsity,
-                     finetune_epochs=args.finetune_epochs, version=args.version, name=args.name,
-                     sign_key=args.sign_key, progress=not args.quiet, keep_tensor_names=args.keep_tensor_names)
+    result = convert(args.model, profile, args.calibration, args.out, options, eval_data=args.eval_data)
     info = summary(result.report)
     if args.json:
         print(json.dumps(info, indent=2))

@@ -1,7 +1,8 @@
 """Measure a quantized candidate against the float model on held-out samples.
 
 Both models run in the same host interpreter, one sample at a time with batch 1 exactly as on
-the device; inputs are quantized and outputs dequantized with the tensors' own parameters.
+the device; inputs are quantized and outputs dequantized with the tensors' own parameters, by
+:mod:`edgefleet.quant` (the formulas the agent runs).
 """
 
 from __future__ import annotations
@@ -16,51 +17,38 @@ import numpy as np
 from converter.data import SampleSet
 from converter.tflite_inspect import make_interpreter
 from edgefleet.profiles import Fidelity as FidelityTarget
+from edgefleet.quant import QuantParams, dequantize, quantize, top1
 
 __all__ = [
     "SIGNATURE",
     "Metrics",
     "classification_output",
     "compare",
+    "feed_interpreter",
     "host_latency_ms",
     "misses",
-    "quantize_input",
     "run_model",
 ]
 
 SIGNATURE = "serving_default"
 
 
-def quantize_input(x: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
-    """Float -> the tensor's dtype with its scale and zero point (identity for float tensors)."""
-    dtype = np.dtype(detail["dtype"])
-    if dtype.kind == "f":
-        return x.astype(dtype)
-    scale, zero = detail["quantization"]
-    info = np.iinfo(dtype)
-    q = np.round(x.astype(np.float64) / scale) + zero
-    return np.clip(q, info.min, info.max).astype(dtype)
-
-
-def _dequantize(y: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
-    if np.dtype(detail["dtype"]).kind == "f":
-        return y.astype(np.float32)
-    scale, zero = detail["quantization"]
-    return ((y.astype(np.int64) - zero) * scale).astype(np.float32)
-
-
 def run_model(model: bytes, samples: SampleSet, progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
-    """Outputs of ``model`` on every sample, dequantized to float, keyed by output name."""
+    """Outputs of ``model`` on every sample, dequantized to float, keyed by output name.
+
+    Inputs are quantized and outputs dequantized with :mod:`edgefleet.quant`, as the agent does, so
+    an output here is bit for bit what a device with the same runtime returns for the same sample.
+    """
     interp = make_interpreter(model)
     runner = interp.get_signature_runner(SIGNATURE)
-    in_details = runner.get_input_details()
-    out_details = runner.get_output_details()
-    results: dict[str, list[np.ndarray]] = {k: [] for k in out_details}
+    in_params = {k: QuantParams.from_detail(d) for k, d in runner.get_input_details().items()}
+    out_params = {k: QuantParams.from_detail(d) for k, d in runner.get_output_details().items()}
+    results: dict[str, list[np.ndarray]] = {k: [] for k in out_params}
     for i in range(len(samples)):
-        feed = {k: quantize_input(v, in_details[k]) for k, v in samples.sample(i).items()}
+        feed = {k: quantize(v, in_params[k]) for k, v in samples.sample(i).items()}
         out = runner(**feed)
         for k, v in out.items():
-            results[k].append(_dequantize(v, out_details[k])[0])
+            results[k].append(dequantize(v, out_params[k])[0])
         if progress:
             progress(1)
     return {k: np.stack(v) for k, v in results.items()}
@@ -91,7 +79,7 @@ def feed_interpreter(interp: Any, sample: dict[str, np.ndarray]) -> None:
     by_key = runner.get_input_details()
     for key in runner_inputs:
         detail = details[by_key[key]["name"]]
-        interp.set_tensor(detail["index"], quantize_input(sample[key], detail))
+        interp.set_tensor(detail["index"], quantize(sample[key], QuantParams.from_detail(detail)))
 
 
 @dataclass(frozen=True)
@@ -155,7 +143,7 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
     cls = classification_output(reference)
     agreement = float_acc = acc = None
     if cls is not None:
-        ref_top, cand_top = reference[cls].argmax(axis=1), candidate[cls].argmax(axis=1)
+        ref_top, cand_top = top1(reference[cls]), top1(candidate[cls])
         agreement = float(np.mean(ref_top == cand_top) * 100)
         if labels is not None:
             float_acc = float(np.mean(ref_top == labels) * 100)

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from converter._tf import keras
+from converter.options import PRUNE_ALLOCATIONS
 from edgefleet.errors import ConfigError, ConversionError
 
 __all__ = [
@@ -108,7 +109,7 @@ def _n_keep(total: int, fraction: float) -> int:
     return int(max(8, min(total, round(total * (1.0 - fraction) / 8) * 8)))
 
 
-ALLOCATIONS = ("uniform", "width", "cost")
+ALLOCATIONS = PRUNE_ALLOCATIONS  # one list, so --prune-allocation is checked before TensorFlow loads
 
 
 def _fractions(totals: Sequence[int], costs: Sequence[float], fraction: float, allocation: str,

@@ -31,6 +31,7 @@ from converter._tf import keras
 from converter.data import SampleSet
 from converter.fidelity import feed_interpreter, run_model
 from converter.tflite_inspect import make_interpreter
+from edgefleet.quant import first_output, top1
 
 VARIANTS = (("int8", {}), ("int8 + 30% channels pruned", {"prune_channels": 0.3}),
             ("int8 + 50% sparsity", {"sparsity": 0.5}))
@@ -112,8 +113,8 @@ def bench_model(label: str, model_path: Path, cal: Path, ev: Path, x_eval: np.nd
     results["float"]["size_with_names"] = len(convert_float(loaded.saved_model_dir, keep_names=True))
     name = loaded.inputs[0].name
     latency = _interleaved_latency(models, {name: x_eval[:1]}, latency_runs)
-    float_top1 = run_model(models["float"], SampleSet({name: x_eval}, y_eval, "eval"))
-    results["float"]["top1_pct"] = float(np.mean(next(iter(float_top1.values())).argmax(1) == y_eval) * 100)
+    float_outputs = run_model(models["float"], SampleSet({name: x_eval}, y_eval, "eval"))
+    results["float"]["top1_pct"] = float(np.mean(top1(first_output(float_outputs)) == y_eval) * 100)
     for key, value in latency.items():
         results[key]["host_latency_ms"] = value
     return results

@@ -2,11 +2,12 @@
 
 scikit-learn ships the 8x8 handwritten digits; a tiny CNN reaches ~95% on them in a few seconds
 on two cores, which is enough to exercise every step of the pipeline with real numbers.
+scikit-learn comes only with the dev extra, so this lives in ``scripts/`` and does not ship:
+tests import it as ``scripts.sample_models``, the scripts beside it as ``sample_models``.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,6 @@ import numpy as np
 __all__ = [
     "build_digits_cnn",
     "build_mobilenet_digits",
-    "digits_artifact",
     "digits_data",
     "train_digits_model",
     "write_samples",
@@ -97,30 +97,3 @@ def write_samples(path: Path, x: np.ndarray, y: np.ndarray | None = None) -> Pat
     arrays = {"x": x} if y is None else {"x": x, "y": y}
     np.savez(path, **arrays)
     return Path(path)
-
-
-@lru_cache(maxsize=4)
-def _trained_digits_file(epochs: int, seed: int) -> tuple[str, str, str]:
-    import tempfile
-
-    model, x, y = train_digits_model(epochs=epochs, seed=seed)
-    n = int(len(x) * 0.8)
-    folder = Path(tempfile.mkdtemp(prefix="edgefleet-digits-"))
-    model.save(folder / "digits.keras")
-    write_samples(folder / "calibration.npz", x[:n], y[:n])
-    write_samples(folder / "eval.npz", x[n:], y[n:])
-    return str(folder / "digits.keras"), str(folder / "calibration.npz"), str(folder / "eval.npz")
-
-
-def digits_artifact(out: Path, version: str = "1", profile: str = "x86-dev", sign_key: Path | None = None,
-                    name: str = "digits", epochs: int = 4, seed: int = 0) -> Any:
-    """A real, converted digits artifact in ``out`` (for agent/OTA/fleet tests and the demo).
-
-    The model is trained once per process and (epochs, seed); each call only converts (~2 s).
-    Returns the :class:`converter.ConvertResult`.
-    """
-    from converter.pipeline import convert
-
-    model, calibration, evaluation = _trained_digits_file(epochs, seed)
-    return convert(model, profile, calibration, out, eval_data=evaluation, version=version, name=name,
-                   sign_key=sign_key, latency_runs=10)

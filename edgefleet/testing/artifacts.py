@@ -2,7 +2,8 @@
 
 For tests of every part (OTA, service, fleet): the manifest's tensor specs are read from a real
 interpreter, and the golden samples are computed by running the model on seeded random inputs,
-so the artifact passes the agent's checks exactly like one made by ``edge-convert``.
+so the artifact passes the agent's checks exactly like one made by ``edge-convert`` (outputs are
+dequantized by :mod:`edgefleet.quant`, as the agent does).
 
     from edgefleet.testing.artifacts import build_artifact
     art = build_artifact(Path("clf_a.tflite"), tmp_path / "v1", version="1", key=private_key)
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from edgefleet.manifest import MANIFEST_NAME, MODEL_NAME, SIGNATURE_NAME, Manifest, parse_manifest
+from edgefleet.quant import QuantParams, dequantize
 from edgefleet.signing import sign_manifest
 
 __all__ = ["Artifact", "build_artifact", "copy_artifact", "interpreter_for"]
@@ -102,15 +104,6 @@ def _random_input(detail: dict[str, Any], rng: np.random.Generator) -> np.ndarra
     return rng.uniform(-1.0, 1.0, size=shape).astype(dtype)
 
 
-def _dequantize(detail: dict[str, Any], value: np.ndarray) -> np.ndarray:
-    q = detail.get("quantization_parameters") or {}
-    scales = np.atleast_1d(q.get("scales", []))
-    if value.dtype.kind in "iu" and scales.size == 1:
-        zero = int(np.atleast_1d(q.get("zero_points", [0]))[0])
-        return (value.astype(np.int64) - zero).astype(np.float32) * np.float32(scales[0])
-    return value.astype(np.float32)
-
-
 def build_artifact(model: Path | bytes, out_dir: Path, *, name: str = "clf", version: str = "1",
                    profile: str = "x86-dev", golden_samples: int = 4, atol: float = 0.05, seed: int = 0,
                    key: Any = None, new_contract: bool = False, probation: dict[str, Any] | None = None,
@@ -139,7 +132,7 @@ def build_artifact(model: Path | bytes, out_dir: Path, *, name: str = "clf", ver
         interp.invoke()
         outs = {}
         for d in outputs:
-            value = _dequantize(d, interp.get_tensor(d["index"]))
+            value = dequantize(interp.get_tensor(d["index"]), QuantParams.from_detail(d))
             if np.all(np.isfinite(value)):
                 outs[d["name"]] = [float(v) for v in value.ravel()]
         samples.append({"inputs": {k: base64.b64encode(v.tobytes()).decode("ascii") for k, v in feed.items()},

@@ -14,6 +14,7 @@ from converter.tflite_inspect import make_interpreter
 from edgefleet.errors import ConfigError, ModelError
 from edgefleet.manifest import load_manifest, sha256_file
 from edgefleet.profiles import profile_dir
+from edgefleet.quant import QuantParams, dequantize, top1
 from edgefleet.signing import load_public_key, verify_manifest
 
 
@@ -39,13 +40,27 @@ def test_golden_samples_replay_on_the_artifact_within_atol(digits_result) -> Non
     manifest, _, _ = load_manifest(digits_result.out_dir)
     assert 3 <= len(manifest.golden.samples) <= 8 and manifest.golden.atol > 0
     runner = make_interpreter((digits_result.out_dir / "model.tflite").read_bytes()).get_signature_runner()
-    detail = runner.get_output_details()["probs"]
-    scale, zero = detail["quantization"]
+    params = QuantParams.from_detail(runner.get_output_details()["probs"])
     for inputs, expected in manifest.golden_arrays():
-        got = (runner(**{k: v[None] if v.ndim == 3 else v for k, v in inputs.items()})["probs"].astype(np.int64)
-               - zero) * scale
+        got = dequantize(runner(**inputs)["probs"], params)
         assert np.max(np.abs(got.ravel() - expected["probs"])) <= manifest.golden.atol
-        assert got.argmax() == expected["probs"].argmax()
+        assert top1(got.ravel()) == top1(expected["probs"])
+
+
+def test_golden_outputs_are_bit_identical_to_what_the_agent_engine_returns(digits_result) -> None:
+    """One dequantizer (edgefleet.quant) on both sides: a device with this runtime reproduces the
+    golden outputs exactly, so any difference on a device is the device's, not a formula's."""
+    from agent import Engine
+
+    manifest, _, _ = load_manifest(digits_result.out_dir)
+    engine = Engine(digits_result.out_dir, profile="x86-dev", autotune=False)
+    try:
+        for inputs, expected in manifest.golden_arrays():
+            got = engine.infer(inputs)
+            assert got.dtype == np.float32 and expected["probs"].dtype == np.float32
+            np.testing.assert_array_equal(got.ravel(), expected["probs"])
+    finally:
+        engine.close()
 
 
 def test_report_has_float_vs_int8_table_recipes_and_host_labelled_latency(digits_result) -> None:

@@ -8,8 +8,9 @@ import pytest
 from converter.data import SampleSet
 from converter.fidelity import compare, run_model
 from converter.loading import load_model
-from converter.pipeline import _evaluate, _Sources
+from converter.progress import Bars
 from converter.quantize import Recipe, convert_float, quantize, sensitive_tensors
+from converter.search import Sources, evaluate
 from converter.tflite_inspect import inspect_tflite
 from edgefleet.profiles import load_profile
 
@@ -43,8 +44,8 @@ def test_float_fallback_of_sensitive_layers_is_listed_and_fails_full_integer_pro
     # the shipped model drops intermediate names, but a float tensor keeps its name for the report
     assert any(name.strip() for name in inspection.float_tensors)
     coral = load_profile("coral-usb")
-    sources = _Sources(loaded.saved_model_dir, None, (["image"], ["probs"]), cal, tmp_path, keep_names=False)
-    candidate = _evaluate(recipe, sources, cal, ev, ref, coral, _NoBars())
+    sources = Sources(loaded.saved_model_dir, None, (["image"], ["probs"]), cal, tmp_path, keep_names=False)
+    candidate = evaluate(recipe, sources, ev, ref, coral, Bars(enabled=False))
     assert not candidate.ok
     assert any("requires full integer; non-integer ops:" in m for m in candidate.misses)
 
@@ -70,14 +71,6 @@ def test_intermediate_tensor_names_are_dropped_without_changing_a_single_output(
     names = [t["name"] for t in interp.get_tensor_details()]
     io = {d["name"] for d in interp.get_input_details() + interp.get_output_details()}
     assert all(io) and {n for n in names if n} == io  # only the graph's inputs and outputs keep a name
-
-
-class _NoBars:
-    from contextlib import contextmanager
-
-    @contextmanager
-    def bar(self, desc, total):
-        yield None
 
 
 def test_edgetpu_check_puts_unsupported_op_and_everything_after_it_on_the_cpu(tmp_path) -> None:

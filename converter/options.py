@@ -1,0 +1,83 @@
+"""The conversion options, validated once when they are built (by the CLI or by ``convert(**options)``).
+
+Pure values: no file is opened here (the signing key is checked by :func:`converter.convert`), and
+nothing imports TensorFlow, so ``edge-convert`` rejects a bad flag before paying for it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgefleet.errors import ArtifactError, ConfigError
+from edgefleet.manifest import parse_version
+
+__all__ = ["PRUNE_ALLOCATIONS", "ConvertOptions"]
+
+PRUNE_ALLOCATIONS = ("uniform", "width", "cost")  # see converter.pruning._fractions
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _check_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise ConfigError(f"--name {name!r}: expected letters, digits, '.', '_' or '-' (at most 64)")
+    return name
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """How to convert; every field is checked in ``__post_init__``.
+
+    Raises:
+        ConfigError: a field is out of range (the message names the CLI flag).
+    """
+
+    version: str = "1"  # artifact version, dotted numbers ("3", "1.4.2")
+    name: str | None = None  # artifact name; None: from the model's file name
+    input_range: tuple[float, float] | None = None  # float (low, high) the model expects; images are scaled to it
+    prune_channels: float = 0.0  # fraction of the prunable channels removed, in [0, 1)
+    prune_allocation: str = "cost"  # how prune_channels is spread over layers: one of PRUNE_ALLOCATIONS
+    sparsity: float = 0.0  # fraction of the Conv2D/Dense weights set to zero, in [0, 1)
+    finetune_epochs: int = 3  # distillation epochs after pruning (0: none)
+    eval_fraction: float = 0.2  # fraction of the calibration samples held out when no eval data is given
+    latency_runs: int = 30  # timed invoke() calls per host latency figure in the report
+    keep_tensor_names: bool = False  # keep intermediate tensor names in model.tflite (bytes, for Netron)
+    sign_key: Path | None = None  # Ed25519 PEM private key file; None: unsigned
+    progress: bool = False  # tqdm bars on stderr
+
+    def __post_init__(self) -> None:
+        try:
+            parse_version(self.version)
+        except ArtifactError as exc:
+            raise ConfigError(f"--version {self.version!r}: expected dotted numbers such as 3 or 1.4.2") from exc
+        if self.name is not None:
+            _check_name(self.name)
+        for flag, value in (("--prune-channels", self.prune_channels), ("--sparsity", self.sparsity)):
+            if not 0 <= value < 1:
+                raise ConfigError(f"{flag} {value}: expected a fraction in [0, 1)")
+        if self.prune_allocation not in PRUNE_ALLOCATIONS:
+            raise ConfigError(f"--prune-allocation {self.prune_allocation!r}: expected one of "
+                              f"{', '.join(PRUNE_ALLOCATIONS)}")
+        if self.finetune_epochs < 0:
+            raise ConfigError(f"--finetune-epochs {self.finetune_epochs}: expected 0 or more")
+        if not 0 < self.eval_fraction < 1:
+            raise ConfigError(f"eval_fraction {self.eval_fraction}: expected a fraction in (0, 1)")
+        if self.latency_runs < 1:
+            raise ConfigError(f"latency_runs {self.latency_runs}: expected 1 or more")
+        if self.sign_key is not None and not isinstance(self.sign_key, Path):
+            object.__setattr__(self, "sign_key", Path(self.sign_key))
+
+    @property
+    def prunes(self) -> bool:
+        return self.prune_channels > 0 or self.sparsity > 0
+
+    def artifact_name(self, model: Path) -> str:
+        """``name``, else the model's file name made safe (checked the same way).
+
+        Raises:
+            ConfigError: the derived name is not a valid artifact name.
+        """
+        if self.name is not None:
+            return self.name
+        return _check_name(re.sub(r"[^A-Za-z0-9_.-]", "-", model.stem if model.suffix else model.name))
