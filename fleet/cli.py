@@ -22,6 +22,7 @@ from typing import Any
 
 from edgefleet.cli import run_main
 from edgefleet.errors import ConfigError
+from edgefleet.messages import ExecState, RolloutState
 
 __all__ = ["build_parser", "main"]
 
@@ -162,10 +163,11 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 def _progress_printer(stream: Any) -> Any:
     def show(rollout: Any, s: dict[str, int]) -> None:
-        parts = [f"{s.get('SUCCEEDED', 0)} succeeded"]
-        for key in ("FAILED", "REJECTED", "TIMED_OUT", "CANCELED", "IN_PROGRESS", "QUEUED"):
+        parts = [f"{s.get(ExecState.SUCCEEDED, 0)} succeeded"]
+        for key in (ExecState.FAILED, ExecState.REJECTED, ExecState.TIMED_OUT, ExecState.CANCELED,
+                    ExecState.IN_PROGRESS, ExecState.SENT, ExecState.QUEUED):
             if s.get(key):
-                parts.append(f"{s[key]} {key.lower().replace('_', ' ')}")
+                parts.append(f"{s[key]} {key.value.lower().replace('_', ' ')}")
         if s.get("rolled_back"):
             parts.append(f"{s['rolled_back']} rolled back")
         stream.write(f"{time.strftime('%H:%M:%S')} {rollout.id} wave {s['wave'] + 1}/{rollout.waves} "
@@ -180,14 +182,14 @@ def _summary(store: Any, rollout_id: str) -> dict[str, Any]:
     r = store.rollout(rollout_id)
     execs = store.executions(rollout_id)
     counts = summarize(execs)
-    return {"rollout_id": r.id, "kind": r.kind, "state": r.state, "reason": r.reason, "name": r.name,
+    return {"rollout_id": r.id, "kind": r.kind, "state": r.state.value, "reason": r.reason, "name": r.name,
             "version": r.version, "waves": r.waves, "current_wave": r.current_wave, "created": r.created,
             "updated": r.updated, "artifact_url": r.artifact_url, "policy": r.policy,
             "counts": {k: v for k, v in counts.items()},
-            "rolled_back": sum(1 for e in execs if e.rollback_state == "SUCCEEDED"),
-            "executions": [{"device_id": e.device_id, "wave": e.wave, "state": e.state, "ota_state": e.ota_state,
-                            "rollback": e.rollback_state, "reason": e.reason, "prev_version": e.prev_version}
-                           for e in execs]}
+            "rolled_back": sum(1 for e in execs if e.rollback_state is ExecState.SUCCEEDED),
+            "executions": [{"device_id": e.device_id, "wave": e.wave, "state": e.state.value,
+                            "ota_state": e.ota_state, "rollback": e.rollback_state and e.rollback_state.value,
+                            "reason": e.reason, "prev_version": e.prev_version} for e in execs]}
 
 
 def _print_final(summary: dict[str, Any], as_json: bool) -> None:
@@ -199,9 +201,10 @@ def _print_final(summary: dict[str, Any], as_json: bool) -> None:
         f"rollback to {summary['version'] or 'previous'}"
     print(f"rollout {summary['rollout_id']} ({what}): {summary['state']}"
           + (f" - {summary['reason']}" if summary["reason"] else ""))
-    print(f"  {c.get('SUCCEEDED', 0)} succeeded, {c['failures']} failed, {c.get('CANCELED', 0)} canceled, "
+    print(f"  {c.get(ExecState.SUCCEEDED, 0)} succeeded, {c['failures']} failed, {c.get(ExecState.CANCELED, 0)} canceled, "
           f"{summary['rolled_back']} rolled back, of {len(summary['executions'])} device(s)")
-    notable = [e for e in summary["executions"] if e["state"] not in ("SUCCEEDED", "CANCELED") or e["rollback"]]
+    notable = [e for e in summary["executions"]
+               if e["state"] not in (ExecState.SUCCEEDED, ExecState.CANCELED) or e["rollback"]]
     for e in notable[:LIST_MAX]:
         extra = f" rollback {e['rollback']}" if e["rollback"] else ""
         print(f"  {e['device_id']}: {e['state']}{extra}" + (f" ({e['reason']})" if e["reason"] else ""))
@@ -213,15 +216,24 @@ def _model_url(base: str, file: str) -> str:
     return base if base.endswith(".tflite") else base.rstrip("/") + "/" + file
 
 
-def _check_unchanged(model: Path, sha256: str | None) -> None:
-    """Raises ArtifactError if the model a resumed rollout serves is gone or was rebuilt since."""
-    from edgefleet.errors import ArtifactError
-    from edgefleet.manifest import sha256_file
+def _stored_model(rollout: Any) -> Path:
+    """The model a resumed rollout serves, checked against the manifest stored with the rollout.
 
+    Raises:
+        ArtifactError: the model is gone or was rebuilt since the rollout started.
+    """
+    from edgefleet.errors import ArtifactError
+    from edgefleet.manifest import check_model_file, parse_manifest
+
+    expected = parse_manifest(rollout.manifest or {}, f"rollout {rollout.id}").model
+    model = Path(rollout.artifact_dir or ".") / expected.file
     if not model.is_file():
         raise ArtifactError(f"{model}: missing; the rollout cannot serve its model (use --artifact-url?)")
-    if sha256_file(model) != sha256:
-        raise ArtifactError(f"{model}: changed since the rollout started (sha256 differs); refusing to serve it")
+    try:
+        check_model_file(model, expected)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{exc}: changed since the rollout started; refusing to serve it") from exc
+    return model
 
 
 def _serve_again(address: str, advertise: str | None) -> Any:
@@ -256,9 +268,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             execs = store.executions(rollout.id)
             broker = _broker(args, rollout.broker)
             if rollout.serve:
-                model = Path(rollout.artifact_dir or ".") / str((rollout.manifest or {}).get("model", {}).get(
-                    "file", "model.tflite"))
-                _check_unchanged(model, rollout.sha256)
+                model = _stored_model(rollout)
                 server = _serve_again(rollout.serve, args.advertise)
                 url = server.add(f"/{rollout.sha256}/model.tflite", model)
                 if url != rollout.artifact_url:
@@ -305,7 +315,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             final = runner.run()
             client.close(end_session=True)  # the rollout is over: nothing should queue for it
         _print_final(_summary(store, final.id), args.json)
-        return 0 if final.state == "SUCCEEDED" else EXIT_ROLLOUT_FAILED
+        return 0 if final.state is RolloutState.SUCCEEDED else EXIT_ROLLOUT_FAILED
     finally:
         if server:
             server.close()
@@ -350,10 +360,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"rollout {summary['rollout_id']} {summary['kind']} {summary['name'] or ''}@"
                   f"{summary['version'] or 'previous'}: {summary['state']}"
                   + (f" - {summary['reason']}" if summary["reason"] else ""))
-            print(f"  wave {summary['current_wave'] + 1}/{summary['waves']}, {c.get('SUCCEEDED', 0)} succeeded, "
+            print(f"  wave {summary['current_wave'] + 1}/{summary['waves']}, {c.get(ExecState.SUCCEEDED, 0)} succeeded, "
                   f"{c['failures']} failed, {summary['rolled_back']} rolled back")
             idle = time.time() - summary["updated"]
-            if summary["state"] in ("IN_PROGRESS", "ABORTING") and idle > STALE_S:
+            if not RolloutState(summary["state"]).terminal and idle > STALE_S:
                 print(f"  no progress recorded for {idle:.0f}s: if its deploy process is gone, continue it with "
                       f"`edge-fleet deploy --resume {summary['rollout_id']}`")
             header = ("DEVICE", "WAVE", "STATE", "OTA", "ROLLBACK", "REASON")
@@ -367,10 +377,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         listing = []
         for r in rollouts:
             counts = summarize(store.executions(r.id))
-            listing.append({"rollout_id": r.id, "kind": r.kind, "state": r.state, "name": r.name,
+            listing.append({"rollout_id": r.id, "kind": r.kind, "state": r.state.value, "name": r.name,
                             "version": r.version, "created": r.created, "devices": sum(
                                 v for k, v in counts.items() if k not in ("executed", "failures")),
-                            "succeeded": counts.get("SUCCEEDED", 0), "failures": counts["failures"],
+                            "succeeded": counts.get(ExecState.SUCCEEDED, 0), "failures": counts["failures"],
                             "reason": r.reason})
         if args.json:
             print(json.dumps(listing, indent=2))
@@ -414,7 +424,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
                 print(f"rollback {rollout.id} sent to {sent} device(s); use --wait to follow it")
                 return 0
         _print_final(_summary(store, final.id), args.json)
-        return 0 if final.state == "SUCCEEDED" else EXIT_ROLLOUT_FAILED
+        return 0 if final.state is RolloutState.SUCCEEDED else EXIT_ROLLOUT_FAILED
     finally:
         store.close()
 

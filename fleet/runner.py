@@ -1,8 +1,9 @@
-"""The I/O around the planner: check the artifact, create the rollout, send commands, fold answers in.
+"""The I/O around the planner: check the artifact, create the rollout, send commands, route answers.
 
-Order of every send: persist the command id (and the send time) first, then publish. After a
-crash, ``--resume`` re-sends the same id only to devices that never answered (devices drop a
-repeated id), and reads the retained states to credit devices that finished while we were down.
+Order of every send: persist the command id (the execution is SENT) first, then publish. After a
+crash, ``--resume`` re-sends the same id only to SENT devices (devices drop a repeated id), and
+reads the retained states to credit devices that finished while we were down. What an answer
+means is decided in :mod:`fleet.rollout`, for deploys and operator rollbacks alike.
 """
 
 from __future__ import annotations
@@ -17,13 +18,24 @@ from pathlib import Path
 from typing import Any
 
 from edgefleet.errors import ArtifactError, ConfigError, SignatureError
-from edgefleet.manifest import Manifest, load_manifest, sha256_file
-from edgefleet.messages import decode, make_command
+from edgefleet.manifest import Manifest, check_model_file, load_manifest
+from edgefleet.messages import ExecState, RolloutState, decode, make_command
 from edgefleet.mqtt import Message, MqttClient
 from edgefleet.signing import load_private_key, sign_manifest
 from edgefleet.topics import all_devices, device_cmd_topic, fleet_reply_topic, parse_device_topic
 from fleet.registry import Device
-from fleet.rollout import Policy, apply_event, apply_reply, decide, plan_waves, summarize, unanswered
+from fleet.rollout import (
+    Policy,
+    apply_event,
+    apply_reply,
+    apply_state,
+    decide,
+    mark_sent,
+    plan_waves,
+    summarize,
+    unanswered,
+    wave_command,
+)
 from fleet.store import Execution, Rollout, Store
 
 __all__ = [
@@ -70,15 +82,7 @@ def load_artifact(directory: Path | str, sign_key: Path | str | None = None, for
     if not manifest.deployable and not force:
         raise ArtifactError(f"{directory}: manifest says deployable: false (the converter's checks failed; "
                             "see report.md, or pass --force)")
-    model = directory / manifest.model.file
-    if not model.is_file():
-        raise ArtifactError(f"{directory}: {manifest.model.file} is missing")
-    size = model.stat().st_size
-    if size != manifest.model.size:
-        raise ArtifactError(f"{model}: {size} bytes, manifest says {manifest.model.size}")
-    digest = sha256_file(model)
-    if digest != manifest.model.sha256:
-        raise ArtifactError(f"{model}: sha256 {digest[:12]}..., manifest says {manifest.model.sha256[:12]}...")
+    check_model_file(directory / manifest.model.file, manifest.model)
     if sign_key is not None:
         signature = sign_manifest(raw, load_private_key(sign_key))
     return Artifact(directory, manifest, raw, signature)
@@ -124,9 +128,9 @@ def create_deploy(store: Store, artifact: Artifact, devices: Sequence[Device], p
             dev = by_id[did]
             e = Execution(rid, did, w, prev_version=dev.model_version, updated_ts=now)
             if not force and dev.model_sha256 == m.model.sha256 and dev.model_version == m.version:
-                e = replace(e, state="SUCCEEDED", reason="already running this version")
+                e = replace(e, state=ExecState.SUCCEEDED, reason="already running this version")
             execs.append(e)
-    rollout = Rollout(id=rid, kind="deploy", created=now, updated=now, state="IN_PROGRESS",
+    rollout = Rollout(id=rid, kind="deploy", created=now, updated=now, state=RolloutState.IN_PROGRESS,
                       policy=policy.to_json(), current_wave=0, waves=len(waves),
                       artifact_dir=str(artifact.directory.resolve()), name=m.name, version=m.version,
                       sha256=m.model.sha256, manifest=artifact.raw, signature=artifact.signature,
@@ -145,7 +149,7 @@ def create_rollback(store: Store, devices: Sequence[Device], to: str | None, bro
     policy = Policy(canary=0, wave_base=max(1, len(devices)), device_timeout_s=timeout_s,
                     max_failure_pct=0, min_executed=len(devices) + 1, rollback_on_abort=False)
     execs = [Execution(rid, d.device_id, 0, prev_version=d.model_version, updated_ts=now) for d in devices]
-    rollout = Rollout(id=rid, kind="rollback", created=now, updated=now, state="IN_PROGRESS",
+    rollout = Rollout(id=rid, kind="rollback", created=now, updated=now, state=RolloutState.IN_PROGRESS,
                       policy=policy.to_json(), current_wave=0, waves=1, version=to, broker=broker)
     store.save(rollout, execs, [(rid, None, "created", {"devices": len(execs), "to": to})], now=now)
     return rollout, execs
@@ -165,55 +169,43 @@ class RolloutRunner:
         self.tick_s = tick_s
         self.batch = batch
         self.reply_topic = fleet_reply_topic(client.client_id)
-        self._cmds: dict[str, tuple[str, str]] = {}
+        self._cmds: dict[str, tuple[str, str]] = {}  # command id -> (device, command)
         for e in executions:
-            self._cmds[command_id(rollout.id, e.device_id, "update")] = (e.device_id, "update")
-            self._cmds[command_id(rollout.id, e.device_id, "rollback")] = (e.device_id, "rollback")
+            for command in {wave_command(rollout.kind), "rollback"}:
+                self._cmds[command_id(rollout.id, e.device_id, command)] = (e.device_id, command)
         self._last_summary: dict[str, int] | None = None
         self.sent_updates = 0
         self.sent_rollbacks = 0
 
     # -- sending ----------------------------------------------------------------------------
-    def _update_payload(self, e: Execution) -> dict[str, Any]:
-        if self.rollout.kind == "rollback":
-            return self._rollback_payload(e, to=self.rollout.version)
-        cmd = make_command("update", ttl_s=self.policy.device_timeout_s, rollout_id=self.rollout.id,
-                           manifest=self.rollout.manifest, signature=self.rollout.signature,
-                           artifact_url=self.rollout.artifact_url)
-        cmd["id"] = command_id(self.rollout.id, e.device_id, "update")
-        return cmd
-
-    def _rollback_payload(self, e: Execution, to: str | None) -> dict[str, Any]:
-        cmd = make_command("rollback", ttl_s=self.policy.device_timeout_s, to=to, rollout_id=self.rollout.id)
-        cmd["id"] = command_id(self.rollout.id, e.device_id, "rollback")
+    def _payload(self, e: Execution, command: str, rollback: bool) -> dict[str, Any]:
+        if command == "rollback":  # an operator rollback's wave goes to --to; an abort's to the old version
+            cmd = make_command("rollback", ttl_s=self.policy.device_timeout_s, rollout_id=self.rollout.id,
+                               to=e.prev_version if rollback else self.rollout.version)
+        else:
+            cmd = make_command("update", ttl_s=self.policy.device_timeout_s, rollout_id=self.rollout.id,
+                               manifest=self.rollout.manifest, signature=self.rollout.signature,
+                               artifact_url=self.rollout.artifact_url)
+        cmd["id"] = command_id(self.rollout.id, e.device_id, command)
         return cmd
 
     def _send(self, ids: Sequence[str], rollback: bool, now: float) -> list[Execution]:
         """Persist ids and send times, then publish. Returns the changed executions (already saved)."""
         if not ids:
             return []
+        command = "rollback" if rollback else wave_command(self.rollout.kind)
         changed = []
         for did in ids:
-            e = self.execs[did]
-            if rollback:
-                e = replace(e, rollback_state="IN_PROGRESS",
-                            rollback_id=command_id(self.rollout.id, did, "rollback"), rollback_sent_ts=now)
-            else:
-                e = replace(e, command_id=command_id(self.rollout.id, did, "update"), sent_ts=now)
+            e = mark_sent(self.execs[did], command_id(self.rollout.id, did, command), now, rollback=rollback)
             self.execs[did] = e
             changed.append(e)
-        kind = "rollback" if rollback else "update"
-        self.store.save(None, changed, [(self.rollout.id, None, f"send_{kind}", {"devices": len(changed)})], now=now)
+        event = "send_rollback" if rollback else "send_update"
+        self.store.save(None, changed, [(self.rollout.id, None, event, {"devices": len(changed)})], now=now)
         infos = []
         for e in changed:
-            if rollback:
-                payload = self._rollback_payload(e, to=e.prev_version)
-                topic = device_cmd_topic(e.device_id, "rollback")
-            else:
-                payload = self._update_payload(e)
-                topic = device_cmd_topic(e.device_id, "rollback" if self.rollout.kind == "rollback" else "update")
-            infos.append(self.client.publish(topic, payload, response_topic=self.reply_topic,
-                                             correlation=payload["id"].encode()))
+            payload = self._payload(e, command, rollback)
+            infos.append(self.client.publish(device_cmd_topic(e.device_id, command), payload,
+                                             response_topic=self.reply_topic, correlation=payload["id"].encode()))
         self.client.flush(infos, timeout=max(10.0, len(infos) / 500))
         if rollback:
             self.sent_rollbacks += len(changed)
@@ -229,69 +221,29 @@ class RolloutRunner:
 
     # -- receiving --------------------------------------------------------------------------
     def _fold(self, msg: Message, now: float) -> Execution | None:
+        """Route one message to its execution and let the planner fold it in."""
         parsed = parse_device_topic(msg.topic)
-        if msg.topic == self.reply_topic or (parsed and parsed[1].endswith("/response")):
-            try:
-                reply = decode(msg.payload)
-            except (ValueError, UnicodeDecodeError):
-                return None
-            cid = (msg.correlation or b"").decode("utf-8", "replace") or str(reply.get("id", ""))
+        kind = self.rollout.kind
+        if msg.topic == self.reply_topic or (parsed is not None and parsed[1].endswith("/response")):
+            reply = _decode(msg.payload)
+            cid = (msg.correlation or b"").decode("utf-8", "replace") or str((reply or {}).get("id", ""))
             found = self._cmds.get(cid)
-            if not found:
+            if reply is None or found is None or found[0] not in self.execs:
                 return None
-            did, kind = found
-            e = self.execs.get(did)
-            if e is None:
-                return None
-            if self.rollout.kind == "rollback":
-                return self._fold_rollback_reply(e, reply, now)
-            return apply_reply(e, reply, kind, now)
-        if not parsed:
+            return apply_reply(self.execs[found[0]], reply, found[1], now, kind)
+        if parsed is None or parsed[0] not in self.execs:
             return None
-        did, kind = parsed
-        e = self.execs.get(did)
-        if e is None or not msg.payload:
+        e, topic_kind = self.execs[parsed[0]], parsed[1]
+        payload = _decode(msg.payload)
+        if payload is None:
             return None
-        try:
-            payload = decode(msg.payload)
-        except (ValueError, UnicodeDecodeError):
-            return None
-        if kind == "events":
+        if topic_kind == "events":
             if payload.get("event") != "ota" or payload.get("rollout_id") != self.rollout.id:
                 return None
-            if self.rollout.kind == "rollback":
-                return self._fold_rollback_event(e, payload, now)
-            return apply_event(e, payload, now)
-        if kind == "state" and self.rollout.kind == "deploy":
-            # credit a device that finished while nobody listened (resume after a crash)
-            model = payload.get("model") or {}
-            if (not e.terminal and e.command_id is not None and isinstance(model, dict)
-                    and model.get("sha256") == self.rollout.sha256 and model.get("version") == self.rollout.version):
-                return replace(e, state="SUCCEEDED", ota_state="committed", answered=True, updated_ts=now,
-                               reason="running the new version (from its retained state)")
+            return apply_event(e, payload, now, kind)
+        if topic_kind == "state":
+            return apply_state(e, payload, self.rollout, now)
         return None
-
-    @staticmethod
-    def _fold_rollback_reply(e: Execution, reply: dict[str, Any], now: float) -> Execution | None:
-        if e.terminal:
-            return None
-        if reply.get("ok"):
-            return None if e.answered else replace(e, answered=True, state="IN_PROGRESS", updated_ts=now)
-        return replace(e, answered=True, state="REJECTED", updated_ts=now,
-                       reason=f"command refused: {reply.get('error') or 'refused'}")
-
-    @staticmethod
-    def _fold_rollback_event(e: Execution, event: dict[str, Any], now: float) -> Execution | None:
-        if e.terminal or not event.get("rollback"):
-            return None
-        state = event.get("state")
-        if state == "committed":
-            return replace(e, state="SUCCEEDED", ota_state=state, answered=True, updated_ts=now,
-                           reason=f"now on {event.get('version')}")
-        if state in ("failed", "rejected", "rolled_back"):
-            return replace(e, state="FAILED", ota_state=state, answered=True, updated_ts=now,
-                           reason=str(event.get("reason") or state))
-        return replace(e, state="IN_PROGRESS", ota_state=str(state), answered=True, updated_ts=now)
 
     # -- the loop ---------------------------------------------------------------------------
     def start(self, clock: Callable[[], float] = time.time) -> int:
@@ -310,9 +262,9 @@ class RolloutRunner:
             for e in d.changed:
                 self.execs[e.device_id] = e
             history: list[tuple[str | None, str | None, str, dict[str, Any] | None]] = [
-                (self.rollout.id, e.device_id, e.state, {"reason": e.reason}) for e in d.changed]
+                (self.rollout.id, e.device_id, e.state.value, {"reason": e.reason}) for e in d.changed]
             if (d.state, d.current_wave) != (self.rollout.state, self.rollout.current_wave):
-                history.append((self.rollout.id, None, d.state, {"wave": d.current_wave, "reason": d.reason}))
+                history.append((self.rollout.id, None, d.state.value, {"wave": d.current_wave, "reason": d.reason}))
             self.rollout = replace(self.rollout, state=d.state, current_wave=d.current_wave, reason=d.reason,
                                    updated=now)
             self.store.save(self.rollout, d.changed, history, now=now)
@@ -347,8 +299,8 @@ class RolloutRunner:
             old = self.execs[new.device_id]
             self.execs[new.device_id] = changed[new.device_id] = new
             if new.state != old.state or new.rollback_state != old.rollback_state:
-                history.append((self.rollout.id, new.device_id,
-                                new.state if new.state != old.state else f"rollback_{new.rollback_state}",
+                event = new.state.value if new.state != old.state else f"rollback_{new.rollback_state}"
+                history.append((self.rollout.id, new.device_id, event,
                                 {"ota_state": new.ota_state, "reason": new.reason}))
             if new.terminal and not old.terminal and self._wave_done(new.wave):
                 break  # the planner can start the next wave now
@@ -365,12 +317,20 @@ class RolloutRunner:
         if self.progress is None:
             return
         summary = summarize(list(self.execs.values()))
-        summary["rolled_back"] = sum(1 for e in self.execs.values() if e.rollback_state == "SUCCEEDED")
+        summary["rolled_back"] = sum(1 for e in self.execs.values() if e.rollback_state is ExecState.SUCCEEDED)
         summary["wave"] = self.rollout.current_wave
         key = dict(summary, state=self.rollout.state)  # type: ignore[arg-type]
         if key != self._last_summary:
             self._last_summary = key
             self.progress(self.rollout, summary)
+
+
+def _decode(data: bytes) -> dict[str, Any] | None:
+    """A payload, or None for anything a device should not have sent (or a cleared retained state)."""
+    try:
+        return decode(data) if data else None
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 def resume_check(rollout: Rollout) -> None:

@@ -1,9 +1,13 @@
 """Rollouts, per-device executions and their history in SQLite (WAL), so a killed fleet tool resumes.
 
-The command id for each (rollout, device) is written here *before* the command is published:
-after a crash the same id is sent again (the device drops duplicates), and a device that already
-answered is never sent anything twice. One transaction per batch of changes keeps large fleets
-cheap to persist.
+The command id for each (rollout, device) is written here *before* the command is published (the
+execution becomes SENT): after a crash the same id is sent again to SENT devices (the device drops
+duplicates), and a device that answered (IN_PROGRESS or final) is never sent anything twice. One
+transaction per batch of changes keeps large fleets cheap to persist.
+
+States are :class:`~edgefleet.messages.ExecState` and :class:`~edgefleet.messages.RolloutState`.
+Stores written before SENT existed (a QUEUED row with a command id and an ``answered`` flag) are
+migrated in place when opened (schema version 1).
 
 Data dir: ``--data-dir``, else ``$EDGEFLEET_DATA``, else ``~/.local/share/edgefleet``.
 """
@@ -20,25 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from edgefleet.errors import ConfigError
+from edgefleet.messages import ExecState, RolloutState
 
 __all__ = [
-    "EXEC_FAILURES",
-    "EXEC_STATES",
-    "EXEC_TERMINAL",
-    "ROLLOUT_STATES",
-    "ROLLOUT_TERMINAL",
     "Execution",
     "Rollout",
     "Store",
     "default_data_dir",
 ]
 
-# Names follow AWS IoT Jobs so operators and dashboards need no translation.
-EXEC_STATES = ("QUEUED", "IN_PROGRESS", "SUCCEEDED", "FAILED", "REJECTED", "TIMED_OUT", "CANCELED")
-EXEC_TERMINAL = frozenset({"SUCCEEDED", "FAILED", "REJECTED", "TIMED_OUT", "CANCELED"})
-EXEC_FAILURES = frozenset({"FAILED", "REJECTED", "TIMED_OUT"})
-ROLLOUT_STATES = ("IN_PROGRESS", "ABORTING", "SUCCEEDED", "FAILED", "ABORTED")
-ROLLOUT_TERMINAL = frozenset({"SUCCEEDED", "FAILED", "ABORTED"})
+SCHEMA_VERSION = 1  # 1: SENT is a state; the ``answered`` column is gone
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS rollouts(
@@ -48,8 +43,7 @@ CREATE TABLE IF NOT EXISTS rollouts(
   current_wave INTEGER NOT NULL, waves INTEGER NOT NULL, broker TEXT);
 CREATE TABLE IF NOT EXISTS executions(
   rollout_id TEXT NOT NULL, device_id TEXT NOT NULL, wave INTEGER NOT NULL, state TEXT NOT NULL,
-  ota_state TEXT, command_id TEXT, sent_ts REAL, answered INTEGER NOT NULL DEFAULT 0,
-  updated_ts REAL, reason TEXT, prev_version TEXT,
+  ota_state TEXT, command_id TEXT, sent_ts REAL, updated_ts REAL, reason TEXT, prev_version TEXT,
   rollback_state TEXT, rollback_id TEXT, rollback_sent_ts REAL,
   PRIMARY KEY(rollout_id, device_id));
 CREATE TABLE IF NOT EXISTS history(
@@ -57,6 +51,10 @@ CREATE TABLE IF NOT EXISTS history(
   event TEXT NOT NULL, detail TEXT);
 CREATE INDEX IF NOT EXISTS history_rollout ON history(rollout_id, device_id);
 """
+
+# Before SENT: "sent, no answer" was QUEUED + command_id + answered = 0; "answered" was a flag.
+_MIGRATE_SENT = "UPDATE executions SET state='SENT' WHERE state='QUEUED' AND command_id IS NOT NULL AND answered=0"
+_MIGRATE_ANSWERED = "UPDATE executions SET state='IN_PROGRESS' WHERE state='QUEUED' AND answered<>0"
 
 
 def default_data_dir() -> Path:
@@ -66,26 +64,35 @@ def default_data_dir() -> Path:
 
 @dataclass(frozen=True)
 class Execution:
-    """One device's part in a rollout. ``answered``: the device replied or sent an event."""
+    """One device's part in a rollout; moves between states only in :mod:`fleet.rollout`.
+
+    ``rollback_state`` follows the rollback sent when the rollout aborts (None: never sent,
+    IN_PROGRESS, then SUCCEEDED, FAILED or TIMED_OUT).
+    """
 
     rollout_id: str
     device_id: str
     wave: int
-    state: str = "QUEUED"
+    state: ExecState = ExecState.QUEUED
     ota_state: str | None = None
     command_id: str | None = None
     sent_ts: float | None = None
-    answered: bool = False
     updated_ts: float | None = None
     reason: str | None = None
     prev_version: str | None = None
-    rollback_state: str | None = None
+    rollback_state: ExecState | None = None
     rollback_id: str | None = None
     rollback_sent_ts: float | None = None
 
+    def __post_init__(self) -> None:
+        # rows from SQLite and JSON carry the state as its string; keep the enum (ValueError if unknown)
+        object.__setattr__(self, "state", ExecState(self.state))
+        if self.rollback_state is not None:
+            object.__setattr__(self, "rollback_state", ExecState(self.rollback_state))
+
     @property
     def terminal(self) -> bool:
-        return self.state in EXEC_TERMINAL
+        return self.state.terminal
 
 
 @dataclass(frozen=True)
@@ -94,7 +101,7 @@ class Rollout:
     kind: str  # "deploy" or "rollback"
     created: float
     updated: float
-    state: str
+    state: RolloutState
     policy: dict[str, Any]
     current_wave: int
     waves: int
@@ -109,9 +116,12 @@ class Rollout:
     serve: str | None = None
     broker: str | None = None
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "state", RolloutState(self.state))
+
     @property
     def terminal(self) -> bool:
-        return self.state in ROLLOUT_TERMINAL
+        return self.state.terminal
 
 
 _EXEC_COLS = [f.name for f in fields(Execution)]
@@ -129,6 +139,7 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            self._migrate()
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"data dir {self.path.parent}: cannot open the fleet database ({exc})") from exc
 
@@ -139,6 +150,24 @@ class Store:
     def close(self) -> None:
         self._db.close()
 
+    def _version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate(self) -> None:
+        """Bring a store written by an older fleet tool to :data:`SCHEMA_VERSION`, in one transaction."""
+        if self._version() >= SCHEMA_VERSION:
+            return
+        with self._tx():
+            if self._version() >= SCHEMA_VERSION:
+                return  # another process migrated it meanwhile
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(executions)")}
+            if "answered" in columns:
+                self._db.execute(_MIGRATE_SENT)
+                self._db.execute(_MIGRATE_ANSWERED)
+                if sqlite3.sqlite_version_info >= (3, 35):  # older SQLite keeps the column; it has a default
+                    self._db.execute("ALTER TABLE executions DROP COLUMN answered")
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
     # -- writes -------------------------------------------------------------------------------
     def _upsert(self, table: str, cols: list[str], rows: Iterable[dict[str, Any]]) -> None:
         sql = f"INSERT OR REPLACE INTO {table}({','.join(cols)}) VALUES({','.join('?' * len(cols))})"
@@ -147,6 +176,7 @@ class Store:
     @staticmethod
     def _rollout_row(r: Rollout) -> dict[str, Any]:
         row = asdict(r)
+        row["state"] = r.state.value
         row["policy"] = json.dumps(r.policy)
         row["manifest"] = json.dumps(r.manifest) if r.manifest is not None else None
         return row
@@ -154,7 +184,8 @@ class Store:
     @staticmethod
     def _exec_row(e: Execution) -> dict[str, Any]:
         row = asdict(e)
-        row["answered"] = int(e.answered)
+        row["state"] = e.state.value
+        row["rollback_state"] = e.rollback_state.value if e.rollback_state is not None else None
         return row
 
     def save(self, rollout: Rollout | None = None, executions: Sequence[Execution] = (),
@@ -173,7 +204,8 @@ class Store:
             if history:
                 self._db.executemany(
                     "INSERT INTO history(ts, rollout_id, device_id, event, detail) VALUES(?,?,?,?,?)",
-                    ((now, r, d, ev, json.dumps(det) if det is not None else None) for r, d, ev, det in history))
+                    ((now, r, d, str(ev), json.dumps(det) if det is not None else None)
+                     for r, d, ev, det in history))
 
     def _tx(self) -> _Tx:
         return _Tx(self._db)
@@ -200,12 +232,7 @@ class Store:
         cur = self._db.execute(
             f"SELECT {','.join(_EXEC_COLS)} FROM executions WHERE rollout_id=? ORDER BY wave, device_id",
             (rollout_id,))
-        out = []
-        for row in cur.fetchall():
-            d = dict(zip(_EXEC_COLS, row))
-            d["answered"] = bool(d["answered"])
-            out.append(Execution(**d))
-        return out
+        return [Execution(**dict(zip(_EXEC_COLS, row))) for row in cur.fetchall()]
 
     def history(self, rollout_id: str, device_id: str | None = None) -> list[dict[str, Any]]:
         sql = "SELECT ts, rollout_id, device_id, event, detail FROM history WHERE rollout_id=?"

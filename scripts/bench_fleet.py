@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-
 from edgefleet.testing.broker import MosquittoBroker
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def timed(cmd: list[str], timeout: float = 600) -> dict[str, Any]:

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-
 from edgefleet.testing.broker import MosquittoBroker, free_port
+
+REPO = Path(__file__).resolve().parents[1]
 
 BIN = Path(sys.executable).parent
 DEVICES = ["demo-pi-1", "demo-pi-2", "demo-pi-3"]

@@ -2,8 +2,11 @@
 
 No model runs here: a simulated device publishes a retained ``state``, optional ``telemetry``,
 answers ``update`` / ``rollback`` / ``status`` / ``config`` commands (to the MQTT 5 Response Topic
-with Correlation Data, else ``.../cmd/{name}/response``), drops repeated command ids, and walks
-the OTA states as ``ota`` events. What an update ends in is configurable per target version:
+with Correlation Data, else ``.../cmd/{name}/response``) and walks the OTA states as ``ota``
+events. Each device decides about a command with the agent's own
+:class:`~edgefleet.commands.CommandProcessor` (parse, TTL, dedup by id, one reply per request), so
+simulated and real devices cannot drift apart there; only the rate limit is generous, because one
+process plays thousands of devices. What an update ends in is configurable per target version:
 
     commit    queued .. probation, committed (the device now runs the new version)
     reject    queued, downloading, verifying, rejected   (e.g. a bad golden check)
@@ -20,6 +23,7 @@ All devices share one MQTT connection, so unlike a real agent there is no per-de
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import heapq
 import itertools
@@ -35,31 +39,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgefleet.commands import CommandProcessor, CommandRejected, Handler
 from edgefleet.errors import ConfigError, EdgefleetError
-from edgefleet.messages import decode
+from edgefleet.messages import MAX_COMMAND_TTL_S, OtaState, decode
 from edgefleet.mqtt import Message, MqttClient, parse_broker_url
 from edgefleet.topics import (
-    ROOT,
+    all_devices,
     events_topic,
+    group_cmd_topic,
+    parse_cmd_topic,
     parse_device_topic,
     response_topic,
     state_topic,
     telemetry_topic,
 )
 
-__all__ = ["OUTCOMES", "Simulator", "main", "write_placeholder_artifact"]
+__all__ = ["OTA_STEPS", "OUTCOMES", "Simulator", "main", "write_placeholder_artifact"]
 
 OUTCOMES = ("commit", "reject", "fail", "rollback", "refuse", "silent")
-_STEPS = {
-    "commit": ("queued", "downloading", "verifying", "validating", "installing", "probation", "committed"),
-    "reject": ("queued", "downloading", "verifying", "rejected"),
-    "fail": ("queued", "downloading", "failed"),
-    "rollback": ("queued", "downloading", "verifying", "validating", "installing", "probation", "rolled_back"),
+_O = OtaState
+OTA_STEPS = {
+    "commit": (_O.QUEUED, _O.DOWNLOADING, _O.VERIFYING, _O.VALIDATING, _O.INSTALLING, _O.PROBATION, _O.COMMITTED),
+    "reject": (_O.QUEUED, _O.DOWNLOADING, _O.VERIFYING, _O.REJECTED),
+    "fail": (_O.QUEUED, _O.DOWNLOADING, _O.FAILED),
+    "rollback": (_O.QUEUED, _O.DOWNLOADING, _O.VERIFYING, _O.VALIDATING, _O.INSTALLING, _O.PROBATION,
+                 _O.ROLLED_BACK),
 }
-_REASONS = {"rejected": "golden outputs differ from the manifest (simulated)",
-            "failed": "download failed (simulated)",
-            "rolled_back": "probation: NaN outputs (simulated)"}
-_MAX_SEEN = 64
+_REASONS = {_O.REJECTED: "golden outputs differ from the manifest (simulated)",
+            _O.FAILED: "download failed (simulated)",
+            _O.ROLLED_BACK: "probation: NaN outputs (simulated)"}
+_REMEMBER = 64  # command ids each device remembers
+# One process plays thousands of devices, each of which sees a handful of commands per rollout:
+# the agent's limit (60/min, burst 10) would only make benchmarks measure the limiter.
+_RATE_PER_MIN = 60_000.0
+_BURST = 1_000
 
 
 @dataclass
@@ -69,7 +82,7 @@ class _Device:
     profile: str
     model: dict[str, Any] | None
     previous: list[dict[str, Any]] = field(default_factory=list)
-    seen: dict[str, dict[str, Any]] = field(default_factory=dict)  # command id -> reply
+    commands: CommandProcessor = field(init=False, repr=False)
     seq: int = 0
     busy: bool = False
 
@@ -103,10 +116,14 @@ class Simulator:
             model = {"name": model_name, "version": model_version, "sha256": hashlib.sha256(
                 f"{model_name}-{model_version}".encode()).hexdigest()}
         self.devices: dict[str, _Device] = {}
+        self._groups: dict[str, list[_Device]] = {}
         for i in range(count):
             g = group if groups <= 1 else f"{group}-{i % groups}"
             did = f"{prefix}-{i:05d}"
-            self.devices[did] = _Device(did, g, profile, dict(model) if model else None)
+            dev = self.devices[did] = _Device(did, g, profile, dict(model) if model else None)
+            dev.commands = CommandProcessor(did, self._handlers(dev), remember=_REMEMBER, rate_per_min=_RATE_PER_MIN,
+                                            burst=_BURST, max_ttl_s=MAX_COMMAND_TTL_S)
+            self._groups.setdefault(g, []).append(dev)
         self.commands_received = 0
         self.received: dict[str, list[tuple[str, str]]] = {}  # device -> [(command, id)] in arrival order
         self.downloads = 0
@@ -126,8 +143,7 @@ class Simulator:
         self._client.connect()
         births = [self._publish_state(dev, online=True) for dev in self.devices.values()]
         self._client.flush(births, timeout=max(30.0, len(births) / 200))
-        groups = sorted({d.group for d in self.devices.values()})
-        self._client.subscribe([f"{ROOT}/devices/+/cmd/+"] + [f"{ROOT}/groups/{g}/cmd/+" for g in groups])
+        self._client.subscribe([all_devices("cmd/+")] + [group_cmd_topic(g, "+") for g in sorted(self._groups)])
         for target in (self._dispatch_loop, self._timer_loop):
             t = threading.Thread(target=target, daemon=True, name=f"sim-{target.__name__}")
             t.start()
@@ -199,10 +215,7 @@ class Simulator:
             msg = self._inbox.get()
             if msg is None or self._stop.is_set():
                 return
-            try:
-                self._handle(msg)
-            except (ValueError, KeyError, TypeError, EdgefleetError):
-                continue  # a malformed command: a real device would log and ignore it
+            self._handle(msg)
 
     def _publish_state(self, dev: _Device, online: bool) -> Any:
         payload: dict[str, Any] = {"online": online, "device_id": dev.device_id, "group": dev.group,
@@ -233,101 +246,100 @@ class Simulator:
         if not self._stop.is_set():
             self._later(self.telemetry_interval, lambda: self._telemetry_tick(dev))
 
+    def _targets(self, topic: str) -> tuple[str | None, list[_Device]]:
+        """The command name and the devices a command topic addresses (one device or a group)."""
+        parsed = parse_device_topic(topic)
+        if parsed is not None:
+            dev = self.devices.get(parsed[0])
+            return (parse_cmd_topic(topic, dev.device_id, dev.group), [dev]) if dev else (None, [])
+        for members in self._groups.values():
+            name = parse_cmd_topic(topic, members[0].device_id, members[0].group)
+            if name is not None:
+                return name, members
+        return None, []
+
     def _handle(self, msg: Message) -> None:
-        parts = msg.topic.split("/")
-        name = parts[-1]
-        if parts[2] == "groups":
-            targets = [d for d in self.devices.values() if d.group == parts[3]]
-        else:
-            parsed = parse_device_topic(msg.topic)
-            dev = self.devices.get(parsed[0]) if parsed else None
-            targets = [dev] if dev else []
-        if not targets:
+        name, targets = self._targets(msg.topic)
+        if name is None:
             return
-        cmd = decode(msg.payload)
         for dev in targets:
-            self._command(dev, name, cmd, msg)
+            reply = self.handle_command(dev.device_id, name, msg.payload)
+            if reply is not None:
+                topic = msg.response_topic or response_topic(dev.device_id, name)
+                self._client.publish(topic, reply, correlation=msg.correlation)
 
-    def _reply(self, dev: _Device, name: str, reply: dict[str, Any], msg: Message) -> None:
-        topic = msg.response_topic or response_topic(dev.device_id, name)
-        self._client.publish(topic, reply, correlation=msg.correlation)
-
-    def _command(self, dev: _Device, name: str, cmd: dict[str, Any], msg: Message) -> None:
+    def handle_command(self, device_id: str, name: str, payload: bytes) -> dict[str, Any] | None:
+        """The reply one device sends to a command, or None when it is ``silent`` about it."""
+        dev = self.devices[device_id]
         self.commands_received += 1
-        cid = str(cmd.get("id", ""))
-        self.received.setdefault(dev.device_id, []).append((name, cid))
-        with self._lock:
-            seen = dev.seen.get(cid)
-        if seen is not None:  # a repeated id: answer the same, do nothing again
-            if seen:
-                self._reply(dev, name, seen, msg)
-            return
-        outcome = "commit"
-        if name == "update":
-            version = str((cmd.get("manifest") or {}).get("version"))
-            outcome = self.outcomes.get(version, self.outcomes["*"])
-            if self.outcome_for is not None:
-                outcome = self.outcome_for(dev.device_id, version) or outcome
-        if outcome == "silent":
-            with self._lock:
-                dev.seen[cid] = {}
-            return
-        reply: dict[str, Any] = {"id": cid, "ok": True, "device_id": dev.device_id, "result": {}}
-        if time.time() > float(cmd.get("ts", 0)) + float(cmd.get("ttl_s", 300)):
-            reply = {"id": cid, "ok": False, "device_id": dev.device_id, "error": "command expired (ttl_s)"}
-        elif outcome == "refuse":
-            reply = {"id": cid, "ok": False, "device_id": dev.device_id, "error": "refused (simulated)"}
-        elif name == "update":
-            reply = self._start_update(dev, cmd, outcome, reply)
-        elif name == "rollback":
-            reply = self._start_rollback(dev, cmd, reply)
-        elif name == "status":
-            reply["result"] = {"model": dev.model, "group": dev.group, "profile": dev.profile}
-        with self._lock:
-            if len(dev.seen) >= _MAX_SEEN:
-                dev.seen.pop(next(iter(dev.seen)))
-            dev.seen[cid] = reply
-        self._reply(dev, name, reply, msg)
+        try:
+            cmd: dict[str, Any] = decode(payload)
+        except (ValueError, UnicodeDecodeError):
+            cmd = {}  # the processor answers it as malformed
+        self.received.setdefault(device_id, []).append((name, str(cmd.get("id", ""))))
+        if name == "update" and self._outcome(dev, cmd) == "silent":
+            return None
+        return dev.commands.handle(name, payload)
 
-    def _start_update(self, dev: _Device, cmd: dict[str, Any], outcome: str, reply: dict[str, Any]) -> dict[str, Any]:
+    def _handlers(self, dev: _Device) -> dict[str, Handler]:
+        return {"status": functools.partial(self._cmd_status, dev), "update": functools.partial(self._cmd_update, dev),
+                "rollback": functools.partial(self._cmd_rollback, dev), "config": lambda cmd: {}}
+
+    def _outcome(self, dev: _Device, cmd: dict[str, Any]) -> str:
+        manifest = cmd.get("manifest")
+        version = str(manifest.get("version") if isinstance(manifest, dict) else None)
+        outcome = self.outcomes.get(version, self.outcomes["*"])
+        if self.outcome_for is not None:
+            outcome = self.outcome_for(dev.device_id, version) or outcome
+        return outcome
+
+    def _cmd_status(self, dev: _Device, cmd: dict[str, Any]) -> dict[str, Any]:
+        return {"model": dev.model, "group": dev.group, "profile": dev.profile}
+
+    def _cmd_update(self, dev: _Device, cmd: dict[str, Any]) -> dict[str, Any]:
+        outcome = self._outcome(dev, cmd)
+        if outcome == "refuse":
+            raise CommandRejected("refused (simulated)")
+        return self._start_update(dev, cmd, outcome)
+
+    def _start_update(self, dev: _Device, cmd: dict[str, Any], outcome: str) -> dict[str, Any]:
         manifest = cmd.get("manifest")
         if not isinstance(manifest, dict) or "version" not in manifest:
-            return {"id": reply["id"], "ok": False, "device_id": dev.device_id, "error": "update without a manifest"}
+            raise CommandRejected("update without a manifest")
         if dev.busy:
-            return {"id": reply["id"], "ok": False, "device_id": dev.device_id, "error": "another update is running"}
+            raise CommandRejected("another update is running")
         dev.busy = True
-        reply["result"] = {"accepted": True}
         rollout_id = cmd.get("rollout_id")
         version = str(manifest["version"])
-        steps = list(_STEPS[outcome])
+        steps = list(OTA_STEPS[outcome])
 
         def step(i: int) -> None:
             state = steps[i]
-            if state == "downloading" and self.download:
+            if state is _O.DOWNLOADING and self.download:
                 problem = self._download_and_verify(cmd)
                 if problem:
-                    self._event(dev, rollout_id=rollout_id, version=version, state="downloading")
-                    self._finish(dev, rollout_id, version, "rejected", problem)
+                    self._event(dev, rollout_id=rollout_id, version=version, state=state)
+                    self._finish(dev, rollout_id, version, _O.REJECTED, problem)
                     return
             if state in _REASONS:
                 self._finish(dev, rollout_id, version, state, _REASONS[state])
                 return
-            if state == "committed":
+            if state is _O.COMMITTED:
                 with self._lock:
                     if dev.model:
                         dev.previous.append(dev.model)
                     dev.model = {"name": manifest.get("name"), "version": version,
                                  "sha256": (manifest.get("model") or {}).get("sha256")}
                 self._publish_state(dev, online=True)
-                self._finish(dev, rollout_id, version, "committed", None)
+                self._finish(dev, rollout_id, version, state, None)
                 return
             self._event(dev, rollout_id=rollout_id, version=version, state=state)
             self._later(self.step_delay, lambda: step(i + 1))
 
         self._later(0.0, lambda: step(0))
-        return reply
+        return {"accepted": True}
 
-    def _finish(self, dev: _Device, rollout_id: Any, version: str, state: str, reason: str | None) -> None:
+    def _finish(self, dev: _Device, rollout_id: Any, version: str, state: OtaState, reason: str | None) -> None:
         fields: dict[str, Any] = {"rollout_id": rollout_id, "version": version, "state": state}
         if reason:
             fields["reason"] = reason
@@ -355,14 +367,13 @@ class Simulator:
             return "sha256 of the downloaded model does not match the manifest"
         return None
 
-    def _start_rollback(self, dev: _Device, cmd: dict[str, Any], reply: dict[str, Any]) -> dict[str, Any]:
+    def _cmd_rollback(self, dev: _Device, cmd: dict[str, Any]) -> dict[str, Any]:
         to = cmd.get("to")
         rollout_id = cmd.get("rollout_id")
         with self._lock:
             candidates = [m for m in reversed(dev.previous) if to is None or m.get("version") == to]
         if not candidates:
-            return {"id": reply["id"], "ok": False, "device_id": dev.device_id,
-                    "error": f"no kept version {to or '(previous)'} to roll back to"}
+            raise CommandRejected(f"no kept version {to or '(previous)'} to roll back to")
         target = candidates[0]
 
         def done() -> None:
@@ -372,12 +383,11 @@ class Simulator:
                 dev.previous.remove(target)
                 dev.model = target
             self._publish_state(dev, online=True)
-            self._event(dev, rollout_id=rollout_id, version=target["version"], state="committed", rollback=True)
+            self._event(dev, rollout_id=rollout_id, version=target["version"], state=_O.COMMITTED, rollback=True)
 
-        self._event(dev, rollout_id=rollout_id, version=target["version"], state="installing", rollback=True)
+        self._event(dev, rollout_id=rollout_id, version=target["version"], state=_O.INSTALLING, rollback=True)
         self._later(self.step_delay, done)
-        reply["result"] = {"to": target["version"]}
-        return reply
+        return {"to": target["version"]}
 
 
 def write_placeholder_artifact(directory: Path, version: str, name: str = "demo", deployable: bool = True,

@@ -7,6 +7,8 @@ from dataclasses import replace
 import pytest
 
 from edgefleet.errors import ConfigError
+from edgefleet.messages import ExecState
+from fleet import rollout
 from fleet.rollout import Policy, apply_event, apply_reply, decide, parse_canary, plan_waves, unanswered
 from fleet.store import Execution, Rollout, Store
 
@@ -27,7 +29,8 @@ def _set(execs: list[Execution], ids: list[str], **changes) -> list[Execution]:
 
 
 def _sent(execs, ids, at=T0):
-    return [replace(e, command_id=f"c-{e.device_id}", sent_ts=at) if e.device_id in ids else e for e in execs]
+    return [replace(e, state=ExecState.SENT, command_id=f"c-{e.device_id}", sent_ts=at) if e.device_id in ids else e
+            for e in execs]
 
 
 def test_waves_start_with_the_canary_and_grow_by_the_factor():
@@ -69,15 +72,15 @@ def test_first_decision_sends_only_the_canary():
 def test_next_wave_starts_only_when_the_canary_has_finished():
     execs = _sent(_execs([["a"], ["b", "c"]]), ["a"])
     assert decide(_rollout(2), execs, Policy(canary=1), T0 + 1).send_update == ()
-    execs = _set(execs, ["a"], state="SUCCEEDED", ota_state="committed", answered=True)
+    execs = _set(execs, ["a"], state="SUCCEEDED", ota_state="committed")
     d = decide(_rollout(2), execs, Policy(canary=1), T0 + 1)
     assert d.current_wave == 1 and d.send_update == ("b", "c")
 
 
 def test_any_canary_failure_aborts_and_cancels_the_unsent_waves():
     execs = _sent(_execs([["a", "b"], ["c", "d"]]), ["a", "b"])
-    execs = _set(execs, ["a"], state="SUCCEEDED", ota_state="committed", answered=True)
-    execs = _set(execs, ["b"], state="REJECTED", ota_state="rejected", answered=True, reason="golden")
+    execs = _set(execs, ["a"], state="SUCCEEDED", ota_state="committed")
+    execs = _set(execs, ["b"], state="REJECTED", ota_state="rejected", reason="golden")
     d = decide(_rollout(2), execs, Policy(canary=2, min_executed=10), T0 + 1)
     assert d.state == "ABORTING" and "canary" in d.reason
     assert {e.device_id: e.state for e in d.changed} == {"c": "CANCELED", "d": "CANCELED"}
@@ -87,13 +90,13 @@ def test_any_canary_failure_aborts_and_cancels_the_unsent_waves():
 def test_abort_waits_for_in_flight_devices_and_rolls_back_late_commits():
     pol = Policy(canary=0, wave_base=4, min_executed=2, max_failure_pct=25)
     execs = _sent(_execs([["a", "b", "c", "d"]]), ["a", "b", "c", "d"])
-    execs = _set(execs, ["a", "b"], state="FAILED", ota_state="failed", answered=True)
+    execs = _set(execs, ["a", "b"], state="FAILED", ota_state="failed")
     d = decide(_rollout(1), execs, pol, T0 + 1)
     assert d.state == "ABORTING" and "above --max-failure-pct 25" in d.reason
     aborting = replace(_rollout(1), state="ABORTING", reason=d.reason)
     assert decide(aborting, execs, pol, T0 + 2).state == "ABORTING"  # c, d still running
-    execs = _set(execs, ["c"], state="SUCCEEDED", ota_state="committed", answered=True)
-    execs = _set(execs, ["d"], state="REJECTED", ota_state="rejected", answered=True)
+    execs = _set(execs, ["c"], state="SUCCEEDED", ota_state="committed")
+    execs = _set(execs, ["d"], state="REJECTED", ota_state="rejected")
     d = decide(aborting, execs, pol, T0 + 3)
     assert d.send_rollback == ("c",) and d.state == "ABORTING"
     execs = _set(execs, ["c"], rollback_state="SUCCEEDED")
@@ -103,7 +106,7 @@ def test_abort_waits_for_in_flight_devices_and_rolls_back_late_commits():
 def test_no_rollback_on_abort_leaves_updated_devices_alone():
     pol = Policy(canary=1, rollback_on_abort=False)
     execs = _sent(_execs([["a"], ["b"]]), ["a"])
-    execs = _set(execs, ["a"], state="REJECTED", ota_state="rejected", answered=True)
+    execs = _set(execs, ["a"], state="REJECTED", ota_state="rejected")
     d = decide(_rollout(2), execs, pol, T0 + 1)
     assert d.send_rollback == () and d.state == "ABORTED"
 
@@ -111,10 +114,10 @@ def test_no_rollback_on_abort_leaves_updated_devices_alone():
 def test_failures_below_the_minimum_executed_do_not_abort():
     pol = Policy(canary=0, wave_base=10, min_executed=5, max_failure_pct=10)
     execs = _sent(_execs([[f"d{i}" for i in range(10)]]), [f"d{i}" for i in range(10)])
-    execs = _set(execs, ["d0"], state="FAILED", answered=True)
-    execs = _set(execs, ["d1", "d2"], state="SUCCEEDED", ota_state="committed", answered=True)
+    execs = _set(execs, ["d0"], state="FAILED")
+    execs = _set(execs, ["d1", "d2"], state="SUCCEEDED", ota_state="committed")
     assert decide(_rollout(1), execs, pol, T0 + 1).state == "IN_PROGRESS"
-    execs = _set(execs, ["d3", "d4"], state="SUCCEEDED", ota_state="committed", answered=True)
+    execs = _set(execs, ["d3", "d4"], state="SUCCEEDED", ota_state="committed")
     assert decide(_rollout(1), execs, pol, T0 + 1).state == "ABORTING"  # 1 of 5 = 20% > 10%
 
 
@@ -130,7 +133,7 @@ def test_silent_devices_time_out_and_count_as_failures():
 def test_all_waves_done_within_threshold_is_succeeded_otherwise_failed():
     pol = Policy(canary=0, wave_base=10, min_executed=100, max_failure_pct=10)
     ids = [f"d{i}" for i in range(10)]
-    execs = _set(_sent(_execs([ids]), ids), ids, state="SUCCEEDED", ota_state="committed", answered=True)
+    execs = _set(_sent(_execs([ids]), ids), ids, state="SUCCEEDED", ota_state="committed")
     assert decide(_rollout(1), _set(execs, ["d0"], state="FAILED"), pol, T0).state == "SUCCEEDED"
     assert decide(_rollout(1), _set(execs, ["d0", "d1"], state="FAILED"), pol, T0).state == "FAILED"
 
@@ -143,9 +146,9 @@ def test_devices_already_on_the_version_skip_their_wave():
 
 
 def test_events_map_to_aws_style_execution_states():
-    e = Execution("r1", "a", 0, command_id="c", sent_ts=T0)
+    e = Execution("r1", "a", 0, state=ExecState.SENT, command_id="c", sent_ts=T0)
     e1 = apply_event(e, {"event": "ota", "state": "downloading"}, T0 + 1)
-    assert e1.state == "IN_PROGRESS" and e1.answered
+    assert e1.state == "IN_PROGRESS"
     assert apply_event(e1, {"state": "committed"}, T0 + 2).state == "SUCCEEDED"
     assert apply_event(e1, {"state": "rejected", "reason": "sig"}, T0 + 2).state == "REJECTED"
     rb = apply_event(e1, {"state": "rolled_back", "reason": "NaN"}, T0 + 2)
@@ -156,17 +159,54 @@ def test_events_map_to_aws_style_execution_states():
 
 
 def test_a_refused_command_is_a_rejection_with_the_devices_reason():
-    e = Execution("r1", "a", 0, command_id="c", sent_ts=T0)
+    e = Execution("r1", "a", 0, state=ExecState.SENT, command_id="c", sent_ts=T0)
     r = apply_reply(e, {"id": "c", "ok": False, "error": "signature required"}, "update", T0 + 1)
     assert r.state == "REJECTED" and "signature required" in r.reason
     assert apply_reply(e, {"id": "c", "ok": True}, "update", T0 + 1).state == "IN_PROGRESS"
 
 
+def test_an_operator_rollback_counts_only_rollback_events_and_fails_any_way_back():
+    e = Execution("r1", "a", 0, state=ExecState.SENT, command_id="c", sent_ts=T0)
+    assert apply_event(e, {"state": "committed"}, T0 + 1, kind="rollback") is None, "not a rollback event"
+    going = apply_event(e, {"state": "installing", "rollback": True}, T0 + 1, kind="rollback")
+    assert going.state == "IN_PROGRESS" and going.ota_state == "installing"
+    done = apply_event(going, {"state": "committed", "rollback": True, "version": "1"}, T0 + 2, kind="rollback")
+    assert done.state == "SUCCEEDED" and done.reason == "now on 1"
+    refused = apply_event(going, {"state": "rejected", "rollback": True}, T0 + 2, kind="rollback")
+    assert refused.state == "FAILED" and refused.reason == "rejected"
+    reply = apply_reply(e, {"ok": False, "error": "no kept version 0.5"}, "rollback", T0 + 1, kind="rollback")
+    assert reply.state == "REJECTED" and "no kept version 0.5" in reply.reason
+
+
+def test_a_deploys_rollback_answers_fold_into_the_rollback_state_only():
+    e = rollout.mark_sent(Execution("r1", "a", 0, state=ExecState.SUCCEEDED, ota_state="committed"), "rb", T0,
+                  rollback=True)
+    assert (e.state, e.rollback_state, e.rollback_id) == ("SUCCEEDED", "IN_PROGRESS", "rb")
+    assert apply_event(e, {"state": "committed", "rollback": True}, T0 + 1).rollback_state == "SUCCEEDED"
+    refused = apply_reply(e, {"ok": False, "error": "busy"}, "rollback", T0 + 1)
+    assert refused.state == "SUCCEEDED" and refused.rollback_state == "FAILED" and "busy" in refused.reason
+
+
+def test_answers_for_a_device_never_sent_anything_change_nothing():
+    e = Execution("r1", "a", 1)
+    target = _rollout(2)
+    assert apply_event(e, {"state": "downloading"}, T0) is None
+    assert apply_reply(e, {"ok": True}, "update", T0) is None
+    assert rollout.apply_state(e, {"model": {"version": "2", "sha256": "ab" * 32}}, target, T0) is None
+    sent = rollout.mark_sent(e, "c", T0)
+    assert rollout.apply_state(sent, {"model": {"version": "2", "sha256": "ab" * 32}}, target, T0).state == "SUCCEEDED"
+
+
+def test_an_illegal_move_is_a_bug_and_raises():
+    with pytest.raises(RuntimeError, match="SUCCEEDED -> SENT"):
+        rollout.mark_sent(Execution("r1", "a", 0, state=ExecState.SUCCEEDED), "c", T0)
+
+
 def test_resume_resends_only_to_devices_that_never_answered():
     execs = _execs([["a", "b", "c", "d"]])
     execs = _sent(execs, ["a", "b", "c"])
-    execs = _set(execs, ["a"], answered=True, state="IN_PROGRESS")
-    execs = _set(execs, ["b"], answered=True, state="SUCCEEDED")
+    execs = _set(execs, ["a"], state="IN_PROGRESS")
+    execs = _set(execs, ["b"], state="SUCCEEDED")
     updates, rollbacks = unanswered(execs)
     assert updates == ["c"], "a and b answered; d was never sent (its wave decides that)"
     assert rollbacks == []
