@@ -1,8 +1,9 @@
 """Telemetry: what the device did in the last window, how the machine is, and output drift.
 
 The inference path only calls :meth:`Metrics.record` (one ``deque.append`` of a tuple and one
-counter step, no lock: both are atomic under the GIL). The telemetry thread swaps the window out
-and does all the arithmetic, including the top-1 of each output. System figures come from psutil; the temperature from ``/sys/class/thermal``
+counter step, no lock: both are atomic under the GIL). The telemetry thread and the ``/metrics``
+scrape swap the samples out and do all the arithmetic (percentiles, the latency histogram, the
+top-1 of each output), so a histogram costs the hot path nothing. System figures come from psutil; the temperature from ``/sys/class/thermal``
 when the board has a sensor, else ``null``.
 
 Drift compares the recent top-1 class histogram and mean confidence with the ``baseline`` the
@@ -16,10 +17,11 @@ import collections
 import itertools
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -27,6 +29,9 @@ from edgefleet.manifest import Baseline
 from edgefleet.quant import first_output, top1
 
 __all__ = [
+    "LATENCY_BUCKETS_S",
+    "HistogramSnapshot",
+    "LatencyHistogram",
     "Metrics",
     "SystemStats",
     "WindowStats",
@@ -36,6 +41,8 @@ __all__ = [
 ]
 
 THERMAL_ROOT = Path("/sys/class/thermal")
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
+"""Upper bounds of the latency histogram, seconds: an Edge TPU call (~0.5 ms) to a slow CPU model (2 s)."""
 
 
 def summarize_output(output: Any) -> tuple[int | None, float | None]:
@@ -64,6 +71,38 @@ class WindowStats:
                 "latency_ms": {"p50": self.p50_ms, "p95": self.p95_ms, "p99": self.p99_ms}}
 
 
+class HistogramSnapshot(NamedTuple):
+    buckets: tuple[tuple[float, int], ...]
+    """(upper bound in seconds, cumulative count), ascending, without +Inf."""
+    count: int
+    sum_s: float
+
+
+class LatencyHistogram:
+    """Cumulative latency buckets in seconds, filled in bulk (one ``searchsorted`` per drain).
+
+    Not thread-safe on its own: :class:`Metrics` feeds it under its drain lock.
+    """
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS_S) -> None:
+        self.bounds = tuple(bounds)
+        self._edges = np.asarray(self.bounds, dtype=np.float64)
+        self._counts = np.zeros(len(self.bounds) + 1, dtype=np.int64)  # the last one is above every bound
+        self._sum = 0.0
+
+    def observe(self, samples_s: np.ndarray) -> None:
+        if samples_s.size:
+            # side="left": a sample equal to a bound falls in that bucket (Prometheus' le is <=)
+            index = np.searchsorted(self._edges, samples_s, side="left")
+            self._counts += np.bincount(index, minlength=len(self._counts))
+            self._sum += float(samples_s.sum())
+
+    def snapshot(self) -> HistogramSnapshot:
+        cumulative = np.cumsum(self._counts)
+        return HistogramSnapshot(tuple(zip(self.bounds, (int(c) for c in cumulative[:-1]))), int(cumulative[-1]),
+                                 self._sum)
+
+
 class Metrics:
     """Per-window counts and latency percentiles, plus a bounded sample of outputs for drift.
 
@@ -72,7 +111,10 @@ class Metrics:
     every model swap (the engines' own counters start again with each model).
 
     Hot path (:meth:`record`): two ``deque.append`` and one counter step, no lock (each is
-    atomic under the GIL). Latencies keep at most ``max_window`` per window for the percentiles;
+    atomic under the GIL). Whoever reads next -- the telemetry thread or a scrape -- drains the
+    latencies into the cumulative :class:`LatencyHistogram` (one observation per engine call,
+    a batch being one call) and keeps them for the window's percentiles; the two readers share
+    a lock the hot path never takes. Latencies keep at most ``max_window`` per window;
     only the last ``drift_per_window`` outputs of a window are summarized for drift, so a window
     of 20 000 inferences costs the telemetry thread about as much as one of 200. The inference
     count itself is exact.
@@ -89,6 +131,9 @@ class Metrics:
         self._calls_seen = 0
         self._errors_seen = 0
         self._started = time.monotonic()
+        self._drain_lock = threading.Lock()
+        self._window_latencies: list[np.ndarray] = []
+        self.histogram = LatencyHistogram()
         self.last_window: WindowStats | None = None
         """The window :meth:`take_window` closed last (what the last telemetry message carried)."""
 
@@ -116,10 +161,30 @@ class Metrics:
             self._latencies.append(latency_s)
             self._outputs.append(output)
 
+    def _drain(self) -> None:
+        """Move the new latency samples into the histogram and the open window (drain lock held)."""
+        latencies, self._latencies = self._latencies, collections.deque(maxlen=self._max_window)
+        if not latencies:
+            return
+        arr = np.fromiter(latencies, dtype=np.float64, count=len(latencies))
+        self.histogram.observe(arr)
+        self._window_latencies.append(arr)
+        if sum(a.size for a in self._window_latencies) > self._max_window:
+            self._window_latencies = [np.concatenate(self._window_latencies)[-self._max_window:]]
+
+    def latency_histogram(self) -> HistogramSnapshot:
+        """The latency histogram since start, up to this moment (any thread; a scrape)."""
+        with self._drain_lock:
+            self._drain()
+            return self.histogram.snapshot()
+
     def take_window(self, now: float | None = None) -> WindowStats:
         """Close the current window and summarize it (telemetry thread only)."""
         now = time.monotonic() if now is None else now
-        latencies, self._latencies = self._latencies, collections.deque(maxlen=self._max_window)
+        with self._drain_lock:
+            self._drain()
+            chunks, self._window_latencies = self._window_latencies, []
+        latencies = np.concatenate(chunks) if chunks else np.empty(0)
         outputs, self._outputs = self._outputs, collections.deque(maxlen=self._drift_per_window)
         calls, errors = _peek(self._calls), _peek(self._errors)
         count, n_errors = calls - self._calls_seen, errors - self._errors_seen
@@ -131,9 +196,8 @@ class Metrics:
                 top1, conf = summarize_output(output)
                 if top1 is not None and conf is not None:
                     self._recent.append((top1, conf))
-        if latencies:
-            arr = np.fromiter(latencies, dtype=np.float64, count=len(latencies))
-            p50, p95, p99 = (round(float(v) * 1000.0, 3) for v in np.percentile(arr, [50, 95, 99]))
+        if latencies.size:
+            p50, p95, p99 = (round(float(v) * 1000.0, 3) for v in np.percentile(latencies, [50, 95, 99]))
         else:
             p50 = p95 = p99 = None
         self.last_window = WindowStats(span, count, n_errors, count / span, p50, p95, p99)
@@ -199,14 +263,21 @@ class SystemStats:
         self.disk_path = Path(disk_path)
         self.thermal_root = thermal_root
 
-    def sample(self) -> dict[str, Any]:
+    def disk_free_bytes(self) -> int | None:
         try:
-            disk_free = round(shutil.disk_usage(self.disk_path).free / 2**20, 1)
+            return int(shutil.disk_usage(self.disk_path).free)
         except OSError:
-            disk_free = None
+            return None
+
+    def temperature_c(self) -> float | None:
+        return read_temperature_c(self.thermal_root)
+
+    def sample(self) -> dict[str, Any]:
+        """The telemetry figures. Telemetry thread only: ``cpu_percent`` is since the previous call."""
+        disk_free = self.disk_free_bytes()
         return {
             "cpu_percent": round(float(self._proc.cpu_percent(None)), 1),
             "rss_mb": round(self._proc.memory_info().rss / 2**20, 1),
-            "temp_c": read_temperature_c(self.thermal_root),
-            "disk_free_mb": disk_free,
+            "temp_c": self.temperature_c(),
+            "disk_free_mb": round(disk_free / 2**20, 1) if disk_free is not None else None,
         }

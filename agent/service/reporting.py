@@ -4,20 +4,29 @@ Telemetry and ``/metrics`` read the same :class:`~agent.telemetry.Metrics` (the 
 of what it served, which outlives model swaps); only the cache figures come from the active
 engine, because they belong to that model. Built on the caller's thread from a snapshot; nothing
 here touches the inference path.
+
+``/metrics`` follows Prometheus' conventions (prometheus_client renders it): base units
+(seconds, bytes), ``_total`` counters, latency as a histogram, and what identifies the device
+and the model in two ``*_info`` series instead of labels on every metric, so an OTA update does
+not start new series. A fresh registry per scrape reads the service and holds no state.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
-from agent.http import prometheus_lines
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from agent.http import serving_version
 from edgefleet import __version__
 
 if TYPE_CHECKING:
     from agent.service.core import AgentService
 
-__all__ = ["cache_summary", "metrics_text", "state_payload", "telemetry_payload"]
+__all__ = ["cache_summary", "metric_families", "metrics_text", "state_payload", "telemetry_payload"]
 
 _CACHE_KEYS = ("enabled", "hit_rate", "exact_hits", "near_hits", "misses", "disagreement_rate", "threshold",
                "reason")
@@ -55,35 +64,94 @@ def telemetry_payload(svc: AgentService) -> dict[str, Any]:
         **svc.system.sample(),
         "model": svc.model_info(),
         "drift": svc.metrics.drift(manifest.baseline if manifest is not None else None),
+        "health": svc.health(),
         "outbox": {"pending": svc.outbox.pending(), "dropped": svc.outbox.dropped() + svc.emit_dropped},
     }
 
 
-def metrics_text(svc: AgentService) -> str:
-    """The ``/metrics`` page: counters since start, latency of the last telemetry window."""
-    m = svc.metrics
-    window = m.last_window
-    info = svc.model_info() or {}
-    labels = f'{{device_id="{svc.cfg.device_id}",model="{info.get("name", "")}",' \
-             f'version="{info.get("version", "")}"}}'
+def _gauge(name: str, doc: str, value: float | None, labels: dict[str, str] | None = None) -> Metric | None:
+    if value is None or math.isnan(value):  # absent or NaN: leave the series out
+        return None
+    family = GaugeMetricFamily(name, doc, labels=list(labels or {}))
+    family.add_metric(list((labels or {}).values()), float(value))
+    return family
+
+
+def _counter(name: str, doc: str, value: float | None) -> Metric | None:
+    return CounterMetricFamily(name, doc, value=float(value)) if value is not None else None
+
+
+def _latency_families(svc: AgentService) -> list[Metric | None]:
+    hist = svc.metrics.latency_histogram()
+    latency = HistogramMetricFamily(
+        "edgefleet_inference_duration_seconds", "Engine time per inference call (a batch is one call)",
+        buckets=[*((repr(le), n) for le, n in hist.buckets), ("+Inf", hist.count)], sum_value=hist.sum_s)
+    window = svc.metrics.last_window
+    percentiles = [(p, getattr(window, f"p{p}_ms") if window is not None else None) for p in (50, 95, 99)]
+    return [latency, *(_gauge(f"edgefleet_window_latency_p{p}_seconds",
+                              f"{p}th percentile latency of the last telemetry window (what MQTT carried)",
+                              ms / 1000.0 if ms is not None else None) for p, ms in percentiles)]
+
+
+def metric_families(svc: AgentService) -> list[Metric]:
+    """Every ``edgefleet_*`` family, read now from the service (the same Metrics as telemetry)."""
+    m, cfg = svc.metrics, svc.cfg
+    info = svc.model_info()
+    manifest = svc.host.manifest if svc.host is not None else None
+    drift = m.drift(manifest.baseline if manifest is not None else None)
     cache = _engine_stats(svc).get("cache") or {}
-    outbox, link = svc.outbox, svc.link
-    return prometheus_lines({
-        "edgefleet_inferences_total": ("counter", "Inferences served since start (across model swaps)",
-                                       m.total_inferences),
-        "edgefleet_inference_errors_total": ("counter", "Failed inferences", m.total_errors),
-        "edgefleet_latency_p50_ms": ("gauge", "Median latency in the last telemetry window, ms",
-                                     window.p50_ms if window else None),
-        "edgefleet_latency_p95_ms": ("gauge", "95th percentile latency in the last telemetry window, ms",
-                                     window.p95_ms if window else None),
-        "edgefleet_latency_p99_ms": ("gauge", "99th percentile latency in the last telemetry window, ms",
-                                     window.p99_ms if window else None),
-        "edgefleet_cache_hit_rate": ("gauge", "Cache hit rate of the active model, 0..1", cache.get("hit_rate")),
-        "edgefleet_outbox_pending": ("gauge", "Messages waiting for the broker",
-                                     outbox.pending() if outbox else None),
-        "edgefleet_outbox_dropped_total": ("counter", "Messages dropped because the outbox was full",
-                                           outbox.dropped() if outbox else None),
-        "edgefleet_mqtt_connected": ("gauge", "1 when connected to the broker",
-                                     1 if link is not None and link.connected else 0),
-        "edgefleet_boot": ("gauge", "Boot counter", svc.boot),
-    }, labels)
+    outbox, link, system, http = svc.outbox, svc.link, getattr(svc, "system", None), svc.http
+    families: list[Metric | None] = [
+        _gauge("edgefleet_agent_info", "This agent (value 1)", 1, {
+            "device_id": cfg.device_id, "group": cfg.group, "profile": svc.profile.name,
+            "agent_version": __version__}),
+        _gauge("edgefleet_model_info", "The model being served (value 1; absent without a model)", 1, {
+            "name": info["name"], "version": info["version"],
+            "serving_version": str(serving_version(info["version"]) or 0), "sha256": info.get("sha256", "")})
+        if info else None,
+        _counter("edgefleet_inferences", "Inferences served since start (across model swaps)", m.total_inferences),
+        _counter("edgefleet_inference_errors", "Failed inferences since start", m.total_errors),
+        *_latency_families(svc),
+        _gauge("edgefleet_cache_hit_ratio", "Cache hit ratio of the active model, 0..1", cache.get("hit_rate")),
+        _gauge("edgefleet_stuck_workers", "Inference calls running past their deadline now",
+               svc.health().get("stuck_workers")),
+        _gauge("edgefleet_drift_tvd", "Top-1 class distribution vs the manifest baseline (total variation, 0..1)",
+               drift["tvd"]),
+        _gauge("edgefleet_drift_confidence_delta", "Mean top-1 confidence minus the baseline's",
+               drift["confidence_delta"]),
+        _gauge("edgefleet_drift_mean_confidence", "Mean top-1 confidence of the recent results",
+               drift["mean_confidence"]),
+        _gauge("edgefleet_drift_samples", "Recent results the drift figures are computed over", drift["samples"]),
+        _gauge("edgefleet_temperature_celsius", "Board temperature (first thermal zone)",
+               system.temperature_c() if system is not None else None),
+        _gauge("edgefleet_disk_free_bytes", "Free space where the state directory lives",
+               system.disk_free_bytes() if system is not None else None),
+        _gauge("edgefleet_outbox_pending", "Messages waiting for the broker", outbox.pending() if outbox else None),
+        _counter("edgefleet_outbox_dropped", "Messages dropped because the outbox or emit queue was full",
+                 outbox.dropped() + svc.emit_dropped if outbox else None),
+        _gauge("edgefleet_mqtt_connected", "1 when connected to the broker", 1 if link is not None and link.connected
+               else 0),
+        _counter("edgefleet_http_evicted_connections", "Connections closed to make room (slow or idle clients)",
+                 http.evicted if http is not None else None),
+        _gauge("edgefleet_boot", "Boot counter", svc.boot),
+    ]
+    return [f for f in families if f is not None]
+
+
+class _ServiceCollector:
+    def __init__(self, svc: AgentService) -> None:
+        self._svc = svc
+
+    def describe(self) -> list[Metric]:
+        return []  # names are only known at scrape time; nothing to check at registration
+
+    def collect(self) -> list[Metric]:
+        return metric_families(self._svc)
+
+
+def metrics_text(svc: AgentService) -> str:
+    """The ``/metrics`` page: the agent's families and the process collector (CPU, memory, fds)."""
+    registry = CollectorRegistry()
+    registry.register(_ServiceCollector(svc))  # type: ignore[arg-type]
+    ProcessCollector(registry=registry)
+    return generate_latest(registry).decode()
