@@ -12,7 +12,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -204,6 +204,8 @@ class Manifest(_Strict):
                                                            "(a frozen mirror cannot serve it for ever)")
     fleet: str | None = Field(default=None, description="Fleet it is meant for; devices of another fleet refuse it")
     groups: list[str] | None = Field(default=None, description="Groups it is meant for (None: any group)")
+    labels: list[Annotated[str, Field(max_length=256)]] | None = Field(
+        default=None, max_length=100_000, description="Class names by output index (classifiers; edge-convert --labels)")
 
     @field_validator("expires")
     @classmethod

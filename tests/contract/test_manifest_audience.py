@@ -45,3 +45,9 @@ def test_manifest_for_another_fleet_or_group_is_refused_mix_and_match() -> None:
 def test_malformed_audience_fields_are_refused_when_parsing(fields) -> None:
     with pytest.raises(ArtifactError):
         manifest(**fields)
+
+
+def test_labels_are_carried_and_bounded() -> None:
+    assert manifest(labels=["cat", "dog", "bird"]).labels == ["cat", "dog", "bird"]
+    with pytest.raises(ArtifactError):
+        manifest(labels=["x" * 300])
