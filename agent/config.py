@@ -22,6 +22,7 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
+from agent.engine import DEADLINE_FACTOR, DEADLINE_FLOOR_S
 from edgefleet.addresses import parse_host_port
 from edgefleet.errors import ConfigError
 from edgefleet.ids import ID_RULE, validate_id
@@ -34,6 +35,7 @@ __all__ = [
     "CacheOverrides",
     "CommandsConfig",
     "HttpConfig",
+    "InferenceConfig",
     "OutboxConfig",
     "SinksConfig",
     "SourceConfig",
@@ -113,8 +115,9 @@ class OutboxConfig(_Strict):
 
 class CommandsConfig(_Strict):
     rate_per_min: float = Field(default=60.0, gt=0, description="Commands executed per minute (burst = 10)")
-    remember: int = Field(default=256, ge=1, le=100_000,
-                          description="Recent command ids remembered (on disk) so a repeat is not re-executed")
+    remember: int = Field(default=4096, ge=1, le=100_000,
+                          description="Unexpired command ids remembered (on disk) so a repeat is not re-executed; "
+                                      "when full, new commands are refused as busy until ids expire")
     max_ttl_s: float = Field(default=86_400.0, gt=0, description="Longest ttl_s a command may ask for, s")
 
 
@@ -169,6 +172,16 @@ class SinksConfig(_Strict):
                                 description="Also publish each result (QoS 0, dropped while offline)")
 
 
+class InferenceConfig(_Strict):
+    deadline_s: float | None = Field(
+        default=None, gt=0,
+        description="Seconds one interpreter call may take before it counts as stuck (healthz 503, no watchdog "
+                    "ping) and the longest wait for a free interpreter (REST 503); null = "
+                    "max(deadline_floor_s, deadline_factor x the profile's latency_budget_ms)")
+    deadline_factor: float = Field(default=DEADLINE_FACTOR, ge=1, description="Multiple of the latency budget")
+    deadline_floor_s: float = Field(default=DEADLINE_FLOOR_S, gt=0, description="Shortest derived deadline, s")
+
+
 class TelemetryConfig(_Strict):
     interval_s: float = Field(default=10.0, ge=0.1, le=86_400, description="Telemetry period, s")
     drift_window: int = Field(default=1000, ge=10, description="Recent results compared with the baseline")
@@ -192,6 +205,8 @@ the profile's value (``overrides.model_dump(exclude_none=True)`` is what was set
 class AgentConfig(_Strict):
     device_id: str = Field(description="This device's id: a topic level and the MQTT username")
     group: str = Field(default="default", description="Group for group-wide commands")
+    fleet: str | None = Field(default=None,
+                              description="Fleet this device belongs to (a manifest naming another fleet is refused)")
     profile: str = Field(description="Device profile name (device_profiles/) or path to a .yaml")
     state_dir: Path = Field(description="Everything the agent persists: models, journal, outbox, counters")
     model: Path | None = Field(default=None, description="Initial artifact dir or .tflite for the first boot")
@@ -204,13 +219,16 @@ class AgentConfig(_Strict):
     sinks: SinksConfig = SinksConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     cache: CacheOverrides = CacheOverrides()  # type: ignore[valid-type]
+    inference: InferenceConfig = InferenceConfig()
     outbox: OutboxConfig = OutboxConfig()
     commands: CommandsConfig = CommandsConfig()
 
-    @field_validator("device_id", "group")
+    @field_validator("device_id", "group", "fleet")
     @classmethod
-    def _topic_level(cls, value: str) -> str:
-        """Both become MQTT topic levels."""
+    def _topic_level(cls, value: str | None) -> str | None:
+        """Ids that become MQTT topic levels or are matched against manifests: one rule."""
+        if value is None:
+            return None
         try:
             return validate_id(value)
         except ConfigError as exc:

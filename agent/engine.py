@@ -10,9 +10,16 @@ Inputs may be float (quantized with the model's own parameters) or already in th
 integer dtype (passed through). A batch ``[N, ...]`` is run sample by sample on a batch-1 model.
 Outputs are dequantized to float32 unless ``raw=True``.
 
-Errors: :class:`ModelError` (cannot load/run), :class:`InputError` (wrong name, shape or dtype),
-:class:`ArtifactError` (artifact dir whose model does not match its manifest), :class:`ConfigError`
-(bad profile or an Edge TPU that is required but missing).
+Every interpreter call has a deadline (``deadline_s``; by default the profile's latency budget
+x :data:`DEADLINE_FACTOR`, at least :data:`DEADLINE_FLOOR_S`). A call cannot be interrupted inside
+the runtime, so the deadline is what others see: :meth:`Engine.stuck_calls` counts the calls past
+it (the watchdog and OTA probation read it), and a caller who waits that long for a free
+interpreter gets :class:`EngineBusy` instead of waiting forever behind a hung one.
+
+Errors: :class:`ModelError` (cannot load/run; :class:`EngineBusy` when no interpreter is free
+within the deadline), :class:`InputError` (wrong name, shape or dtype), :class:`ArtifactError`
+(artifact dir whose model does not match its manifest), :class:`ConfigError` (bad profile or an
+Edge TPU that is required but missing).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -37,11 +44,38 @@ from edgefleet.manifest import MODEL_NAME, Manifest, load_manifest
 from edgefleet.profiles import Profile, load_profile
 from edgefleet.quant import dequantize, first_output, top1
 
-__all__ = ["Engine", "Layout", "Outputs", "last_latency_s", "load_model_bytes"]
+__all__ = ["DEADLINE_FACTOR", "DEADLINE_FLOOR_S", "Engine", "EngineBusy", "Layout", "Outputs", "StuckCalls",
+           "call_deadline_s", "last_latency_s", "load_model_bytes"]
 
 Outputs = np.ndarray | dict[str, np.ndarray]
 _LATENCY_WINDOW = 2048
 _last_call = threading.local()
+_monotonic = time.monotonic
+
+DEADLINE_FACTOR = 20.0
+"""A call is stuck after this many times the profile's latency budget (generous: first calls,
+a loaded board and thermal throttling are all slower than the budget)."""
+DEADLINE_FLOOR_S = 2.0
+"""...but never sooner than this, s (tight budgets on a busy board would flap)."""
+
+
+def call_deadline_s(profile: Profile, factor: float = DEADLINE_FACTOR, floor_s: float = DEADLINE_FLOOR_S) -> float:
+    """Seconds one interpreter call may take before it counts as stuck, from the profile's budget."""
+    return max(floor_s, factor * profile.limits.latency_budget_ms / 1000.0)
+
+
+class EngineBusy(ModelError):
+    """No interpreter became free within the deadline: calls ahead are stuck or the device is overloaded."""
+
+    http_status = 503
+
+
+class StuckCalls(NamedTuple):
+    """Interpreter calls past their deadline right now (see :meth:`Engine.stuck_calls`)."""
+
+    count: int  # calls running longer than deadline_s
+    oldest_s: float  # how long the oldest of them has been running, s (0.0 when count is 0)
+    deadline_s: float
 
 
 def last_latency_s() -> float | None:
@@ -58,10 +92,11 @@ def last_latency_s() -> float | None:
 class _Worker:
     """One interpreter and the bound methods the hot path needs (looked up once)."""
 
-    __slots__ = ("get_tensor", "interpreter", "invoke", "set_tensor", "tensor", "threads")
+    __slots__ = ("get_tensor", "interpreter", "invoke", "set_tensor", "slot", "tensor", "threads")
 
-    def __init__(self, interpreter: Any, threads: int) -> None:
+    def __init__(self, interpreter: Any, threads: int, slot: int) -> None:
         self.interpreter = interpreter
+        self.slot = slot  # index into Engine._started
         self.threads = threads
         self.set_tensor = interpreter.set_tensor
         self.invoke = interpreter.invoke
@@ -116,6 +151,8 @@ class Engine:
         instances: interpreters in the pool; ``None`` = the profile's (and autotune may choose).
         autotune: ``None`` = the profile's setting; ``False`` skips it (tests, OTA validation).
         validate: check the file in a child process first (untrusted files can crash the runtime).
+        deadline_s: seconds one interpreter call may take before it counts as stuck, and the
+            longest wait for a free interpreter; ``None`` = :func:`call_deadline_s` of the profile.
 
     Raises:
         ModelError, ArtifactError, ConfigError: see the module docstring.
@@ -124,8 +161,11 @@ class Engine:
     def __init__(self, model: str | os.PathLike[str] | bytes, profile: str | Path | Profile = "rpi4",
                  threads: int | None = None, cache: CacheSpec = None, *,
                  instances: int | None = None, autotune: bool | None = None, validate: bool = False,
-                 validate_timeout_s: float = 30.0) -> None:
+                 validate_timeout_s: float = 30.0, deadline_s: float | None = None) -> None:
         self.profile: Profile = profile if isinstance(profile, Profile) else load_profile(profile)
+        if deadline_s is not None and not deadline_s > 0:
+            raise ConfigError(f"deadline_s must be > 0 seconds, got {deadline_s}")
+        self.deadline_s: float = deadline_s if deadline_s is not None else call_deadline_s(self.profile)
         data, self.manifest, self.source = load_model_bytes(model)
         if validate:
             self._validate_in_child(data, validate_timeout_s)
@@ -155,6 +195,10 @@ class Engine:
             layout = self._tuning.layout
         self.layout = layout
         self._workers = self._build_pool(layout, first, first_threads)
+        # When each worker's current interpreter call started (monotonic s; 0.0 = idle). Plain
+        # floats written by the one thread that holds the worker, read without a lock by
+        # stuck_calls(); kept apart from the workers so close() can free interpreters.
+        self._started = [0.0] * len(self._workers)
         self._pool: queue.SimpleQueue[_Worker | None] = queue.SimpleQueue()  # None: closed
         for worker in self._workers:
             self._pool.put(worker)
@@ -194,9 +238,9 @@ class Engine:
 
     def _build_pool(self, layout: Layout, first: Any, first_threads: int) -> list[_Worker]:
         """One worker per instance; the first interpreter is kept only if it has the chosen threads."""
-        workers = [_Worker(first, first_threads)] if first_threads == layout.threads else []
+        workers = [_Worker(first, first_threads, 0)] if first_threads == layout.threads else []
         while len(workers) < layout.instances:
-            workers.append(_Worker(self._open(layout.threads), layout.threads))
+            workers.append(_Worker(self._open(layout.threads), layout.threads, len(workers)))
         return workers
 
     def _input_ranges(self) -> list[tuple[float, float]] | None:
@@ -240,11 +284,22 @@ class Engine:
         return arrays, int(count or 0)
 
     def _run(self, sample: list[np.ndarray]) -> tuple[np.ndarray, ...]:
-        """Invoke one worker on one sample (arrays already in model dtype). Returns raw outputs."""
-        worker = self._pool.get()
+        """Invoke one worker on one sample (arrays already in model dtype). Returns raw outputs.
+
+        Raises:
+            EngineBusy: no worker became free within ``deadline_s``.
+            ModelError: closed, or the runtime failed.
+        """
+        try:
+            worker = self._pool.get(timeout=self.deadline_s)
+        except queue.Empty:
+            raise EngineBusy(f"no interpreter free within {self.deadline_s:g} s "
+                             f"({self.stuck_calls().count} call(s) stuck past the deadline)") from None
         if worker is None or self._closed:  # closed while this call waited: wake the next waiter too
             self._pool.put(worker)
             raise ModelError("engine is closed")
+        started = self._started
+        started[worker.slot] = _monotonic()  # the stuck-call bookkeeping: one clock read, two stores
         try:
             for info, arr in zip(self.input_details, sample):
                 worker.set_tensor(info.index, arr.reshape(info.shape))
@@ -255,6 +310,7 @@ class Engine:
                 self._errors += 1
             raise ModelError(f"inference failed: {exc}") from exc
         finally:
+            started[worker.slot] = 0.0
             self._pool.put(worker)
 
     def _run_cached(self, sample: list[np.ndarray]) -> tuple[np.ndarray, ...]:
@@ -309,6 +365,43 @@ class Engine:
     def top1(self, outputs: Outputs) -> np.ndarray:
         """Class index per sample for a classifier's output (the first output for dicts)."""
         return top1(first_output(outputs))
+
+    def canary(self) -> float:
+        """Run a synthetic input (zeros) through an interpreter, bypassing the cache; seconds taken.
+
+        Why: when no traffic comes, this is the watchdog's evidence that the runtime still answers.
+        It is not counted as an inference.
+
+        Raises:
+            EngineBusy / ModelError: as :meth:`infer`.
+        """
+        sample = [np.zeros(info.shape, info.dtype) for info in self.input_details]
+        start = time.perf_counter()
+        self._run(sample)
+        return time.perf_counter() - start
+
+    # ------------------------------------------------------------------ health
+    def stuck_calls(self, now: float | None = None) -> StuckCalls:
+        """Interpreter calls running longer than ``deadline_s`` at ``now`` (``time.monotonic()`` s).
+
+        O(workers), no lock: safe to call from any thread at any rate (watchdog, probation, /healthz).
+        """
+        now = _monotonic() if now is None else now
+        runs = [now - t for t in self._started if t and now - t > self.deadline_s]
+        return StuckCalls(len(runs), max(runs, default=0.0), self.deadline_s)
+
+    @property
+    def finished_calls(self) -> int:
+        """Calls that came back from the interpreter (answers and runtime errors) since the engine was built."""
+        return self._calls + self._errors
+
+    def health(self, now: float | None = None) -> dict[str, Any]:
+        """``stuck_calls`` and the pool's occupancy as JSON (``/healthz``, telemetry, status)."""
+        now = _monotonic() if now is None else now
+        stuck = self.stuck_calls(now)
+        return {"ok": stuck.count == 0, "stuck_workers": stuck.count, "stuck_for_s": round(stuck.oldest_s, 3),
+                "busy_workers": sum(1 for t in self._started if t), "workers": len(self._started),
+                "deadline_s": self.deadline_s}
 
     # ------------------------------------------------------------------ status
     def stats(self) -> dict[str, Any]:

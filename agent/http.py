@@ -550,7 +550,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(400, str(exc))
             return
         except EdgefleetError as exc:
-            self._error(500, str(exc))
+            self._error(getattr(exc, "http_status", 500), str(exc))
             return
         except Exception as exc:  # never let one request take the server down
             log.exception("predict failed")

@@ -7,6 +7,11 @@ rename). Each file is inferred once, oldest first, then moved to
 ``done/`` or deleted; a file that cannot be read or inferred is moved to ``failed/`` so it is not
 retried forever. Images are resized to the model input and scaled to the manifest's
 ``preprocessing.input_range`` (default 0..1).
+
+A file is input from outside, so nothing in it may stop the source: an image whose header
+promises more than :data:`agent.images.MAX_IMAGE_PIXELS` (a decompression bomb: a few KB of PNG that decode to
+gigabytes) is refused before it is decoded, and any other exception while handling one file is
+logged and counted, the file goes to ``failed/`` and the thread carries on with the next.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.images import decode_image
 from edgefleet.errors import EdgefleetError, InputError
 
 __all__ = ["SUFFIXES", "DirectoryWatcher", "load_input"]
@@ -32,32 +38,19 @@ SUFFIXES = (".npy", ".png", ".jpg", ".jpeg")
 
 def load_input(path: Path, input_shape: tuple[int, ...] | None,
                input_range: tuple[float, float] | None = None) -> np.ndarray:
-    """Read one file as a model input (an image is resized to ``input_shape``'s H x W).
+    """Read one file as a model input (an image is decoded by :func:`agent.images.decode_image`).
 
     Raises:
-        InputError: unreadable file, or an image for a model whose input is not [1, H, W, C].
+        InputError: unreadable file, an image larger than :data:`agent.images.MAX_IMAGE_PIXELS`, or an image
+            for a model whose input is not [1, H, W, C].
     """
-    suffix = path.suffix.lower()
-    if suffix == ".npy":
+    if path.suffix.lower() == ".npy":
         try:
             return np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise InputError(f"{path.name}: not a readable .npy array: {exc}") from exc
-    if input_shape is None or len(input_shape) != 4 or input_shape[-1] not in (1, 3):
-        raise InputError(f"{path.name}: images need a model input of shape [1, H, W, 1|3], "
-                         f"got {list(input_shape) if input_shape else None}")
-    from PIL import Image, UnidentifiedImageError
-
-    _, height, width, channels = input_shape
-    try:
-        with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
-            arr = np.asarray(img, dtype=np.float32) / 255.0
-    except (OSError, UnidentifiedImageError) as exc:
-        raise InputError(f"{path.name}: not a readable image: {exc}") from exc
-    lo, hi = input_range or (0.0, 1.0)
-    arr = arr * np.float32(hi - lo) + np.float32(lo)
-    return arr.reshape(height, width, channels)
+    with open(path, "rb") as fp:
+        return decode_image(fp, input_shape, input_range, path.name)
 
 
 class DirectoryWatcher:
@@ -85,7 +78,8 @@ class DirectoryWatcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="source-dir", daemon=True)
         self.processed = 0
-        self.failed = 0
+        self.failed = 0  # files moved to failed/
+        self.errors = 0  # unexpected exceptions survived (a bug or the machine, not the file's format)
 
     def start(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -118,14 +112,20 @@ class DirectoryWatcher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            if self._input_shape() is None:  # no model yet: leave the files for later
-                self._stop.wait(self.poll_interval_s)
-                continue
-            for file in self.pending():
-                if self._stop.is_set():
-                    return
-                self._one(file)
+            try:
+                self._scan()
+            except Exception:  # the thread is the source: it must outlive any one failure
+                self.errors += 1
+                log.exception("source %s: scan failed; retrying", self.path)
             self._stop.wait(self.poll_interval_s)
+
+    def _scan(self) -> None:
+        if self._input_shape() is None:  # no model yet: leave the files for later
+            return
+        for file in self.pending():
+            if self._stop.is_set():
+                return
+            self._one(file)
 
     def _one(self, file: Path) -> None:
         try:
@@ -138,6 +138,12 @@ class DirectoryWatcher:
         except EdgefleetError as exc:
             self.failed += 1
             log.warning("source %s: %s", file.name, exc)
+            self._move(file, self.failed_dir)
+            return
+        except Exception:  # a library's own exception or a bug: this file fails, the source goes on
+            self.failed += 1
+            self.errors += 1
+            log.exception("source %s: unexpected error; moved to %s", file.name, self.failed_dir)
             self._move(file, self.failed_dir)
             return
         self.processed += 1

@@ -42,7 +42,7 @@ __all__ = [
 MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
 """Largest payload either side accepts (an update command carries the manifest with golden samples)."""
 
-COMMANDS = ("status", "update", "rollback", "config")
+COMMANDS = ("status", "update", "rollback", "config", "cancel")
 
 DEFAULT_COMMAND_TTL_S = 300.0
 """Time to live the fleet tool gives a command it sends (seconds)."""

@@ -20,12 +20,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from edgefleet.errors import ConfigError
 
 __all__ = [
+    "CACHE_STRICTER",
     "CacheSettings",
     "Profile",
     "default_profile",
     "format_validation_error",
     "list_profiles",
     "load_profile",
+    "loosened_cache_fields",
     "profile_dir",
     "read_yaml_file",
 ]
@@ -82,9 +84,17 @@ class Quantization(_Strict):
 
 
 class Fidelity(_Strict):
+    """The converter's gate: how close to the float model, and how fast, a shipped model must be."""
+
     max_top1_drop_pct: float = Field(ge=0, le=100, description="Largest top-1 accuracy drop, points")
-    min_top1_agreement_pct: float = Field(ge=0, le=100, description="Smallest top-1 agreement with float, %")
+    min_top1_agreement_pct: float = Field(
+        ge=0, le=100, description="Smallest top-1 agreement with float, %: the 95% Wilson lower bound must reach it")
     min_cosine: float = Field(default=0.98, ge=-1, le=1, description="Smallest mean output cosine similarity")
+    max_class_drop_pct: float | None = Field(
+        default=None, ge=0, le=100,
+        description="Largest agreement drop below 100% of any one float class, points (None: not bounded)")
+    max_slowdown: float | None = Field(
+        default=1.5, ge=1, description="Largest host latency vs the fastest full-int8 candidate, x (None: no limit)")
 
 
 class Limits(_Strict):
@@ -117,6 +127,57 @@ class CacheSettings(_Strict):
     target_disagreement: float = Field(default=0.01, ge=0, le=1, description="Disagreement rate the threshold is tuned to stay under")
     output_tolerance: float = Field(default=0.05, ge=0, description="Non-classifiers: largest abs output difference that still agrees, fraction of the output range")
     seed: int = Field(default=0, description="Seed of the verification sampling, for reproducible runs")
+    confidence: float = Field(default=0.95, ge=0.5, lt=1, description="Confidence of the upper bound on disagreement that must stay under target_disagreement before a band of (distance, margin) is reused (one-sided Clopper-Pearson)")
+    max_verify_fraction: float = Field(default=0.5, ge=0, le=1, description="Fraction of near hits recomputed in a band whose evidence is still thin (falls to verify_fraction as verdicts accumulate)")
+    evidence_window: int = Field(default=1024, ge=64, le=1_000_000, description="Verdicts a band keeps before its counts are halved, so old evidence fades and a changed stream shows within about this many verdicts")
+
+
+CACHE_STRICTER: dict[str, Literal["lower", "higher", "false", "any"]] = {
+    "enabled": "false",  # off: every answer is the model's own
+    "max_bytes": "lower",  # exact hits never change an answer, but memory is the device's to bound
+    "near": "false",  # exact layer only
+    "near_threshold": "lower",
+    "max_age_s": "lower",
+    "max_consecutive": "lower",
+    "verify_fraction": "higher",
+    "target_disagreement": "lower",
+    "output_tolerance": "lower",
+    "seed": "any",  # picks which near hits are verified, not how many
+    "confidence": "higher",  # a wider bound must still be under the target before reuse
+    "max_verify_fraction": "higher",
+    "evidence_window": "lower",  # old evidence fades sooner: a changed stream shows sooner
+}
+"""Which way each :class:`CacheSettings` field makes the cache stricter (closer to "the model ran").
+
+The one definition of "stricter": a ``config`` command that is not signed may only move fields
+this way from the device's approved settings (``agent/service/handlers.py``). ``any``: the
+field changes no answer and no bound, so it is free.
+"""
+_NEAR_ONLY = frozenset({"near_threshold", "max_age_s", "max_consecutive", "verify_fraction",
+                        "target_disagreement", "output_tolerance", "confidence", "max_verify_fraction",
+                        "evidence_window"})
+if set(CACHE_STRICTER) != set(CacheSettings.model_fields):  # a new field must say which way is stricter
+    raise RuntimeError(f"CACHE_STRICTER covers {sorted(CACHE_STRICTER)}, "
+                       f"expected every CacheSettings field {sorted(CacheSettings.model_fields)}")
+
+
+def loosened_cache_fields(approved: CacheSettings, proposed: CacheSettings) -> list[str]:
+    """The fields in which ``proposed`` is looser than ``approved`` (empty: as strict or stricter).
+
+    A cache that is off cannot be loose, and the near-duplicate fields do not matter while
+    ``near`` is off, so those compare as not loosened.
+    """
+    if not proposed.enabled:
+        return []
+    loose = []
+    for name, direction in CACHE_STRICTER.items():
+        if name in _NEAR_ONLY and not proposed.near:
+            continue
+        old, new = getattr(approved, name), getattr(proposed, name)
+        if (direction == "lower" and new > old) or (direction == "higher" and new < old) \
+                or (direction == "false" and new and not old):
+            loose.append(name)
+    return loose
 
 
 class Profile(_Strict):

@@ -1,7 +1,7 @@
 """``edge-agent run``: the device service (model host, OTA, MQTT, outbox, telemetry, HTTP, sources).
 
 One module per job: :mod:`~agent.service.core` (``AgentService``: wiring, lifecycle, the
-inference entry point, the emit and command queues), :mod:`~agent.service.handlers` (the four
+inference entry point, the emit and command queues), :mod:`~agent.service.handlers` (the
 commands), :mod:`~agent.service.reporting` (state, telemetry, ``/metrics``, all from one
 ``Metrics``), :mod:`~agent.service.systemd` (readiness, watchdog), :mod:`~agent.service.statefiles`
 (boot counter, secrets).
@@ -18,7 +18,7 @@ Threads (none of them ever blocks an inference)::
 
 Shutdown (SIGTERM/SIGINT): stop inputs, take a last telemetry window, flush the outbox for a
 few seconds, publish the retained offline state, disconnect, close the model and the database.
-systemd: READY=1 once serving, WATCHDOG=1 from the main loop.
+systemd: READY=1 once serving, WATCHDOG=1 from the main loop only on evidence of inference progress.
 """
 
 from __future__ import annotations

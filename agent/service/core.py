@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import AgentConfig, load_config
-from agent.engine import last_latency_s
+from agent.engine import call_deadline_s, last_latency_s
 from agent.http import InferenceServer, ServingBackend
 from agent.mqtt import Forwarder, Incoming, MqttLink
 from agent.outbox import Outbox
@@ -30,9 +30,11 @@ from agent.sources import DirectoryWatcher
 from agent.telemetry import Metrics, SystemStats, summarize_output
 from edgefleet import __version__
 from edgefleet.commands import CommandProcessor
-from edgefleet.errors import EdgefleetError
+from edgefleet.errors import ArtifactError, EdgefleetError
 from edgefleet.messages import encode
-from edgefleet.profiles import Profile, load_profile
+from edgefleet.profiles import CacheSettings, Profile, load_profile
+from edgefleet.signing import load_trusted_keys
+from edgefleet.statements import NonceLedger
 from edgefleet.topics import (
     device_cmd_topic,
     events_topic,
@@ -88,24 +90,30 @@ class AgentService:
         self._telemetry_wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self._stopped = False
-        self.cache_setting: handlers.CacheSetting = handlers.initial_cache(
+        self.approved_cache: CacheSettings = handlers.approved_cache(
             self.profile, cfg.cache.model_dump(exclude_none=True))
+        """profile + agent.yaml: what an unsigned config command may only make stricter."""
+        self.cache: CacheSettings = self.approved_cache
+        """The cache settings in use (the config command changes them; a restart returns to approved)."""
+        inference = cfg.inference
+        self.deadline_s = inference.deadline_s or call_deadline_s(
+            self.profile, inference.deadline_factor, inference.deadline_floor_s)
+        self.trusted_keys: list[Any] = []
+        self.nonces: NonceLedger | None = None
+        self.nonces_error: str | None = "not started"
 
     # -- start-up -----------------------------------------------------------------------------
     def _start_model(self) -> None:
         from agent.host import ModelHost
 
-        self.host = ModelHost(self.profile, cache=self.cache_setting)
+        self.host = ModelHost(self.profile, cache=self.cache, deadline_s=self.deadline_s)
         try:
             from agent.ota import OtaManager  # the OTA part; absent in early builds
         except ImportError:
             OtaManager = None
         if OtaManager is not None:
-            from edgefleet.signing import load_trusted_keys
-
-            keys = load_trusted_keys(self.cfg.trusted_keys) if self.cfg.trusted_keys else []
-            self.ota = OtaManager(self.state_dir / "ota", self.profile, keys, self.host, self.emit_event,
-                                  on_serving_changed=self._serving_changed)
+            self.ota = OtaManager(self.state_dir / "ota", self.profile, self.trusted_keys, self.host,
+                                  self.emit_event, on_serving_changed=self._serving_changed)
             self.ota.boot()
             if self.host.model_info is None and self.cfg.model is not None:
                 self.ota.install_initial(self.cfg.model)
@@ -135,6 +143,8 @@ class AgentService:
             cfg.device_id, {name: functools.partial(fn, self) for name, fn in handlers.HANDLERS.items()},
             memory_path=self.state_dir / "commands.json", remember=cfg.commands.remember,
             rate_per_min=cfg.commands.rate_per_min, max_ttl_s=cfg.commands.max_ttl_s)
+        self.trusted_keys = load_trusted_keys(cfg.trusted_keys) if cfg.trusted_keys else []
+        self._open_nonces()
         self._start_model()
         self.system = SystemStats(self.state_dir)
         if cfg.sinks.jsonl is not None:
@@ -161,13 +171,21 @@ class AgentService:
         self.link.start()
         self._start_inputs()
 
+    def _open_nonces(self) -> None:
+        """The ledger of spent statement nonces; a damaged one refuses statements, never stops serving."""
+        try:
+            self.nonces, self.nonces_error = NonceLedger(self.state_dir / "statements.json"), None
+        except ArtifactError as exc:
+            self.nonces, self.nonces_error = None, str(exc)
+            log.error("signed statements will be refused: %s", exc)  # also in the status reply
+
     def _start_inputs(self) -> None:
         cfg = self.cfg
         address = cfg.http.address
         if address is not None:
             self.http = InferenceServer(address, ServingBackend(
                 infer=self.infer, model_info=self.model_info, input_names=self._input_names,
-                metrics_text=self.metrics_text), cfg.http.max_body_bytes, cfg.http.max_instances,
+                metrics_text=self.metrics_text, health=self.health), cfg.http.max_body_bytes, cfg.http.max_instances,
                 cfg.http.max_connections)
             self.http.start()
         if cfg.source.type == "directory":
@@ -212,6 +230,11 @@ class AgentService:
     def engine(self) -> Any:
         """The active engine (None before a model is serving); read its details, never close it."""
         return getattr(self.host, "engine", None) if self.host is not None else None
+
+    def health(self) -> dict[str, Any]:
+        """The active engine's stuck-call report (``/healthz``, status, telemetry); ok without a model."""
+        engine = self.engine()
+        return engine.health() if engine is not None else {"ok": True, "stuck_workers": 0}
 
     def _input_names(self) -> list[str]:
         engine = self.engine()
@@ -325,8 +348,8 @@ class AgentService:
 
     # -- shutdown -----------------------------------------------------------------------------
     def run_forever(self, stop: threading.Event) -> None:
-        """Serve until ``stop`` is set, feeding the systemd watchdog meanwhile."""
-        serve_until(stop)
+        """Serve until ``stop`` is set, feeding the systemd watchdog while inference makes progress."""
+        serve_until(stop, self.engine)
 
     def stop(self) -> None:
         if self._stopped:

@@ -33,6 +33,16 @@ def test_minimal_config_gets_documented_defaults_and_relative_paths_follow_the_f
     assert cfg.source.type == "none"
     assert cfg.broker.port == 1883 and not cfg.broker.tls
     assert cfg.outbox.max_rows > 0 and cfg.outbox.max_bytes > 0 and cfg.outbox.drain_per_s > 0
+    # Ids are remembered until their command expires: 256 would lock a busy device out within a day.
+    assert cfg.commands.remember == 4096
+    assert cfg.fleet is None and cfg.inference.deadline_s is None
+
+
+def test_fleet_name_follows_the_id_rule() -> None:
+    base = {"device_id": "pi-1", "profile": "rpi4", "state_dir": "/tmp/x", "broker": {"url": "mqtt://h"}}
+    assert parse_config({**base, "fleet": "acme-eu.1"}).fleet == "acme-eu.1"
+    with pytest.raises(ConfigError, match="cfg.yaml: fleet: expected 1-64 characters"):
+        parse_config({**base, "fleet": "acme/eu"}, "cfg.yaml")
 
 
 def test_the_issue_example_config_validates(repo_root: Path) -> None:
@@ -64,6 +74,7 @@ def test_missing_required_key_is_named(tmp_path: Path) -> None:
     ({"http": {"listen": "8501"}}, "http.listen"),
     ({"source": {"type": "directory"}}, "source"),
     ({"commands": {"rate_per_min": -1}}, "commands.rate_per_min"),
+    ({"inference": {"deadline_s": 0}}, "inference.deadline_s"),
 ])
 def test_bad_values_are_refused_with_the_key(patch: dict, key: str) -> None:
     data = {"device_id": "pi-1", "profile": "rpi4", "state_dir": "/tmp/x", "broker": {"url": "mqtt://h"}}

@@ -301,3 +301,35 @@ def test_validate_true_checks_the_artifacts_golden_samples(models, tmp_path):
     (art.dir / "manifest.json").write_text(json.dumps(raw))
     with pytest.raises(ModelError, match="golden sample 0"):
         Engine(art.dir, profile="x86-dev", validate=True)
+
+
+@pytest.fixture(scope="module")
+def hanging_model(tmp_path_factory):
+    from tests.integration.service_support import build_hanging_model
+
+    return build_hanging_model(tmp_path_factory.mktemp("hang") / "hang.tflite")
+
+
+def test_a_call_hanging_in_the_runtime_is_reported_stuck_and_the_next_caller_gets_engine_busy(hanging_model):
+    """A real model that loops for minutes on one input; one interpreter, 0.3 s deadline."""
+    import time
+
+    from agent.engine import EngineBusy
+    from tests.integration.service_support import HANGING_INPUT
+
+    engine = Engine(hanging_model, profile="x86-dev", instances=1, autotune=False, deadline_s=0.3)
+    assert engine.stuck_calls() == (0, 0.0, 0.3)
+    engine.canary()  # zeros: answers at once
+    finished = engine.finished_calls
+    hung = threading.Thread(target=lambda: engine.infer(np.asarray(HANGING_INPUT, np.float32)), daemon=True)
+    hung.start()
+    time.sleep(0.5)
+    stuck = engine.stuck_calls()
+    assert stuck.count == 1 and stuck.oldest_s > 0.3
+    assert engine.health()["ok"] is False and engine.health()["busy_workers"] == 1
+    assert engine.stuck_calls(now=time.monotonic() - 0.4).count == 0  # measured against the caller's clock
+    t0 = time.monotonic()
+    with pytest.raises(EngineBusy, match="no interpreter free within 0.3 s .1 call.s. stuck"):
+        engine.infer(np.zeros((1, 4), np.float32))
+    assert 0.25 < time.monotonic() - t0 < 2.0
+    assert engine.finished_calls == finished

@@ -62,3 +62,30 @@ def test_watcher_deletes_after_inference_skips_fresh_and_hidden_files_and_waits_
         assert not (tmp_path / "in" / "a.npy").exists() and (tmp_path / "in" / ".hidden.npy").exists()
     finally:
         watcher.stop()
+
+
+def test_an_unexpected_exception_on_one_file_or_one_scan_does_not_kill_the_source(tmp_path: Path) -> None:
+    seen: list[str] = []
+    shape_calls = [0]
+
+    def process(path: Path, x: object) -> None:
+        if path.name == "crash.npy":
+            raise KeyError("a bug in a sink")  # not an EdgefleetError: the kind that used to kill the thread
+        seen.append(path.name)
+
+    def input_shape() -> tuple[int, ...]:
+        shape_calls[0] += 1
+        if shape_calls[0] == 1:
+            raise RuntimeError("the model swapped underneath")
+        return (1, 3)
+
+    watcher = DirectoryWatcher(tmp_path / "in", process, input_shape=input_shape, poll_interval_s=0.02, settle_s=0)
+    watcher.start()
+    try:
+        np.save(tmp_path / "in" / "crash.npy", np.zeros(3))
+        wait_for(lambda: (tmp_path / "in" / "failed" / "crash.npy").exists(), 5, what="crash.npy in failed/")
+        np.save(tmp_path / "in" / "ok.npy", np.zeros(3))
+        wait_for(lambda: seen == ["ok.npy"], 5, what="the next file processed")
+        assert watcher.errors == 2 and watcher.failed == 1 and watcher.processed == 1
+    finally:
+        watcher.stop()

@@ -7,9 +7,12 @@ paho client, as the fleet tool would be.
 
 from __future__ import annotations
 
+import http.client
+import importlib.util
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -29,7 +32,8 @@ from edgefleet.testing.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 
-__all__ = ["REPO", "AgentProcess", "Observer", "agent_config", "broker_files_access", "command"]
+__all__ = ["HANGING_INPUT", "REPO", "AgentProcess", "NotifySocket", "Observer", "agent_config",
+           "broker_files_access", "build_hanging_model", "command", "http_json"]
 
 
 def broker_files_access() -> str:
@@ -171,3 +175,77 @@ def command(name: str, cid: str | None = None, ts: float | None = None, ttl_s: f
             **fields: Any) -> dict[str, Any]:
     return {"id": cid or uuid.uuid4().hex, "ts": time.time() if ts is None else ts, "ttl_s": ttl_s, **fields}
 
+
+
+def http_json(port: int, method: str, path: str, body: Any = None, timeout: float = 10.0) -> tuple[int, Any]:
+    """One request to an agent's REST endpoint: ``(status, parsed JSON body)``."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        data = None if body is None else json.dumps(body).encode()
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json"} if data else {})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read() or b"null")
+    finally:
+        conn.close()
+
+
+class NotifySocket:
+    """Plays systemd's ``NOTIFY_SOCKET``: records every datagram with its arrival time (monotonic)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(str(path))
+        self._sock.settimeout(0.2)
+        self.received: list[tuple[float, str]] = []
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._closed.is_set():
+            try:
+                self.received.append((time.monotonic(), self._sock.recv(256).decode()))
+            except (TimeoutError, OSError):
+                continue
+
+    def pings_after(self, t: float) -> list[float]:
+        return [at for at, msg in list(self.received) if msg == "WATCHDOG=1" and at > t]
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(2)
+        self._sock.close()
+
+
+_HANGING_MODEL = """
+import os, sys
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+import numpy as np, tensorflow as tf
+w = tf.constant(np.random.default_rng(3).normal(0, 0.5, (4, 4)).astype(np.float32))
+@tf.function(input_signature=[tf.TensorSpec((1, 4), tf.float32, name="x")])
+def fn(x):
+    # One loop step for inputs in [-1, 1]; about 1e9 steps (many minutes) when x[0, 0] >= 2.
+    n = 1 + tf.cast(tf.nn.relu(x[0, 0] - 1.5) * 2e9, tf.int32)
+    _, h = tf.while_loop(lambda i, h: i < n, lambda i, h: (i + 1, tf.tanh(tf.matmul(h, w))), (tf.constant(0), x))
+    return tf.nn.softmax(h)
+conv = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], fn)
+open(sys.argv[1], "wb").write(conv.convert())
+"""
+HANGING_INPUT = [[2.0, 0.0, 0.0, 0.0]]
+"""The one input on which :func:`build_hanging_model`'s model hangs (any input in [-1, 1] answers at once)."""
+
+
+def build_hanging_model(path: Path) -> Path:
+    """A real float32 ``[1, 4] -> [1, 4]`` TFLite model whose WHILE loop hangs on :data:`HANGING_INPUT`.
+
+    Built with TensorFlow in a child process (the test process never imports it); skips the test
+    when TensorFlow is not installed.
+    """
+    import pytest
+
+    if importlib.util.find_spec("tensorflow") is None:
+        pytest.skip("building the hanging model needs TensorFlow (a development dependency)")
+    subprocess.run([sys.executable, "-c", _HANGING_MODEL, str(path)], check=True, timeout=300,
+                   capture_output=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    return path

@@ -169,18 +169,15 @@ def test_config_command_changes_the_telemetry_interval(running) -> None:
     assert reply_for(obs, back["id"], response_topic("pi-cmd", "config"))["ok"]
 
 
-def test_config_command_turns_the_cache_off_and_on(running) -> None:
-    _, obs = running
+def test_unsigned_config_cannot_turn_on_a_cache_this_device_was_approved_without(running) -> None:
+    _, obs = running  # agent.yaml: cache off
     on = command("config", cache={"enabled": True, "near_threshold": 0.01})
     obs.publish(device_cmd_topic("pi-cmd", "config"), on)
-    assert reply_for(obs, on["id"], response_topic("pi-cmd", "config"), 15)["ok"]
-    status = command("status")
-    obs.publish(device_cmd_topic("pi-cmd", "status"), status)
-    engine = reply_for(obs, status["id"], response_topic("pi-cmd", "status"))["result"]["host"]["engine"]
-    assert engine["cache"]["enabled"] is True and engine["cache"]["config"]["near_threshold"] == 0.01
-    off = command("config", cache={"enabled": False})
-    obs.publish(device_cmd_topic("pi-cmd", "config"), off)
-    assert reply_for(obs, off["id"], response_topic("pi-cmd", "config"), 15)["ok"]
+    reply = reply_for(obs, on["id"], response_topic("pi-cmd", "config"), 15)
+    assert reply["ok"] is False and "signed config statement" in reply["error"]
+    slower = command("config", telemetry={"interval_s": 2})
+    obs.publish(device_cmd_topic("pi-cmd", "config"), slower)
+    assert reply_for(obs, slower["id"], response_topic("pi-cmd", "config"), 15)["ok"]
     status = command("status")
     obs.publish(device_cmd_topic("pi-cmd", "status"), status)
     engine = reply_for(obs, status["id"], response_topic("pi-cmd", "status"))["result"]["host"]["engine"]
