@@ -6,7 +6,7 @@ TFLITE_VENV := .venv-tflite
 PY := $(VENV)/bin/python
 PIP_FLAGS := --disable-pip-version-check --quiet
 
-.PHONY: install install-tflite test test-main test-tflite demo bench lint clean broker fuzz
+.PHONY: install install-tflite test test-main test-tflite test-arm64 demo bench lint clean broker fuzz
 
 install: $(VENV)/.installed
 
@@ -28,7 +28,8 @@ $(TFLITE_VENV)/.installed: pyproject.toml
 	@touch $@
 
 broker:
-	@scripts/ensure_mosquitto.sh
+	@scripts/ensure_package.sh mosquitto mosquitto
+	@scripts/ensure_package.sh nats-server nats-server
 
 test: install install-tflite broker
 	@$(MAKE) --no-print-directory test-main
@@ -40,6 +41,12 @@ test-main:
 # The runtime tests once more under tflite-runtime + numpy 1.x (no TensorFlow in that venv).
 test-tflite:
 	$(TFLITE_VENV)/bin/python -m pytest -m runtime tests/agent -p no:cacheprovider
+
+# The agent on emulated 64-bit Raspberry Pi OS (Debian bookworm arm64, qemu-user-static): the wheel
+# installed in a cached root, `-m runtime tests/agent`, a real edge-agent run and validate of
+# artifacts converted here (docs/arm64.md). Root preparation ~5 min once; exit 3: cannot prepare.
+test-arm64: install
+	@PY=$(PY) scripts/test_arm64.sh
 
 # The parsers' fuzz tests with many more examples than `make test` gives them (about 10 min).
 fuzz: install

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import random
 import ssl
 import threading
 import time
@@ -43,6 +44,7 @@ __all__ = [
     "MqttConnection",
     "connect",
     "parse_broker_url",
+    "parse_broker_urls",
     "publish_properties",
 ]
 
@@ -87,6 +89,19 @@ def parse_broker_url(url: str) -> BrokerURL:
                      unquote(parts.password) if parts.password else None)
 
 
+def parse_broker_urls(urls: str | list[str] | tuple[str, ...]) -> tuple[BrokerURL, ...]:
+    """Several nodes of one cluster: a list, or one string with commas (``mqtt://a:1883,mqtt://b:1883``).
+
+    Raises:
+        ConfigError: no URL, or one that :func:`parse_broker_url` refuses.
+    """
+    items = [urls] if isinstance(urls, str) else list(urls)
+    parsed = tuple(parse_broker_url(u.strip()) for item in items for u in item.split(",") if u.strip())
+    if not parsed:
+        raise ConfigError("no broker URL: expected mqtt://host[:port], several separated by commas")
+    return parsed
+
+
 def publish_properties(response_topic: str | None = None, correlation: bytes | None = None) -> Properties | None:
     """MQTT 5 PUBLISH properties for a request (Response Topic) or a reply (Correlation Data); None if neither."""
     if not response_topic and correlation is None:
@@ -112,9 +127,9 @@ class Message:
 
 @dataclass(frozen=True)
 class LinkSettings:
-    """How to reach one broker. Inert: nothing is opened until :meth:`MqttConnection.start`."""
+    """How to reach a broker, or the nodes of one cluster. Inert until :meth:`MqttConnection.start`."""
 
-    url: BrokerURL
+    urls: tuple[BrokerURL, ...]    # tried in order; on loss of a node, the next one
     username: str | None = None
     password: str | None = None
     ca_file: str | None = None     # CA bundle for mqtts (None: the system store)
@@ -124,7 +139,8 @@ class LinkSettings:
     protocol: Literal["auto", "5", "3.1.1"] = "auto"  # auto: 5, then 3.1.1 if the broker refuses 5
     session_expiry_s: int = 0      # > 0: a persistent session kept this long while offline, s
     reconnect_min_s: float = 0.5   # first reconnect delay, s
-    reconnect_max_s: float = 30.0  # longest reconnect delay, s
+    reconnect_max_s: float = 30.0  # longest reconnect delay (before jitter), s
+    resubscribe_s: float = 2.0     # wait before asking again for a subscription the broker refused, s
     max_inflight: int = 20         # QoS 1 publishes awaiting PUBACK
     will: tuple[str, bytes] | None = None  # retained QoS 1 Last Will (topic, payload)
 
@@ -150,12 +166,19 @@ class MqttConnection:
         self._on_message = on_message
         self._on_published = on_published
         self._on_subscribed = on_subscribed
+        if not settings.urls:
+            raise ConfigError("no broker URL")
+        self._url_index = 0
+        self._attempts = 0  # failed attempts since the last successful connect
+        self._pending_subs: dict[int, list[tuple[str, int]]] = {}  # SUBACK mid -> what it answers
+        self.refused_subscriptions: set[str] = set()  # topics the broker refused and we still retry
         self._protocol = mqtt.MQTTv311 if settings.protocol == "3.1.1" else mqtt.MQTTv5
         self._connected = threading.Event()
         self._answered = threading.Event()  # a CONNACK came, good or bad
         self.failure: str | None = None     # why the broker refused the last attempt
         self._stopping = False
         self._switch_lock = threading.Lock()
+        self._switching = False  # a protocol fall-back is replacing the paho client
         self.connects = 0
         self._client = self._make_client()
 
@@ -166,6 +189,11 @@ class MqttConnection:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def url(self) -> BrokerURL:
+        """The broker node in use (or being tried)."""
+        return self.settings.urls[self._url_index]
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
@@ -178,7 +206,7 @@ class MqttConnection:
                              clean_session=None if v5 else s.session_expiry_s == 0)
         if s.username is not None:
             client.username_pw_set(s.username, s.password)
-        if s.url.tls:
+        if self.url.tls:
             try:
                 client.tls_set(ca_certs=s.ca_file, certfile=s.cert_file, keyfile=s.key_file,
                                cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
@@ -192,6 +220,7 @@ class MqttConnection:
         client.max_inflight_messages_set(s.max_inflight)
         client.max_queued_messages_set(0)
         client.on_connect = self._handle_connect
+        client.on_connect_fail = self._handle_connect_fail
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
         client.on_publish = self._handle_publish
@@ -219,14 +248,19 @@ class MqttConnection:
         Raises:
             TransportError: with ``blocking``, the broker could not be reached.
         """
-        url = self.settings.url
         if blocking:
-            try:
-                self._client.connect(url.host, url.port, **self._connect_kwargs())
-            except (OSError, ssl.SSLError) as exc:
-                raise TransportError(f"cannot reach MQTT broker {url.display()}: {exc}") from exc
+            errors = []
+            for _ in self.settings.urls:  # the first node that answers
+                try:
+                    self._client.connect(self.url.host, self.url.port, **self._connect_kwargs())
+                    break
+                except (OSError, ssl.SSLError) as exc:
+                    errors.append(f"{self.url.display()}: {exc}")
+                    self._url_index = (self._url_index + 1) % len(self.settings.urls)
+            else:
+                raise TransportError(f"cannot reach MQTT broker {'; '.join(errors)}")
         else:
-            self._client.connect_async(url.host, url.port, **self._connect_kwargs())
+            self._client.connect_async(self.url.host, self.url.port, **self._connect_kwargs())
         self._client.loop_start()
 
     def wait_answer(self, timeout: float) -> None:
@@ -237,7 +271,7 @@ class MqttConnection:
         """
         if not self._answered.wait(timeout) or not self.connected:
             why = self.failure or f"no CONNACK within {timeout:g}s"
-            raise TransportError(f"MQTT broker {self.settings.url.display()} refused the connection: {why}")
+            raise TransportError(f"MQTT broker {self.url.display()} refused the connection: {why}")
 
     def set_will(self, payload: bytes) -> None:
         """Replace the Last Will's payload from the next connect on (e.g. after a model change)."""
@@ -272,9 +306,13 @@ class MqttConnection:
         self._subscriptions += new
         if not new or not self.connected:
             return None
-        rc, mid = self._client.subscribe(new)
+        return self._send_subscribe(new)
+
+    def _send_subscribe(self, topics: list[tuple[str, int]]) -> int:
+        rc, mid = self._client.subscribe(topics)
         if rc != mqtt.MQTT_ERR_SUCCESS:
-            raise TransportError(f"subscribe to {self.settings.url.display()} failed: {mqtt.error_string(rc)}")
+            raise TransportError(f"subscribe to {self.url.display()} failed: {mqtt.error_string(rc)}")
+        self._pending_subs[int(mid)] = topics
         return int(mid)
 
     def send(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
@@ -301,20 +339,25 @@ class MqttConnection:
     # -- paho callbacks (paho's thread) -------------------------------------------------------
     def _handle_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
                         properties: Any) -> None:
+        if client is not self._client:
+            return
         if reason_code.is_failure:
             self.failure = str(reason_code)
             value = int(getattr(reason_code, "value", 0))
             if value in _UNSUPPORTED_PROTOCOL and self.settings.protocol == "auto" and self._protocol == mqtt.MQTTv5:
                 log.warning("broker refused MQTT 5 (%s); falling back to 3.1.1", reason_code)
+                self._switching = True
                 threading.Thread(target=self._fall_back, name="mqtt-fallback", daemon=True).start()
                 return
             log.warning("broker refused the connection: %s", reason_code)
             self._answered.set()
             return
         self.failure = None
+        self._attempts = 0
+        client.reconnect_delay_set(self.settings.reconnect_min_s, self.settings.reconnect_max_s)  # type: ignore[arg-type]
         if self._subscriptions:
             # every connect: a broker that lost our session must not leave us without commands
-            client.subscribe(list(self._subscriptions))
+            self._send_subscribe(list(self._subscriptions))
         self.connects += 1
         self._connected.set()
         self._answered.set()
@@ -326,9 +369,30 @@ class MqttConnection:
 
     def _handle_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
                            properties: Any) -> None:
+        if client is not self._client or self._switching:
+            return  # the client being replaced by a protocol fall-back
         self._connected.clear()
         if not self._stopping:
-            log.warning("disconnected from the broker: %s", reason_code)
+            log.warning("disconnected from %s: %s", self.url.display(), reason_code)
+            self._next_attempt()
+
+    def _handle_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        if not self._stopping and client is self._client and not self._switching:
+            self._next_attempt()
+
+    def _next_attempt(self) -> None:
+        """After a lost connection or a failed attempt: the next node, after a jittered backoff.
+
+        Exponential from ``reconnect_min_s`` to ``reconnect_max_s``, times a random 0.5-1.0, so
+        a fleet that lost its broker does not come back all in the same second.
+        """
+        s = self.settings
+        self._attempts += 1
+        if len(s.urls) > 1:
+            self._url_index = (self._url_index + 1) % len(s.urls)
+            self._client.connect_async(self.url.host, self.url.port, **self._connect_kwargs())
+        delay = min(s.reconnect_max_s, s.reconnect_min_s * 2 ** min(self._attempts - 1, 30)) * random.uniform(0.5, 1.0)
+        self._client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]
 
     def _handle_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         if self._on_message is None:
@@ -348,8 +412,29 @@ class MqttConnection:
 
     def _handle_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any,
                           properties: Any) -> None:
+        asked = self._pending_subs.pop(int(mid), [])
+        refused = [topic for (topic, qos), code in zip(asked, reason_codes) if code.is_failure]
+        granted = {topic for topic, _ in asked} - set(refused)
+        self.refused_subscriptions -= granted
+        if refused:
+            # A clustered broker may refuse under load (NATS: 0x80 when it cannot create the
+            # stream behind a QoS 1 subscription in time). Never leave it silently missing.
+            self.refused_subscriptions.update(refused)
+            log.warning("broker %s refused subscription(s) %s; asking again in %gs", self.url.display(),
+                        ", ".join(refused), self.settings.resubscribe_s)
+            retry = [(t, q) for t, q in asked if t in refused]
+            timer = threading.Timer(self.settings.resubscribe_s, self._resubscribe, (retry,))
+            timer.daemon = True
+            timer.start()
         if self._on_subscribed is not None:
             self._on_subscribed(int(mid))
+
+    def _resubscribe(self, topics: list[tuple[str, int]]) -> None:
+        if self.connected and not self._stopping:
+            try:
+                self._send_subscribe(topics)
+            except TransportError as exc:
+                log.warning("%s", exc)
 
     def _fall_back(self) -> None:
         with self._switch_lock:
@@ -358,6 +443,7 @@ class MqttConnection:
             self._client.loop_stop()
             self._protocol = mqtt.MQTTv311
             self._client = self._make_client()
+            self._switching = False
             self.start()
 
 
@@ -370,20 +456,31 @@ class MqttClient:
 
     SESSION_EXPIRY_S = 24 * 3600
 
-    def __init__(self, url: BrokerURL, client_id: str | None = None, persistent: bool = False,
-                 on_message: Callable[[Message], None] | None = None) -> None:
-        self.url = url
+    def __init__(self, urls: BrokerURL | tuple[BrokerURL, ...], client_id: str | None = None,
+                 persistent: bool = False, on_message: Callable[[Message], None] | None = None,
+                 protocol: Literal["auto", "5", "3.1.1"] = "auto") -> None:
+        urls = (urls,) if isinstance(urls, BrokerURL) else tuple(urls)
         self.client_id = client_id or f"edge-fleet-{uuid.uuid4().hex[:10]}"
         self.persistent = persistent
         self.messages: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self._closed = False
         self._acked: set[int] = set()
         self._ack_cond = threading.Condition()
-        settings = LinkSettings(url=url, username=url.username, password=url.password, protocol="5",
+        settings = LinkSettings(urls=urls, username=urls[0].username, password=urls[0].password, protocol=protocol,
                                 session_expiry_s=self.SESSION_EXPIRY_S if persistent else 0,
                                 max_inflight=1000)
         self._link = MqttConnection(settings, self.client_id, on_message=on_message or self.messages.put,
                                     on_subscribed=self._on_subscribed)
+
+    @property
+    def url(self) -> BrokerURL:
+        """The broker node in use."""
+        return self._link.url
+
+    @property
+    def protocol(self) -> str:
+        """The MQTT version the broker accepted: "5" or "3.1.1"."""
+        return self._link.protocol
 
     def _on_subscribed(self, mid: int) -> None:
         with self._ack_cond:
@@ -405,7 +502,13 @@ class MqttClient:
         return self
 
     def subscribe(self, topics: Iterable[str], qos: int = 1, timeout: float = 5.0) -> None:
-        """Subscribe and wait for the SUBACK, so retained messages are on their way on return."""
+        """Subscribe and wait until the broker granted it, so retained messages are on their way.
+
+        Raises:
+            TransportError: no SUBACK, or the broker still refuses a topic after ``timeout``.
+        """
+        topics = list(topics)
+        deadline = time.monotonic() + timeout
         mid = self._link.subscribe(topics, qos)
         if mid is None:
             return
@@ -413,6 +516,11 @@ class MqttClient:
             if not self._ack_cond.wait_for(lambda: mid in self._acked, timeout):
                 raise TransportError(f"no SUBACK from {self.url.display()} within {timeout:g}s")
             self._acked.discard(mid)
+        while refused := self._link.refused_subscriptions & set(topics):  # the link asks again by itself
+            if time.monotonic() > deadline:
+                raise TransportError(f"broker {self.url.display()} refused the subscription to "
+                                     f"{', '.join(sorted(refused))}")
+            time.sleep(0.05)
 
     def publish(self, topic: str, payload: dict[str, Any] | bytes, qos: int = 1, retain: bool = False,
                 response_topic: str | None = None, correlation: bytes | None = None) -> mqtt.MQTTMessageInfo:
@@ -450,7 +558,10 @@ class MqttClient:
         self.close()
 
 
-def connect(url: str, client_id: str | None = None, persistent: bool = False,
+def connect(urls: str | list[str] | tuple[str, ...], client_id: str | None = None, persistent: bool = False,
             on_message: Callable[[Message], None] | None = None, timeout: float = 5.0) -> MqttClient:
-    """Parse ``url`` and return a connected :class:`MqttClient`."""
-    return MqttClient(parse_broker_url(url), client_id, persistent, on_message).connect(timeout)
+    """Parse ``urls`` (one, several, or a comma list) and return a connected :class:`MqttClient`.
+
+    MQTT 5 first, then 3.1.1 when the broker refuses 5; ``client.protocol`` says which.
+    """
+    return MqttClient(parse_broker_urls(urls), client_id, persistent, on_message).connect(timeout)

@@ -1,0 +1,189 @@
+"""The contract on any MQTT engine: Mosquitto (MQTT 5) and NATS's MQTT gateway (3.1.1 only).
+
+Real agents, the real fleet tool and real brokers started by the test on free loopback ports.
+NATS has no MQTT 5 properties (no Response Topic, no Correlation Data, no session expiry), so
+these show that request/reply, retained state, Last Will, persistent sessions and QoS 1 work
+through what both versions define: the reply routing travels in the payload.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgefleet.messages import decode
+from edgefleet.mqtt import connect
+from edgefleet.signing import generate_keypair, load_private_key
+from edgefleet.testing.artifacts import build_artifact
+from edgefleet.testing.broker import MosquittoBroker
+from edgefleet.testing.nats import NatsServer, find_nats_server
+from edgefleet.testing.waiting import wait_for
+from edgefleet.topics import all_devices
+from tests.fleet.conftest import run_cli
+from tests.integration.service_support import AgentProcess, agent_config, broker_files_access
+from tests.support.models import OTA_MODELS
+
+pytestmark = [pytest.mark.agents, pytest.mark.timeout(300)]
+
+N_AGENTS = 10
+PROBATION = {"inferences": 5, "seconds": 1}
+
+
+class Engine:
+    """One broker the test can stop and start again on the same port (an outage)."""
+
+    def __init__(self, kind: str, workdir: Path) -> None:
+        self.kind = kind
+        if kind == "mosquitto":
+            self.server: Any = MosquittoBroker(workdir, extra_config=broker_files_access() + (
+                f"persistence true\npersistence_location {workdir}/\nautosave_interval 1\n"))
+        else:
+            self.server = NatsServer(workdir)
+
+    @property
+    def url(self) -> str:
+        return self.server.url if self.kind == "mosquitto" else self.server.mqtt_url
+
+    @property
+    def protocol(self) -> str:
+        return "5" if self.kind == "mosquitto" else "3.1.1"
+
+    def start(self) -> Engine:
+        self.server.start()
+        if self.kind == "nats":
+            self.server.wait_ready()
+        return self
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+@pytest.fixture(scope="module", params=["mosquitto", "nats"])
+def engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    if request.param == "nats" and find_nats_server() is None:
+        pytest.skip("nats-server is not installed: run scripts/ensure_package.sh nats-server nats-server")
+    eng = Engine(request.param, tmp_path_factory.mktemp(f"engine-{request.param}")).start()
+    yield eng
+    eng.stop()
+
+
+class Collector:
+    """The fleet tool's own MQTT client, as an observer (it negotiates the version too)."""
+
+    def __init__(self, url: str, topics: list[str], client_id: str) -> None:
+        self.seen: list[tuple[str, dict[str, Any], bool]] = []
+        self.client = connect(url, client_id=client_id, persistent=True, on_message=self._on)
+        self.client.subscribe(topics)
+
+    def _on(self, msg: Any) -> None:
+        try:
+            self.seen.append((msg.topic, decode(msg.payload), msg.retain))
+        except ValueError:
+            pass
+
+    def bodies(self, suffix: str) -> list[dict[str, Any]]:
+        return [b for t, b, _ in list(self.seen) if t.endswith(suffix)]
+
+    def close(self) -> None:
+        self.client.close(end_session=True)
+
+
+def test_the_fleet_tool_negotiates_the_version_the_broker_speaks(engine: Engine) -> None:
+    client = connect(engine.url, client_id="negotiate")
+    try:
+        assert client.protocol == engine.protocol
+    finally:
+        client.close()
+
+
+def test_telemetry_survives_a_broker_outage_without_a_seq_gap(engine: Engine, tmp_path: Path) -> None:
+    agent = AgentProcess(tmp_path / "agent", agent_config(
+        tmp_path / "agent", engine.url, device_id=f"out-{engine.kind}", telemetry={"interval_s": 0.25})).start()
+    obs = Collector(engine.url, [all_devices("telemetry")], client_id=f"obs-outage-{engine.kind}")
+
+    def seqs() -> list[int]:
+        return [b["seq"] for b in obs.bodies(f"out-{engine.kind}/telemetry")]
+
+    try:
+        wait_for(lambda: len(seqs()) >= 3, 30, what="telemetry before the outage")
+        engine.stop()
+        time.sleep(5)
+        last_before = max(seqs())
+        engine.start()
+        wait_for(lambda: seqs() and max(seqs()) >= last_before + 25, 60, what="drain after the outage")
+        got = sorted(set(seqs()))
+        assert got == list(range(got[0], got[-1] + 1)), f"telemetry seq has a gap: {got}"
+        assert agent.terminate() == 0
+    finally:
+        obs.close()
+        agent.stop_quietly()
+
+
+def _versions(url: str, group: str) -> dict[str, str | None]:
+    r = run_cli("devices", "--broker", url, "--json")
+    assert r.returncode == 0, r.stderr
+    return {d["device_id"]: (d["model"] or {}).get("version") for d in json.loads(r.stdout)
+            if d["online"] and d["group"] == group}
+
+
+def test_canary_rollout_abort_and_operator_rollback_on_10_real_agents(engine: Engine, tmp_path: Path) -> None:
+    group = f"fleet-{engine.kind}"
+    key_path, pub_path = generate_keypair(tmp_path / "keys")
+    key = load_private_key(key_path)
+    v1 = build_artifact(OTA_MODELS / "clf_a.tflite", tmp_path / "v1", version="1", key=key, golden_samples=2,
+                        probation=PROBATION)
+    v2 = build_artifact(OTA_MODELS / "clf_a2.tflite", tmp_path / "v2", version="2", golden_samples=2,
+                        probation=PROBATION)
+    broken = build_artifact(OTA_MODELS / "nan.tflite", tmp_path / "v3", version="3", golden_samples=2,
+                            new_contract=True, probation=PROBATION)
+    agents = [AgentProcess(tmp_path / f"a{i}", agent_config(
+        tmp_path / f"a{i}", engine.url, device_id=f"{group}-{i:02d}", group=group, model=v1.dir,
+        trusted_keys=[str(pub_path)], telemetry={"interval_s": 30})).start() for i in range(N_AGENTS)]
+    obs = Collector(engine.url, [all_devices("events")], client_id=f"obs-installs-{engine.kind}")
+    data = str(tmp_path / "data")
+    common = ["--broker", engine.url, "--group", group, "--canary", "2", "--wave-base", "4",
+              "--sign-key", str(key_path), "--serve", "127.0.0.1:0", "--device-timeout", "90",
+              "--json", "--data-dir", data]
+    try:
+        wait_for(lambda: len(_versions(engine.url, group)) == N_AGENTS, 120, interval=1.0,
+                 what=f"{N_AGENTS} agents online on {engine.kind}")
+
+        good = run_cli("deploy", str(v2.dir), *common, timeout=200)
+        assert good.returncode == 0, good.stdout + good.stderr + agents[0].log()[-3000:]
+        summary = json.loads(good.stdout)
+        assert summary["state"] == "SUCCEEDED" and summary["counts"]["SUCCEEDED"] == N_AGENTS
+        wait_for(lambda: set(_versions(engine.url, group).values()) == {"2"}, 30, interval=1.0,
+                 what="every agent reporting version 2")
+        commits = [b for b in obs.bodies("/events") if b.get("state") == "committed" and b.get("version") == "2"]
+        assert len({b.get("rollout_id") for b in commits}) == 1
+        assert len(commits) == N_AGENTS, "each device installs v2 exactly once"
+
+        bad = run_cli("deploy", str(broken.dir), *common, timeout=200)
+        assert bad.returncode == 1, bad.stdout + bad.stderr
+        summary = json.loads(bad.stdout)
+        assert summary["state"] == "ABORTED"
+        assert [e["state"] for e in summary["executions"]][2:] == ["CANCELED"] * (N_AGENTS - 2)
+        assert set(_versions(engine.url, group).values()) == {"2"}
+
+        back = run_cli("rollback", "--broker", engine.url, "--group", group, "--wait", "--json",
+                       "--device-timeout", "90", "--data-dir", data, timeout=200)
+        assert back.returncode == 0, back.stdout + back.stderr
+        assert json.loads(back.stdout)["counts"]["SUCCEEDED"] == N_AGENTS
+        wait_for(lambda: set(_versions(engine.url, group).values()) == {"1"}, 30, interval=1.0,
+                 what="every agent back on version 1")
+    finally:
+        obs.close()
+        for a in agents:
+            if a.proc and a.proc.poll() is None:
+                a.proc.terminate()
+        for a in agents:
+            try:
+                a.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                a.stop_quietly()
