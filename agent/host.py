@@ -98,20 +98,27 @@ class ModelHost:
         self._swaps = 0
 
     def set_cache(self, cache: Any) -> None:
-        """Cache setting for engines built from now on; the caller re-activates to apply it now."""
+        """Cache setting for engines built from now on; the caller re-activates to apply it now.
+
+        A model whose manifest says ``cache_allowed: false`` never gets a cache, whatever this says.
+        """
         self._cache = cache
 
     # -- building -----------------------------------------------------------------------------
     def _build(self, model_path: Path, manifest: Manifest | None, name: str | None = None) -> _Generation:
         from agent.engine import Engine  # lazy: importing agent.host stays cheap
 
+        # A slot's model file carries no manifest, so the engine cannot see cache_allowed: apply it here.
+        forbidden = manifest is not None and not manifest.cache_allowed
         try:
-            engine = Engine(str(model_path), profile=self.profile, threads=self._threads, cache=self._cache,
-                            **self._engine_kwargs)
+            engine = Engine(str(model_path), profile=self.profile, threads=self._threads,
+                            cache=None if forbidden else self._cache, **self._engine_kwargs)
         except ModelError:
             raise
         except Exception as exc:  # the runtime's own exceptions: translate at the boundary
             raise ModelError(f"{model_path}: cannot load model: {exc}") from exc
+        if forbidden and self._cache:
+            engine.cache_disabled_reason = "manifest says cache_allowed: false"
         if manifest is None:
             manifest = getattr(engine, "manifest", None)
         return _Generation(engine, manifest, _model_info(engine, manifest, Path(model_path), name))

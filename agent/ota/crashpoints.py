@@ -24,7 +24,7 @@ CRASH_POINTS = (
     "downloaded",           # whole file in staging, not verified yet
     "verified",             # hash/size checked
     "validated",            # child-process validation passed
-    "slot-partial",         # the slot's model file is half written
+    "slot-partial",         # the slot is half built: model in, manifest not yet
     "slot-written",         # slot complete, not yet serving
     "activated",            # new model serving, probation not yet persisted
     "probation",            # inside probation, some inferences observed

@@ -4,9 +4,15 @@
   first byte, and a server sending more than the manifest says is cut off.
 - Resume: a ``.part`` file left by a broken transfer (or a crash) is continued with an HTTP
   ``Range`` request; a server that ignores Range (200) restarts the file from zero.
-- Retries: transport failures (5xx, resets, timeouts) retry with capped exponential backoff; a
-  4xx stops at once (the artifact is not there, or we are not allowed to have it).
-- Timeout: every socket operation has one, so a server that stops sending cannot hang the agent.
+- Retries: transport failures (5xx, resets, timeouts, a too slow transfer) retry with jittered
+  exponential backoff for as long as the last progress is less than ``retry_budget_s`` old, so a
+  network drop of minutes does not fail the update; a 4xx stops at once (the artifact is not
+  there, or we are not allowed to have it).
+- Time: every socket operation has a timeout, an attempt slower than ``min_bytes_per_s`` on
+  average is cut, and the whole download has a deadline, so a server that trickles one byte at a
+  time cannot hold the update (and the device's one OTA worker) for ever.
+- Errors writing the local file (a full disk) are :class:`~agent.ota.slots.StorageError`, never
+  retried as if the network were at fault.
 
 Schemes: ``http://``, ``https://`` (stdlib urllib) and ``file://`` (local mirror, USB stick).
 Nothing downloaded here is trusted: :mod:`agent.ota.verify` checks it before any use.
@@ -15,6 +21,7 @@ Nothing downloaded here is trusted: :mod:`agent.ota.verify` checks it before any
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import time
 import urllib.error
@@ -24,7 +31,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
+from typing import Any
 
+from agent.ota.slots import StorageError
 from edgefleet.errors import ArtifactError, TransportError
 
 __all__ = ["DownloadPolicy", "DownloadResult", "check_space", "download"]
@@ -34,11 +43,15 @@ __all__ = ["DownloadPolicy", "DownloadResult", "check_space", "download"]
 class DownloadPolicy:
     max_bytes: int                 # largest download accepted, bytes (profile.limits.max_download_mb)
     timeout_s: float = 10.0        # per socket operation (connect, each read), s
-    retries: int = 4               # attempts after the first one, for transport errors only
-    backoff_s: float = 0.25        # first retry delay, s; doubles each time
-    backoff_max_s: float = 5.0     # cap on one retry delay, s
+    deadline_s: float = 1800.0     # whole download, every attempt and wait included, s
+    min_bytes_per_s: float = 1024.0  # an attempt slower than this on average is cut (and retried), bytes/s
+    speed_window_s: float = 30.0   # an attempt's average speed is judged once it has run this long, s
+    retry_budget_s: float = 300.0  # transport failures are retried while the last progress is this recent, s
+    retries: int = 100             # attempts after the first one, at most (transport errors only)
+    backoff_s: float = 0.5         # first retry delay, s; doubles each time, each delay x [0.5, 1) jitter
+    backoff_max_s: float = 30.0    # cap on one retry delay, s
     reserve_bytes: int = 16 << 20  # free space that must remain after the download, bytes
-    chunk_bytes: int = 64 << 10    # read size, bytes
+    chunk_bytes: int = 64 << 10    # largest read, bytes
 
 
 @dataclass(frozen=True)
@@ -71,16 +84,20 @@ class _Retry(Exception):
 
 def download(url: str, dest: Path, size: int, policy: DownloadPolicy,
              on_chunk: Callable[[int], None] | None = None,
-             sleep: Callable[[float], None] = time.sleep) -> DownloadResult:
+             sleep: Callable[[float], None] = time.sleep,
+             clock: Callable[[], float] = time.monotonic) -> DownloadResult:
     """Download ``url`` to ``dest`` (``dest`` is complete on return, exactly ``size`` bytes).
 
     The bytes land in ``dest`` + ``.part`` first and are renamed at the end. ``on_chunk(total)``
-    is called after each chunk is written (progress and the crash hook).
+    is called after each chunk is written (progress, the crash hook, cancellation: whatever it
+    raises ends the download, the ``.part`` file stays). ``sleep`` waits between attempts.
 
     Raises:
         ArtifactError: oversize or not enough space (before starting), or the server sent more
             bytes than the manifest says.
-        TransportError: a 4xx, an unsupported scheme, or transport failures after every retry.
+        TransportError: a 4xx, an unsupported scheme, the deadline, or transport failures for
+            longer than the retry budget.
+        StorageError: the local file cannot be written (full disk, I/O error).
     """
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
@@ -94,27 +111,42 @@ def download(url: str, dest: Path, size: int, policy: DownloadPolicy,
         part.unlink()
         have = 0
     check_space(size, have, dest.parent, policy)
-    resumed_from, attempts, delay = have, 0, policy.backoff_s
+    started = clock()
+    clocks = _Clocks(clock, started + policy.deadline_s, started)
+    resumed_from, attempts = have, 0
     while True:
         attempts += 1
         try:
-            have = _attempt(url, scheme, part, size, policy, on_chunk)
+            have = _attempt(url, scheme, part, size, policy, on_chunk, clocks)
             if have == size:
                 break
             raise _Retry(f"transfer ended at {have} of {size} bytes")
         except _Retry as exc:
-            if attempts > policy.retries:
-                raise TransportError(f"download of {url} failed after {attempts} attempts: {exc}") from None
-            sleep(min(delay, policy.backoff_max_s))
-            delay *= 2
-    with open(part, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(part, dest)
+            now = clock()
+            delay = min(policy.backoff_s * 2 ** (attempts - 1), policy.backoff_max_s) * (0.5 + random.random() / 2)
+            if (attempts > policy.retries or now + delay - clocks.last_progress > policy.retry_budget_s
+                    or now + delay > clocks.deadline):
+                raise TransportError(f"download of {url} failed after {attempts} attempts in "
+                                     f"{now - started:.0f} s: {exc}") from None
+            sleep(delay)
+    try:
+        with open(part, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(part, dest)
+    except OSError as exc:
+        raise StorageError(f"cannot keep the downloaded file: {exc.strerror or exc}") from exc
     return DownloadResult(dest, size, attempts, resumed_from)
 
 
+@dataclass
+class _Clocks:
+    now: Callable[[], float]
+    deadline: float       # on ``now``'s scale
+    last_progress: float  # when the last byte arrived (the retry budget counts from it)
+
+
 def _attempt(url: str, scheme: str, part: Path, size: int, policy: DownloadPolicy,
-             on_chunk: Callable[[int], None] | None) -> int:
+             on_chunk: Callable[[int], None] | None, clocks: _Clocks) -> int:
     have = part.stat().st_size if part.exists() else 0
     if have == size:
         return have
@@ -123,14 +155,19 @@ def _attempt(url: str, scheme: str, part: Path, size: int, policy: DownloadPolic
         if not path.is_file():
             raise TransportError(f"artifact not found: {path}")
         try:
-            with open(path, "rb") as src:
-                src.seek(have)
-                return _copy(src, part, have, size, policy, on_chunk, append=True)
+            src = open(path, "rb")  # noqa: SIM115 (closed below; open errors are the source's)
         except OSError as exc:
             raise TransportError(f"cannot read {path}: {exc}") from exc
+        with src:
+            src.seek(have)
+            got = _copy(src, part, have, size, policy, on_chunk, True, clocks)
+        if got < size:  # a local file does not grow by waiting
+            raise TransportError(f"transfer ended at {got} of {size} bytes: {path.name} is shorter than the manifest says")
+        return got
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
-        response = urllib.request.urlopen(request, timeout=policy.timeout_s)
+        response = urllib.request.urlopen(request, timeout=min(policy.timeout_s,
+                                                                max(clocks.deadline - clocks.now(), 0.1)))
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and have:
             part.unlink(missing_ok=True)  # our partial file does not fit the server's: start over
@@ -143,25 +180,46 @@ def _attempt(url: str, scheme: str, part: Path, size: int, policy: DownloadPolic
         raise _Retry(f"{type(exc).__name__}: {reason}") from None
     with response:
         append = bool(have) and response.status == 206
-        if not append:
-            have = 0
-        try:
-            return _copy(response, part, have, size, policy, on_chunk, append=append)
-        except (TimeoutError, ConnectionError, HTTPException, OSError) as exc:
-            raise _Retry(f"transfer broken: {type(exc).__name__}: {exc}") from None
+        return _copy(response, part, have if append else 0, size, policy, on_chunk, append, clocks)
 
 
-def _copy(src, part: Path, have: int, size: int, policy: DownloadPolicy,
-          on_chunk: Callable[[int], None] | None, append: bool) -> int:
-    with open(part, "ab" if append else "wb") as out:
+def _copy(src: Any, part: Path, have: int, size: int, policy: DownloadPolicy,
+          on_chunk: Callable[[int], None] | None, append: bool, clocks: _Clocks) -> int:
+    """Append what ``src`` sends to ``part``; read faults are the network's, write faults the disk's."""
+    read = getattr(src, "read1", src.read)  # read1: return what has arrived, so slowness is seen
+    start, first = clocks.now(), have
+    try:
+        out = open(part, "ab" if append else "wb")  # noqa: SIM115 (closed below)
+    except OSError as exc:
+        raise StorageError(f"cannot write the download: {exc.strerror or exc}") from exc
+    with out:
         while True:
-            block = src.read(min(policy.chunk_bytes, size - have + 1))
+            try:
+                block = read(min(policy.chunk_bytes, size - have + 1))
+            except (TimeoutError, ConnectionError, HTTPException, OSError) as exc:
+                raise _Retry(f"transfer broken: {type(exc).__name__}: {exc}") from None
             if not block:
                 return have
             have += len(block)
             if have > size:
                 raise ArtifactError(f"server sent more than the manifest's {size} bytes; refusing the artifact")
-            out.write(block)
-            if on_chunk is not None:
+            try:
+                out.write(block)
                 out.flush()
+            except OSError as exc:
+                raise StorageError(f"cannot write the download: {exc.strerror or exc}") from exc
+            if on_chunk is not None:
                 on_chunk(have)
+            clocks.last_progress = clocks.now()
+            _check_pace(clocks, start, have - first, size - have, policy)
+
+
+def _check_pace(clocks: _Clocks, start: float, got: int, left: int, policy: DownloadPolicy) -> None:
+    """Raises TransportError past the deadline, _Retry when this attempt is too slow on average."""
+    now = clocks.now()
+    if now > clocks.deadline and left:
+        raise TransportError(f"download deadline of {policy.deadline_s:g} s passed with {left} bytes still to go")
+    elapsed = now - start
+    if elapsed >= policy.speed_window_s and left and got / elapsed < policy.min_bytes_per_s:
+        raise _Retry(f"too slow: {got / elapsed:.0f} bytes/s over {elapsed:.0f} s, expected at least "
+                     f"{policy.min_bytes_per_s:g}")

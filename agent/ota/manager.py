@@ -29,8 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from agent.ota.commands import (
+    RollbackRequest,
     UpdateRequest,
     admit_update,
+    claimed_ids,
     load_command,
     parse_rollback,
     parse_update,
@@ -41,9 +43,16 @@ from agent.ota.commands import (
 from agent.ota.crashpoints import crash_point
 from agent.ota.download import DownloadPolicy, DownloadResult, download
 from agent.ota.probation import run_probation
-from agent.ota.recovery import BootAction, plan_boot, serving_order, with_served
-from agent.ota.slots import Journal, Outcome, Pending, SlotStore, slot_name
-from agent.ota.verify import DeviceFacts, check_contract, check_manifest, check_report, contract_of
+from agent.ota.recovery import MAX_BOOTS, RESUMABLE, BootAction, journal_from_slots, plan_boot, serving_order
+from agent.ota.slots import Journal, Outcome, Pending, SlotStore, StorageError, slot_name
+from agent.ota.verify import (
+    DeviceFacts,
+    check_contract,
+    check_manifest,
+    check_report,
+    check_rollback,
+    contract_of,
+)
 from agent.ota.worker import Worker
 from edgefleet.errors import ArtifactError, ConfigError, EdgefleetError, ModelError, TransportError
 from edgefleet.manifest import (
@@ -56,12 +65,21 @@ from edgefleet.manifest import (
 )
 from edgefleet.messages import OtaState
 from edgefleet.profiles import Profile, load_profile
+from edgefleet.signing import verify_manifest
+from edgefleet.statements import NonceLedger
 
 __all__ = ["OtaManager"]
 
 log = logging.getLogger(__name__)
 
 _SERVING_CHANGED = frozenset({OtaState.COMMITTED, OtaState.ROLLED_BACK})
+NONCES_NAME = "statements.json"
+"""Burnt nonces of accepted rollback statements, beside the journal."""
+_SLOT_READ_TRIES = (0.05, 0.2, 0.5)  # waits before re-reading a slot that failed to load at boot, s
+
+
+class Canceled(Exception):
+    """A ``cancel`` command stopped the update in flight (it ends ``failed``)."""
 
 
 def _slot_label(slot: str) -> str:
@@ -88,19 +106,29 @@ class OtaManager:
             persisted transition (the service adds seq/ts and publishes it). Must not block long.
         keep_versions: committed versions kept on disk (>= 2: current and previous).
         reserve_free_mb: free disk space that must remain after a download, MB.
-        download_timeout_s, download_retries, backoff_s: see :class:`~agent.ota.download.DownloadPolicy`.
+        download_timeout_s, download_retries, backoff_s: see :class:`~agent.ota.download.DownloadPolicy`
+            (``download_retries`` None: the policy's cap; the retry *time* budget is what bounds it).
+        download_policy: the whole download policy instead (its ``max_bytes`` is capped by the profile).
         validate_timeout_s: limit for the child-process validation, s.
         golden_traffic: golden samples run through the live path at the start of probation.
         on_serving_changed: called once a ``committed`` or ``rolled_back`` outcome of an update or
             rollback has been reported, i.e. the served model changed (also when boot re-reports
             one). Exceptions are logged, never raised; like ``emit_event`` it must be quick.
+        device_id, group, fleet: who this device is: manifests naming another fleet or group are
+            refused, and a rollback statement must name this device or its group.
+        max_boots: boots in a row that may find the same work in the same state before it is
+            given up as a crash loop.
+        clock: epoch seconds (manifest expiry, statement expiry); tests pass a fake one.
     """
 
     def __init__(self, state_dir: Path, profile: Profile, trusted_keys: list[Any], host: Any,
                  emit_event: Callable[[dict[str, Any]], None], *, keep_versions: int = 3,
-                 reserve_free_mb: float = 16.0, download_timeout_s: float = 10.0, download_retries: int = 4,
-                 backoff_s: float = 0.25, validate_timeout_s: float = 60.0, golden_traffic: int = 8,
-                 on_serving_changed: Callable[[], None] | None = None) -> None:
+                 reserve_free_mb: float = 16.0, download_timeout_s: float = 10.0,
+                 download_retries: int | None = None, backoff_s: float = 0.5, validate_timeout_s: float = 60.0,
+                 golden_traffic: int = 8, on_serving_changed: Callable[[], None] | None = None,
+                 download_policy: DownloadPolicy | None = None, device_id: str = "device",
+                 group: str = "default", fleet: str | None = None, max_boots: int = MAX_BOOTS,
+                 clock: Callable[[], float] = time.time) -> None:
         if keep_versions < 2:
             raise ConfigError(f"keep_versions must be >= 2 (current and previous), got {keep_versions}")
         self.profile = profile
@@ -111,14 +139,24 @@ class OtaManager:
         self.keep_versions = keep_versions
         self.validate_timeout_s = validate_timeout_s
         self.golden_traffic = golden_traffic
-        self.policy = DownloadPolicy(
-            max_bytes=int(profile.limits.max_download_mb * 1024 * 1024), timeout_s=download_timeout_s,
-            retries=download_retries, backoff_s=backoff_s, reserve_bytes=int(reserve_free_mb * 1024 * 1024))
+        self.device_id, self.group, self.fleet = device_id, group, fleet
+        self.max_boots = max_boots
+        self._clock = clock
+        max_bytes = int(profile.limits.max_download_mb * 1024 * 1024)
+        if download_policy is None:
+            download_policy = DownloadPolicy(max_bytes=max_bytes, timeout_s=download_timeout_s, backoff_s=backoff_s,
+                                             reserve_bytes=int(reserve_free_mb * 1024 * 1024))
+            if download_retries is not None:
+                download_policy = replace(download_policy, retries=download_retries)
+        self.policy = replace(download_policy, max_bytes=min(download_policy.max_bytes, max_bytes))
         self.store = SlotStore(Path(state_dir))
         self._lock = threading.RLock()  # guards the journal (command threads vs the worker)
         self._journal = Journal()
         self._idle = threading.Condition(self._lock)
         self._worker = Worker(self._idle, self._job_failed)
+        self._cancel: str | None = None  # rollout id a cancel command asked to stop
+        self._wake = threading.Event()   # ends a retry wait early (cancel, close)
+        self._trial: str | None = None   # slot serving on probation, not committed yet
         self.timeline: list[tuple[float, str, str]] = []  # (monotonic s, version, state), for benchmarks
         self.last_revert_s: float | None = None
         self.boot_error: str | None = None
@@ -129,18 +167,23 @@ class OtaManager:
 
         Returns the served model's info, or None when nothing is installed yet or no kept slot can
         be loaded (then ``status()["boot_error"]`` says why, and the agent stays reachable so the
-        fleet can send a fix instead of the device crash-looping).
-
-        Raises:
-            ConfigError: the journal is unreadable.
+        fleet can send a fix instead of the device crash-looping). A damaged journal is set aside
+        and rebuilt from the slots that still verify (reported as ``boot_error`` and a
+        ``model_error`` event), never silently replaced by an empty one.
         """
         with self._lock:
-            self._journal = self.store.read_journal()
+            try:
+                self._journal = self.store.read_journal()
+            except ConfigError as exc:
+                self._journal = self._rebuild_journal(str(exc))
             p = self._journal.pending
-            command = load_command(self.store, p.rollout_id) if p is not None and p.kind == "update" else None
-            plan = plan_boot(self._journal, command)
+            command = (load_command(self.store, p.rollout_id, self.trusted_keys)
+                       if p is not None and p.kind == "update" else None)
+            plan = plan_boot(self._journal, command, self.max_boots)
+            if plan.journal is not None:
+                self._persist(plan.journal, best_effort=True)  # count this boot before resuming
             if plan.outcome is not None:
-                self._finish(plan.outcome, plan.reason)
+                self._finish(plan.outcome, plan.reason, best_effort=True)
             self.store.prune(plan.keep_slots, plan.keep_staging)
             info = self._activate_committed()
             self._report_outcome()
@@ -161,6 +204,7 @@ class OtaManager:
 
         Raises:
             ArtifactError / ModelError: the file is missing, does not match its manifest or cannot load.
+            StorageError: the disk is full or failed.
         """
         path = Path(path)
         with self._lock:
@@ -171,7 +215,7 @@ class OtaManager:
                 manifest, raw, sig = load_manifest(path)
                 if sig is not None:
                     check_manifest(UpdateRequest("initial", manifest, raw, sig, path.as_uri()),
-                                   DeviceFacts(self.profile, self.trusted_keys, None, None), _resolve_profile)
+                                   replace(self._facts(), floor=None), _resolve_profile)
                 model = path / manifest.model.file
                 if not model.is_file():
                     raise ArtifactError(f"{path}: manifest names {manifest.model.file}, which is missing")
@@ -200,10 +244,19 @@ class OtaManager:
 
         Raises:
             ConfigError: malformed command, or another update/rollback is in flight.
-            ArtifactError / SignatureError: refused before any download (bad signature, not newer
-                than the committed version, wrong device, oversize); a ``rejected`` event is sent too.
+            ArtifactError / SignatureError: refused before any download (bad signature, not plain
+                JSON, expired or meant for another fleet/group, not above the anti-downgrade
+                floor, wrong device, oversize); a ``rejected`` event is sent too when the command
+                could be parsed.
+            StorageError: the command cannot be kept (full disk).
         """
-        req = parse_update(cmd)
+        try:
+            req = parse_update(cmd, self.trusted_keys)
+        except ArtifactError as exc:  # unsigned, forged or not plain JSON: say so, touch nothing
+            ids = claimed_ids(cmd)
+            if ids is not None:
+                self._emit(*ids, OtaState.REJECTED, reason=str(exc))
+            raise
         with self._lock:
             duplicate = admit_update(self._journal, req)
             if duplicate is not None:
@@ -213,10 +266,15 @@ class OtaManager:
             except ArtifactError as exc:
                 self._report_rejection(req.rollout_id, req.version, str(exc))
                 raise
-            save_command(self.store, req)
-            j = self._journal
-            self._persist(j.with_pending(Pending("update", req.rollout_id, req.version, OtaState.QUEUED,
-                                                 from_slot=j.active)))
+            try:
+                save_command(self.store, req)
+                j = self._journal
+                self._persist(j.with_pending(Pending("update", req.rollout_id, req.version, OtaState.QUEUED,
+                                                     from_slot=j.active)))
+            except StorageError:
+                self.store.prune(self._journal.kept)  # nothing of it may linger on a full disk
+                raise
+            self._cancel = None
             self._emit(req.rollout_id, req.version, OtaState.QUEUED)
             crash_point("queued")
         self._worker.start()
@@ -227,8 +285,13 @@ class OtaManager:
     def handle_rollback(self, cmd: dict[str, Any]) -> dict[str, Any]:
         """Roll back to the previous kept version, or to ``cmd["to"]`` if it is still kept.
 
+        Below the anti-downgrade floor the command must carry a signed rollback statement
+        (``statement``, ``statement_signature``) for this device or its group and that version;
+        its nonce is burnt, so it works once. The floor itself never goes down.
+
         Raises:
             ConfigError: malformed, busy, or that version is not kept on this device.
+            SignatureError / ArtifactError: below the floor without a valid, unused statement.
         """
         req = parse_rollback(cmd)
         with self._lock:
@@ -236,7 +299,8 @@ class OtaManager:
             refuse_busy(j)
             try:
                 target, version = rollback_target(j, req)
-            except ConfigError as exc:
+                self._authorize_rollback(req, version)
+            except EdgefleetError as exc:
                 self._emit(req.rollout_id, req.to or "", OtaState.FAILED, reason=str(exc), rollback=True)
                 raise
             self._persist(j.with_pending(Pending("rollback", req.rollout_id, version, OtaState.INSTALLING,
@@ -247,8 +311,30 @@ class OtaManager:
         return {"accepted": True, "state": OtaState.INSTALLING.value, "rollout_id": req.rollout_id,
                 "version": version}
 
+    def handle_cancel(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Stop the update in flight before it is installed; it ends ``failed`` ("canceled by command").
+
+        ``cmd["rollout_id"]`` (optional) names the update meant. The download stops at its next
+        chunk or retry wait, validation at its end; an update already installing or in probation
+        cannot be canceled (send a rollback once it ends).
+
+        Raises:
+            ConfigError: nothing (or another rollout) is in flight, or it is too late to cancel.
+        """
+        rid = cmd.get("rollout_id") if isinstance(cmd, dict) else None
+        with self._lock:
+            p = self._journal.pending
+            if p is None or (rid is not None and rid != p.rollout_id):
+                raise ConfigError(f"nothing to cancel: {rid or 'no update'} is not in flight")
+            if p.kind != "update" or p.state not in RESUMABLE:
+                raise ConfigError(f"too late to cancel: {p.kind} {p.rollout_id} is {p.state.value}; "
+                                  "send a rollback once it ends")
+            self._cancel = p.rollout_id
+            self._wake.set()
+        return {"accepted": True, "state": p.state.value, "rollout_id": p.rollout_id, "canceling": True}
+
     def status(self) -> dict[str, Any]:
-        """Active version, kept versions, what is in flight and the last outcome."""
+        """Active version, kept versions, the anti-downgrade floor, what is in flight and the last outcome."""
         with self._lock:
             j = self._journal
             records = j.to_json()  # pending and outcome with their states as plain strings
@@ -256,6 +342,7 @@ class OtaManager:
                 "active": {"slot": j.active, "version": self._version(j.active)} if j.active else None,
                 "serving": self.host.model_info,
                 "kept": [{"slot": s, "version": self._version(s)} for s in j.history],
+                "floor": j.floor,
                 "pending": records["pending"],
                 "last": records["outcome"],
                 "boot_error": self.boot_error,
@@ -274,14 +361,28 @@ class OtaManager:
 
     def close(self) -> None:
         """Stop the worker; an update in flight stays in the journal for the next boot."""
+        self._wake.set()
         self._worker.close()
 
     # ================================================================== the update
     def _run_update(self, req: UpdateRequest) -> None:
+        """The update job: faults that are nobody's artifact (full disk, cancel) end it ``failed``."""
+        self._wake.clear()
+        try:
+            self._update(req)
+        except Canceled:
+            self._abandon(OtaState.FAILED, "canceled by command")
+        except StorageError as exc:
+            self._abandon(OtaState.FAILED, str(exc))
+
+    def _update(self, req: UpdateRequest) -> None:
         m = req.manifest
         staging = self.store.staging_dir(req.rollout_id)
-        staging.mkdir(parents=True, exist_ok=True)
         staged = staging / m.model.file
+        try:
+            staging.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create the staging directory: {exc.strerror or exc}") from exc
         try:
             # A resumed update restarts at downloading from wherever it was (a move the table allows).
             self._step(OtaState.DOWNLOADING)
@@ -299,6 +400,7 @@ class OtaManager:
                 self._download(req, staged)
                 check_model_file(staged, m.model, f"downloaded {m.model.file}")
             crash_point("verified")
+            self._check_cancel(req.rollout_id)
             self._step(OtaState.VALIDATING)
             check_contract(m, self._active_contract())
             from agent.validation import validate_model
@@ -306,13 +408,14 @@ class OtaManager:
             report = validate_model(staged, profile=self.profile, manifest=m, timeout_s=self.validate_timeout_s)
             check_report(report)
             crash_point("validated")
+            self._check_cancel(req.rollout_id)
         except (ArtifactError, TransportError, ConfigError, ModelError) as exc:
             self._finish(OtaState.REJECTED, str(exc))
             self.store.prune(self._journal.kept)
             return
         slot = slot_name(m.name, m.version, m.model.sha256)
         self._step(OtaState.INSTALLING, slot=slot)
-        self.store.install(slot, staged, req.raw, req.signature, crash=crash_point)
+        self.store.install(slot, staged, req.raw, req.signature, crash=crash_point, move=True)
         crash_point("slot-written")
         try:
             self.host.activate(self.store.model_path(slot), m, keep_previous=True)
@@ -320,6 +423,7 @@ class OtaManager:
             self._finish(OtaState.FAILED, f"cannot activate: {exc}")
             self.store.prune(self._journal.kept)
             return
+        self._trial = slot
         crash_point("activated")
         self._step(OtaState.PROBATION)
         verdict, counters = run_probation(self.host, m, self.profile, self.golden_traffic,
@@ -330,16 +434,19 @@ class OtaManager:
             outcome = Outcome(req.rollout_id, m.version, OtaState.COMMITTED, verdict.reason)
             with self._lock:
                 self._persist(self._journal.committed(slot, m.version, self.keep_versions, outcome))
+                self._trial = None
             crash_point("commit-after-journal")
             self.host.release_previous()
             self._report_outcome(details=details)
         else:
             if self.host.previous_info is None:  # nothing committed before: nothing to return to
+                self._trial = None
                 self._finish(OtaState.FAILED, "probation failed and there is no previous model to return "
                              f"to: {verdict.reason}", details=details)
                 return
             t0 = time.perf_counter()
             self.host.revert()
+            self._trial = None
             self.last_revert_s = time.perf_counter() - t0
             crash_point("rollback-reverted")
             self._finish(OtaState.ROLLED_BACK, verdict.reason, details=details)
@@ -353,10 +460,32 @@ class OtaManager:
                 first[0] = False
                 crash_point("download-partial")
             self._worker.check_stop()
+            self._check_cancel(req.rollout_id)
 
-        return download(req.url, staged, req.manifest.model.size, self.policy, on_chunk=on_chunk)
+        def pause(seconds: float) -> None:
+            self._wake.wait(seconds)
+            self._worker.check_stop()
+            self._check_cancel(req.rollout_id)
+
+        return download(req.url, staged, req.manifest.model.size, self.policy, on_chunk=on_chunk, sleep=pause)
+
+    def _check_cancel(self, rollout_id: str) -> None:
+        """Raises Canceled once a cancel command named this update."""
+        if self._cancel == rollout_id:
+            raise Canceled()
 
     # ================================================================== rollback command
+    def _authorize_rollback(self, req: RollbackRequest, version: str) -> None:
+        """Below the floor: verify the rollback statement and burn its nonce (it works once)."""
+        facts = self._facts()
+        statement = check_rollback(req, version, facts)
+        if statement is not None:
+            try:
+                ledger = NonceLedger(self.store.root / NONCES_NAME)
+                ledger.consume(statement, facts.now)
+            except OSError as exc:
+                raise StorageError(f"cannot record the statement's nonce: {exc.strerror or exc}") from exc
+
     def _run_rollback(self) -> None:
         with self._lock:
             p = self._journal.pending
@@ -366,20 +495,21 @@ class OtaManager:
         try:
             manifest = self._slot_manifest(slot)
             self.host.activate(self.store.model_path(slot), manifest, name=_slot_label(slot))
-        except EdgefleetError as exc:
+        except (EdgefleetError, OSError) as exc:
             self._finish(OtaState.FAILED, f"cannot activate version {p.version}: {exc}", rollback=True)
             return
         crash_point("operator-rollback")
         outcome = Outcome(p.rollout_id, p.version, OtaState.COMMITTED, rollback=True)
         with self._lock:
-            self._persist(self._journal.committed(slot, p.version, self.keep_versions, outcome))
+            # Best effort: the target serves now; if the disk refuses the write, the rollback
+            # still in the journal on disk is finished again at the next boot.
+            self._persist(self._journal.committed(slot, p.version, self.keep_versions, outcome), best_effort=True)
         self._report_outcome()
 
     # ================================================================== helpers
     def _facts(self) -> DeviceFacts:
-        j = self._journal
-        return DeviceFacts(self.profile, self.trusted_keys, self._version(j.active) if j.active else None,
-                           self.host.manifest)
+        return DeviceFacts(self.profile, self.trusted_keys, self._journal.floor, self.host.manifest, self._clock(),
+                           device_id=self.device_id, group=self.group, fleet=self.fleet)
 
     def _active_contract(self) -> Any:
         if self.host.manifest is not None:
@@ -396,9 +526,19 @@ class OtaManager:
         path = self.store.slot_dir(slot) / MANIFEST_NAME
         return parse_manifest(path.read_bytes(), str(path)) if path.is_file() else None
 
-    def _persist(self, journal: Journal) -> None:
+    def _persist(self, journal: Journal, best_effort: bool = False) -> None:
+        """Write the journal, then adopt it. ``best_effort``: adopt it even if the disk refuses it.
+
+        Raises:
+            StorageError: the write failed and ``best_effort`` is False.
+        """
         with self._lock:
-            self.store.write_journal(journal)
+            try:
+                self.store.write_journal(journal)
+            except StorageError as exc:
+                if not best_effort:
+                    raise
+                log.error("%s; going on with the journal in memory only", exc)
             self._journal = journal
             self._idle.notify_all()
 
@@ -407,6 +547,9 @@ class OtaManager:
         self.timeline.append((time.monotonic(), version, state.value))
         event = {"event": "ota", "rollout_id": rollout_id, "version": version, "state": state.value}
         event.update({k: v for k, v in extra.items() if v is not None})
+        self._hand_over(event)
+
+    def _hand_over(self, event: dict[str, Any]) -> None:
         try:
             self.emit_event(event)
         except Exception:
@@ -421,16 +564,37 @@ class OtaManager:
         self._emit(p.rollout_id, p.version, state, rollback=True if p.kind == "rollback" else None)
 
     def _finish(self, state: OtaState, reason: str | None, rollback: bool = False,
-                details: dict[str, Any] | None = None) -> None:
+                details: dict[str, Any] | None = None, best_effort: bool = False) -> None:
         with self._lock:
             p = self._journal.pending
             assert p is not None
             self._persist(self._journal.finished(Outcome(p.rollout_id, p.version, state, reason,
-                                                         rollback=rollback or p.kind == "rollback")))
+                                                         rollback=rollback or p.kind == "rollback")),
+                          best_effort=best_effort)
+            self._cancel = None
             self._report_outcome(details=details)
 
+    def _abandon(self, state: OtaState, reason: str) -> None:
+        """End the work in flight after a fault in the device itself; never raises: the worker lives on.
+
+        The model on probation (if any) is swapped back out first; staging and half-built slots are
+        deleted *before* the journal write, which frees what a full disk needs for that write.
+        """
+        with self._lock:
+            if self._journal.pending is None:
+                return
+            if self._trial is not None and self.host.previous_info is not None:
+                self.host.revert()
+            self._trial = None
+            try:
+                self.store.prune(self._journal.kept)
+            except OSError as exc:
+                log.error("cannot clean the staging area: %s", exc)
+            self._finish(state, reason, best_effort=True)
+
     def _report_rejection(self, rollout_id: str, version: str, reason: str) -> None:
-        self._persist(self._journal.finished(Outcome(rollout_id, version, OtaState.REJECTED, reason)))
+        self._persist(self._journal.finished(Outcome(rollout_id, version, OtaState.REJECTED, reason)),
+                      best_effort=True)
         self._report_outcome()
 
     def _report_outcome(self, details: dict[str, Any] | None = None) -> None:
@@ -441,36 +605,83 @@ class OtaManager:
                 return
             self._emit(o.rollout_id, o.version, o.state, reason=o.reason,
                        rollback=True if o.rollback else None, probation=details)
-            self._persist(replace(self._journal, outcome=replace(o, reported=True)))
+            self._persist(replace(self._journal, outcome=replace(o, reported=True)), best_effort=True)
             if o.state in _SERVING_CHANGED and self.on_serving_changed is not None:
                 try:
                     self.on_serving_changed()
                 except Exception:
                     log.exception("on_serving_changed failed after %s %s", o.rollout_id, o.state.value)
 
+    # ================================================================== boot
+    def _boot_problem(self, reason: str) -> None:
+        """Say what boot had to work around: ``status()["boot_error"]`` and a ``model_error`` event."""
+        self.boot_error = reason if self.boot_error is None else f"{self.boot_error}; {reason}"
+        log.error("%s", reason)
+        self._hand_over({"event": "model_error", "reason": reason})
+
+    def _rebuild_journal(self, damage: str) -> Journal:
+        """A journal from the slots whose manifest signature and model sha256 still verify."""
+        verified: dict[str, str] = {}
+        for entry in sorted(self.store.slots.iterdir()):
+            if entry.name.endswith(".tmp"):
+                continue  # a slot whose install never finished
+            try:
+                manifest, raw, sig = load_manifest(entry)
+                verify_manifest(raw, sig, list(self.trusted_keys))
+                check_model_file(self.store.model_path(entry.name), manifest.model, manifest.model.file)
+            except (EdgefleetError, OSError):
+                continue
+            verified[entry.name] = manifest.version
+        journal = journal_from_slots(verified, self.keep_versions)
+        try:
+            aside = self.store.set_aside_journal().name
+        except OSError:
+            aside = "nowhere (it could not be moved)"
+        self._persist(journal, best_effort=True)
+        served = f"serving version {self._version(journal.active)}" if journal.active else "no slot verifies"
+        damage = damage.replace(str(self.store.journal_path), self.store.journal_path.name)  # no device paths
+        self._boot_problem(f"{damage}; set aside as {aside} and rebuilt from {len(verified)} verified slot(s): "
+                           f"{served}, floor {journal.floor}")
+        return journal
+
     def _activate_committed(self) -> dict[str, str] | None:
-        """Serve the journal's active slot; fall back to a kept one if its file is damaged."""
+        """Serve the journal's active slot, else a kept one, without rewriting the journal.
+
+        A slot that fails to load is tried again a few times (one bad read must not cost the
+        device its newer model); if it still fails, a kept slot serves for now, the journal keeps
+        naming the active one (nothing is deleted), and the next boot tries it again.
+        """
         j = self._journal
         errors = []
         for slot in serving_order(j):
+            try:
+                info = self._serve_slot(slot)
+            except (EdgefleetError, OSError) as exc:
+                errors.append(f"{slot}: {exc}")
+                continue
+            if slot != j.active:
+                self._boot_problem(f"active slot {j.active} cannot be served ({'; '.join(errors)}); serving the "
+                                   f"kept version {self._version(slot)} for now, the newer slot is kept")
+            return info
+        if errors:
+            self._boot_problem("no committed model can be served: " + "; ".join(errors))
+        return None
+
+    def _serve_slot(self, slot: str) -> dict[str, str]:
+        """Check and activate one slot, retrying a failed read a few times (a transient I/O error)."""
+        for wait in (*_SLOT_READ_TRIES, None):
             try:
                 manifest = self._slot_manifest(slot)
                 model = self.store.model_path(slot)
                 if manifest is not None:
                     check_model_file(model, manifest.model, manifest.model.file)
-                info = self.host.activate(model, manifest, name=_slot_label(slot))
+                return dict(self.host.activate(model, manifest, name=_slot_label(slot)))
             except (EdgefleetError, OSError) as exc:
-                errors.append(f"{slot}: {exc}")
-                log.error("committed slot %s unusable: %s", slot, exc)
-                continue
-            if slot != j.active:
-                self._persist(with_served(j, slot))
-            return info
-        if errors:
-            self.boot_error = "no committed model can be served: " + "; ".join(errors)
-            log.error("%s", self.boot_error)
-        return None
+                if wait is None:
+                    raise
+                log.warning("slot %s failed to load (%s); reading it again in %g s", slot, exc, wait)
+                time.sleep(wait)
+        raise AssertionError("unreachable")
 
     def _job_failed(self, exc: Exception) -> None:
-        if self._journal.pending is not None:
-            self._finish(OtaState.FAILED, f"internal error: {type(exc).__name__}: {exc}")
+        self._abandon(OtaState.FAILED, f"internal error: {type(exc).__name__}: {exc}")

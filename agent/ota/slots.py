@@ -30,14 +30,25 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from edgefleet.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
-from edgefleet.errors import ArtifactError, ConfigError
-from edgefleet.manifest import MANIFEST_NAME, MODEL_NAME, SIGNATURE_NAME
+from edgefleet.errors import ArtifactError, ConfigError, EdgefleetError
+from edgefleet.manifest import MANIFEST_NAME, MODEL_NAME, SIGNATURE_NAME, parse_version
 from edgefleet.messages import OtaState, check_transition
 
-__all__ = ["JOURNAL_NAME", "Journal", "Outcome", "Pending", "SlotStore", "slot_name"]
+__all__ = ["JOURNAL_NAME", "Journal", "Outcome", "Pending", "SlotStore", "StorageError", "highest_version",
+           "slot_name"]
 
 JOURNAL_NAME = "journal.json"
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class StorageError(EdgefleetError):
+    """The device's own storage failed (full, read-only, I/O error): nobody's artifact is at fault."""
+
+
+def highest_version(*versions: str | None) -> str | None:
+    """The highest of some dotted versions (None ignored); None when there are none."""
+    known = [v for v in versions if v is not None]
+    return max(known, key=parse_version) if known else None
 
 
 def slot_name(name: str, version: str, sha256: str) -> str:
@@ -58,6 +69,8 @@ class Pending:
     state: OtaState
     slot: str | None = None  # target slot once known
     from_slot: str | None = None  # the committed slot when it started
+    boots: int = 0  # boots in a row that found it in ``boot_state`` (a crash loop ends it, recovery.py)
+    boot_state: OtaState | None = None
 
 
 @dataclass(frozen=True)
@@ -76,11 +89,16 @@ _R = TypeVar("_R", Pending, Outcome)
 
 
 def _record_json(record: Pending | Outcome) -> dict[str, Any]:
-    return {**asdict(record), "state": record.state.value}
+    data = {**asdict(record), "state": record.state.value}
+    if data.get("boot_state") is not None:
+        data["boot_state"] = data["boot_state"].value
+    return data
 
 
 def _record(cls: type[_R], data: dict[str, Any]) -> _R:
     """Raises ValueError for a state that is not an :class:`OtaState` (a damaged journal)."""
+    if data.get("boot_state") is not None:
+        data = {**data, "boot_state": OtaState(data["boot_state"])}
     return cls(**{**data, "state": OtaState(data["state"])})
 
 
@@ -91,11 +109,12 @@ class Journal:
     versions: dict[str, str] = field(default_factory=dict)  # slot -> version
     pending: Pending | None = None
     outcome: Outcome | None = None
+    floor: str | None = None  # anti-downgrade floor: the highest version an update ever committed
 
     def to_json(self) -> dict[str, Any]:
         return {"active": self.active, "history": list(self.history), "versions": dict(self.versions),
                 "pending": _record_json(self.pending) if self.pending else None,
-                "outcome": _record_json(self.outcome) if self.outcome else None}
+                "outcome": _record_json(self.outcome) if self.outcome else None, "floor": self.floor}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Journal:
@@ -104,9 +123,13 @@ class Journal:
         if pending is not None and pending.state.terminal:
             raise ValueError(f"work in flight is in the final state {pending.state.value!r}")
         outcome = data.get("outcome")
-        return cls(active=data.get("active"), history=tuple(data.get("history") or ()),
-                   versions=dict(data.get("versions") or {}), pending=pending,
-                   outcome=_record(Outcome, outcome) if outcome else None)
+        versions = dict(data.get("versions") or {})
+        # A journal older than the floor: the highest version it keeps is the safest floor it knows.
+        floor = data["floor"] if "floor" in data else highest_version(*versions.values())
+        if floor is not None:
+            parse_version(floor)
+        return cls(active=data.get("active"), history=tuple(data.get("history") or ()), versions=versions,
+                   pending=pending, outcome=_record(Outcome, outcome) if outcome else None, floor=floor)
 
     @property
     def kept(self) -> frozenset[str]:
@@ -136,6 +159,8 @@ class Journal:
     def committed(self, slot: str, version: str, keep: int, outcome: Outcome) -> Journal:
         """``slot`` becomes active; the old active goes first in history; keep at most ``keep`` slots.
 
+        An update raises the anti-downgrade floor to its version; a rollback never lowers it.
+
         Raises:
             RuntimeError: the work in flight may not move to ``outcome.state`` from where it is.
         """
@@ -144,7 +169,9 @@ class Journal:
         history = history[: max(keep - 1, 1)]
         kept = {slot, *history}
         versions = {s: v for s, v in {**self.versions, slot: version}.items() if s in kept}
-        return Journal(active=slot, history=tuple(history), versions=versions, pending=None, outcome=outcome)
+        floor = self.floor if outcome.rollback else highest_version(self.floor, version)
+        return Journal(active=slot, history=tuple(history), versions=versions, pending=None, outcome=outcome,
+                       floor=floor)
 
     def finished(self, outcome: Outcome) -> Journal:
         """The in-flight work ended without changing what is committed.
@@ -205,16 +232,37 @@ class SlotStore:
             raise ConfigError(f"{self.journal_path}: unreadable OTA journal ({exc})") from exc
 
     def write_journal(self, journal: Journal) -> None:
-        atomic_write_json(self.journal_path, journal.to_json())
+        """Raises StorageError when the journal cannot be written (full disk, I/O error)."""
+        try:
+            atomic_write_json(self.journal_path, journal.to_json())
+        except OSError as exc:
+            raise StorageError(f"cannot write the OTA journal: {exc.strerror or exc}") from exc
+
+    def set_aside_journal(self) -> Path:
+        """Move a damaged journal out of the way (kept for a post-mortem) and return where it went."""
+        aside = self.root / f"{JOURNAL_NAME}.damaged"
+        os.replace(self.journal_path, aside)
+        return aside
 
     # -- slots ----------------------------------------------------------------------------------
     def install(self, slot: str, model_file: Path, raw_manifest: dict[str, Any] | None,
-                signature: str | None, crash: Any = None) -> Path:
-        """Copy a verified model into a fresh slot; every file is written atomically and fsynced.
+                signature: str | None, crash: Any = None, move: bool = False) -> Path:
+        """Put a verified model into a fresh slot; every file is written atomically and fsynced.
 
-        The model is written last-but-not-least: a half-written slot is never named by the
-        journal, so a crash here leaves an orphan that :meth:`prune` deletes.
+        ``move=True`` renames the staged file into the slot (same file system): no second copy,
+        so the free-space check made before the download stays true. The slot is complete only
+        when renamed into place; a crash before that leaves an orphan :meth:`prune` deletes.
+
+        Raises:
+            StorageError: the disk is full or failed.
         """
+        try:
+            return self._install(slot, Path(model_file), raw_manifest, signature, crash, move)
+        except OSError as exc:
+            raise StorageError(f"cannot install the model: {exc.strerror or exc}") from exc
+
+    def _install(self, slot: str, model_file: Path, raw_manifest: dict[str, Any] | None,
+                 signature: str | None, crash: Any, move: bool) -> Path:
         target = self.slot_dir(slot)
         if target.exists():
             shutil.rmtree(target)
@@ -222,16 +270,14 @@ class SlotStore:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        with open(model_file, "rb") as src, open(tmp / MODEL_NAME, "wb") as dst:
-            half = False
-            while block := src.read(64 << 10):
-                dst.write(block)
-                if crash and not half:
-                    half = True
-                    dst.flush()
-                    crash("slot-partial")
-            dst.flush()
-            os.fsync(dst.fileno())
+        if move:
+            os.replace(model_file, tmp / MODEL_NAME)
+        else:
+            shutil.copyfile(model_file, tmp / MODEL_NAME)
+        with open(tmp / MODEL_NAME, "rb+") as fh:
+            os.fsync(fh.fileno())
+        if crash:
+            crash("slot-partial")  # the model is in, the manifest not yet
         if raw_manifest is not None:
             atomic_write_json(tmp / MANIFEST_NAME, raw_manifest)
         if signature:

@@ -7,9 +7,12 @@ or an interpreter.
 
 What each check stops:
 
-- :func:`check_manifest`: a bad or missing signature (when keys are configured), a replayed or
-  older manifest (anti-downgrade: only an explicit rollback may go back), an artifact built for
-  an incompatible device, an oversize model.
+- :func:`check_manifest`: a bad or missing signature (when keys are configured), an expired
+  manifest or one meant for another fleet or group, a replayed or older manifest (anti-downgrade:
+  an update must be above the floor, the highest version an update ever committed here), an
+  artifact built for an incompatible device, an oversize model.
+- :func:`check_rollback`: a rollback below the floor without a signed rollback statement for this
+  device (or its group) and that version.
 - the downloaded file is checked by :func:`edgefleet.manifest.check_model_file` (size, then
   sha256): a truncated, padded, corrupted or substituted file.
 - :func:`check_contract`: a model whose inputs/outputs differ from the active one's, unless its
@@ -24,17 +27,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from agent.ota.commands import UpdateRequest
-from edgefleet.errors import ArtifactError
+from agent.ota.commands import RollbackRequest, UpdateRequest
+from edgefleet.errors import ArtifactError, SignatureError
 from edgefleet.manifest import Manifest, parse_version
 from edgefleet.profiles import Profile
 from edgefleet.signing import verify_manifest
+from edgefleet.statements import Statement, verify_statement
 
 __all__ = [
     "DeviceFacts",
     "check_contract",
     "check_manifest",
     "check_report",
+    "check_rollback",
     "contract_of",
     "profile_compatible",
 ]
@@ -46,8 +51,12 @@ class DeviceFacts:
 
     profile: Profile
     trusted_keys: tuple[Any, ...]
-    committed_version: str | None
+    floor: str | None  # the highest version an update ever committed (None: nothing yet)
     active_manifest: Manifest | None
+    now: float  # epoch s, read once per operation
+    device_id: str = "device"
+    group: str = "default"
+    fleet: str | None = None
 
 
 def profile_compatible(device: Profile, built_for: Profile | None, name: str) -> str | None:
@@ -76,20 +85,19 @@ def profile_compatible(device: Profile, built_for: Profile | None, name: str) ->
 
 def check_manifest(req: UpdateRequest, facts: DeviceFacts,
                    resolve_profile: Callable[[str], Profile | None]) -> None:
-    """Signature, anti-downgrade, device fit and size limits, in that order.
+    """Signature, meant for this device and not expired, anti-downgrade floor, device fit, size.
 
     Raises:
         SignatureError: keys are configured and the signature is missing or does not verify.
-        ArtifactError: not newer than the committed version, built for another kind of device,
-            or larger than this device accepts.
+        ArtifactError: expired or meant for another fleet/group, not above the floor, built for
+            another kind of device, or larger than this device accepts.
     """
     verify_manifest(req.raw, req.signature, list(facts.trusted_keys))
     m = req.manifest
-    if facts.committed_version is not None:
-        have = parse_version(facts.committed_version)
-        if m.version_key <= have:
-            raise ArtifactError(f"version {m.version} is not newer than the committed {facts.committed_version}; "
-                                "an older or equal version is only installed by an explicit rollback")
+    m.check_meant_for(facts.fleet, facts.group, facts.now)
+    if facts.floor is not None and m.version_key <= parse_version(facts.floor):
+        raise ArtifactError(f"version {m.version} is not newer than {facts.floor}, the highest version ever "
+                            "committed here (anti-downgrade floor); going back is only done by a rollback")
     if not m.deployable:
         raise ArtifactError("manifest says deployable: false (the converter's checks failed)")
     built_for = None if m.profile == facts.profile.name else resolve_profile(m.profile)
@@ -102,6 +110,30 @@ def check_manifest(req: UpdateRequest, facts: DeviceFacts,
     if m.model.size > min(max_model, max_download):
         raise ArtifactError(f"model is {m.model.size} bytes, expected at most {min(max_model, max_download)} "
                             f"(profile {facts.profile.name} limits)")
+
+
+def check_rollback(req: RollbackRequest, version: str, facts: DeviceFacts) -> Statement | None:
+    """The verified statement a rollback to ``version`` needs (its nonce still to burn), or None.
+
+    Going back to the floor or above needs none; below it, a signed ``rollback`` statement for
+    this device or its group naming exactly ``version``. Without trusted keys (development) none.
+
+    Raises:
+        SignatureError / ArtifactError: below the floor without a valid statement (the reason says why).
+    """
+    if not facts.trusted_keys or facts.floor is None or parse_version(version) >= parse_version(facts.floor):
+        return None
+    below = f"version {version} is below the anti-downgrade floor {facts.floor}"
+    try:
+        statement = verify_statement(req.statement, req.statement_signature, list(facts.trusted_keys),
+                                     kind="rollback", device_id=facts.device_id, group=facts.group, now=facts.now)
+    except SignatureError as exc:
+        raise SignatureError(f"{below}: {exc}") from exc
+    except ArtifactError as exc:
+        raise ArtifactError(f"{below}: {exc}") from exc
+    if statement.version is None or parse_version(statement.version) != parse_version(version):
+        raise ArtifactError(f"{below}: the rollback statement allows version {statement.version}, not {version}")
+    return statement
 
 
 Contract = list[tuple[str, tuple[int, ...], str]]

@@ -83,7 +83,10 @@ class Worker:
             except Exception as exc:
                 log.exception("OTA job failed")
                 with self._idle:
-                    self._on_error(exc)
+                    try:
+                        self._on_error(exc)
+                    except Exception:  # the thread must outlive any one job, or no update ever runs again
+                        log.exception("recording the failed OTA job failed too")
             finally:
                 with self._idle:
                     self._running = not self._jobs.empty()

@@ -30,27 +30,18 @@ def check_model(model: str | os.PathLike[str], profile: Any = None, manifest: An
     import numpy as np
 
     from agent.engine import Engine
+    from agent.validation.parent import resolve_profile
     from edgefleet.errors import EdgefleetError
     from edgefleet.manifest import parse_manifest
-    from edgefleet.profiles import Profile, load_profile
     from edgefleet.quant import top1
 
     try:
-        if profile is None:
-            from edgefleet.profiles import default_profile
-
-            prof = load_profile(default_profile())
-        elif isinstance(profile, Profile):
-            prof = profile
-        elif str(profile).endswith(".json"):
-            prof = Profile.model_validate_json(Path(profile).read_text())
-        else:
-            prof = load_profile(profile)
+        prof = resolve_profile(profile)
         man = manifest if manifest is None or not isinstance(manifest, (dict, str, bytes)) else parse_manifest(
             manifest, "manifest")
         engine = Engine(model, profile=prof, threads=1, instances=1, autotune=False, cache=None)
     except EdgefleetError as exc:
-        return fail(str(exc))
+        return fail(_out_of_memory(exc.__cause__) or str(exc))
     man = man or engine.manifest
     inputs = tuple(t.to_json() for t in engine.input_details)
     outputs = tuple(t.to_json() for t in engine.output_details)
@@ -148,15 +139,37 @@ def _contract_mismatch(manifest: Any, engine: Any) -> str | None:
     return None
 
 
+def _out_of_memory(exc: BaseException | None) -> str | None:
+    """The reason for an allocation that failed under RLIMIT_AS, or None when it was something else.
+
+    The runtime reports a failed arena allocation as a RuntimeError with no message at all.
+    """
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit == resource.RLIM_INFINITY:
+        return None
+    if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and not str(exc).strip()):
+        return (f"the model needs more memory than the validation limit allows (RLIMIT_AS {limit >> 20} MB, "
+                "from the profile's hardware.memory_mb): the runtime could not allocate it")
+    return None
+
+
 def _child(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m agent.validation.child")
     parser.add_argument("--model", required=True)
     parser.add_argument("--profile")
     parser.add_argument("--manifest")
+    parser.add_argument("--wait-for-limits", action="store_true",
+                        help="read one line from stdin first (the parent sets resource limits meanwhile)")
     args = parser.parse_args(argv)
+    if args.wait_for_limits and not sys.stdin.readline():
+        return 2  # the parent is gone: never run the model without its limits
     try:
         manifest = Path(args.manifest).read_text() if args.manifest else None
         report = check_model(args.model, args.profile, manifest)
+    except MemoryError as exc:
+        report = fail(_out_of_memory(exc) or "validation ran out of memory")
     except Exception as exc:  # noqa: BLE001 (the report is the error channel of this process)
         report = fail(f"validation failed unexpectedly: {type(exc).__name__}: {exc}")
     sys.stdout.write(json.dumps(report.to_json()) + "\n")

@@ -2,7 +2,8 @@
 
 Serves byte blobs by path with ``Range`` support, and per path can: cut the first ``cut_times``
 responses after ``cut_after`` bytes (a broken transfer), hang after the headers (a dead server),
-answer with a status code (404, 500), or ignore Range. Every request's path and Range header is
+trickle the body (``trickle_bytes`` every ``trickle_s``: a crawling link), answer with a status
+code (404, 500), or ignore Range. Every request's path and Range header is
 recorded so tests can assert what the client did.
 
     with ArtifactServer() as srv:
@@ -26,6 +27,8 @@ class Route:
     hang_s: float = 0.0
     status: int | None = None
     ignore_range: bool = False
+    trickle_s: float = 0.0      # pause between pieces of the body, s (0: send it at once)
+    trickle_bytes: int = 1      # piece size when trickling, bytes
     served: int = 0
 
 
@@ -82,6 +85,16 @@ class ArtifactServer:
                     self.wfile.write(body[: route.cut_after])
                     self.wfile.flush()
                     self.close_connection = True
+                    return
+                if route.trickle_s:
+                    try:
+                        for i in range(0, len(body), max(route.trickle_bytes, 1)):
+                            self.wfile.write(body[i:i + max(route.trickle_bytes, 1)])
+                            self.wfile.flush()
+                            if server._stop.wait(route.trickle_s):
+                                return
+                    except OSError:  # the client gave up on us
+                        self.close_connection = True
                     return
                 self.wfile.write(body)
 

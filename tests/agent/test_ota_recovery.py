@@ -10,7 +10,7 @@ import pytest
 
 from agent.ota import OtaManager
 from agent.ota.commands import RollbackRequest, UpdateRequest, admit_update, refuse_busy, rollback_target
-from agent.ota.recovery import BootAction, plan_boot, serving_order, with_served
+from agent.ota.recovery import BootAction, journal_from_slots, plan_boot, serving_order
 from agent.ota.slots import JOURNAL_NAME, Journal, Outcome, Pending, SlotStore
 from edgefleet.errors import ConfigError
 from edgefleet.messages import OtaState
@@ -90,12 +90,24 @@ def test_journal_with_an_unknown_outcome_state_is_unreadable(tmp_path: Path):
         store.read_journal()
 
 
-def test_boot_refuses_a_journal_with_an_unknown_state_instead_of_starting_fresh(tmp_path: Path):
-    # Same as any damaged journal: an error, never a silent fresh start (docs/ota.md, crash recovery).
-    ota = OtaManager(tmp_path, load_profile("x86-dev"), [], None, lambda event: None)
+def test_damaged_journal_with_no_slot_left_boots_with_nothing_served_and_says_so(tmp_path: Path):
+    # Never a silent fresh start: the damaged file is set aside and the device reports it.
+    events: list[dict] = []
+    ota = OtaManager(tmp_path, load_profile("x86-dev"), [], SimpleNamespace(model_info=None), events.append)
     _write_journal(ota.store.root, "exploded")
-    with pytest.raises(ConfigError, match="unreadable OTA journal"):
-        ota.boot()
+    try:
+        assert ota.boot() is None
+        assert "unreadable OTA journal" in ota.status()["boot_error"] and "no slot verifies" in ota.status()["boot_error"]
+        assert events[0]["event"] == "model_error" and "set aside" in events[0]["reason"]
+        assert (ota.store.root / "journal.json.damaged").exists()
+    finally:
+        ota.close()
+
+
+def test_journal_rebuilt_from_slots_serves_the_highest_version_and_keeps_it_as_the_floor():
+    j = journal_from_slots({"clf-v1-aaaa": "1", "clf-v3-cccc": "3", "clf-v2-bbbb": "2"}, keep=2)
+    assert j.active == "clf-v3-cccc" and j.history == ("clf-v2-bbbb",) and j.floor == "3"
+    assert journal_from_slots({}, keep=3) == Journal()
 
 
 # ---------------------------------------------------------------- plan_boot, per pending state
@@ -111,6 +123,41 @@ def test_update_interrupted_before_installing_is_resumed(state: OtaState):
     assert plan.action is BootAction.RESUME_UPDATE and plan.request is COMMAND and plan.outcome is None
     assert plan.keep_staging == {"r3"}, "the staged command and .part file are what it resumes from"
     assert plan.keep_slots == COMMITTED.kept
+    assert (plan.journal.pending.boots, plan.journal.pending.boot_state) == (1, state), "this boot is counted"
+
+
+def _boot_again(journal: Journal, state: OtaState) -> Journal:
+    """What the resumed run leaves in the journal when it dies in ``state`` again."""
+    p = journal.pending
+    return journal.with_pending(Pending(p.kind, p.rollout_id, p.version, state, slot=p.slot, from_slot=p.from_slot,
+                                        boots=p.boots, boot_state=p.boot_state))
+
+
+def test_update_that_crashes_the_agent_three_times_in_validating_is_rejected_not_resumed_again():
+    j = in_flight(S.VALIDATING)
+    for _ in range(2):
+        plan = plan_boot(j, COMMAND)
+        assert plan.action is BootAction.RESUME_UPDATE
+        j = _boot_again(plan.journal, S.VALIDATING)
+    plan = plan_boot(j, COMMAND)
+    assert plan.action is BootAction.REJECT and plan.outcome is S.REJECTED
+    assert plan.reason == "crashed the agent 3 times in validating; not resuming it again"
+
+
+def test_crashes_in_different_states_are_progress_and_do_not_add_up():
+    plan = plan_boot(in_flight(S.DOWNLOADING), COMMAND)
+    plan = plan_boot(_boot_again(plan.journal, S.VALIDATING), COMMAND)
+    plan = plan_boot(_boot_again(plan.journal, S.DOWNLOADING), COMMAND)
+    assert plan.action is BootAction.RESUME_UPDATE and plan.journal.pending.boots == 1
+
+
+def test_rollback_that_crashes_the_agent_every_boot_is_given_up_as_failed():
+    j = in_flight(S.INSTALLING, kind="rollback", slot="clf-v1-aaaa")
+    for _ in range(2):
+        j = plan_boot(j, None).journal
+    plan = plan_boot(j, None)
+    assert plan.action is BootAction.GIVE_UP_ROLLBACK and plan.outcome is S.FAILED
+    assert "crashed the agent 3 times in installing" in plan.reason
 
 
 @pytest.mark.parametrize("state", [S.QUEUED, S.DOWNLOADING, S.VERIFYING, S.VALIDATING])
@@ -143,9 +190,22 @@ def test_the_boot_plan_of_every_non_final_state_is_defined():
 
 def test_a_damaged_active_slot_falls_back_to_the_most_recent_kept_one():
     assert serving_order(COMMITTED) == ("clf-v2-bbbb", "clf-v1-aaaa")
-    j = with_served(COMMITTED, "clf-v1-aaaa")
-    assert j.active == "clf-v1-aaaa" and j.history == ()
-    assert with_served(COMMITTED, COMMITTED.active) is COMMITTED
+
+
+def test_the_floor_rises_with_updates_and_never_falls_with_rollbacks():
+    j = COMMITTED.with_pending(Pending("update", "r3", "3", S.PROBATION, slot="clf-v3-cccc"))
+    j = j.committed("clf-v3-cccc", "3", 3, Outcome("r3", "3", S.COMMITTED))
+    assert j.floor == "3"
+    j = j.with_pending(Pending("rollback", "rb", "1", S.INSTALLING, slot="clf-v1-aaaa"))
+    j = j.committed("clf-v1-aaaa", "1", 3, Outcome("rb", "1", S.COMMITTED, rollback=True))
+    assert j.active == "clf-v1-aaaa" and j.floor == "3"
+    assert Journal.from_json(j.to_json()) == j
+
+
+def test_a_journal_written_before_the_floor_existed_takes_its_highest_kept_version():
+    data = COMMITTED.to_json()
+    del data["floor"]
+    assert Journal.from_json(data).floor == "2"
 
 
 # ---------------------------------------------------------------- admitting commands

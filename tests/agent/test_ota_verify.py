@@ -30,13 +30,21 @@ def art(tmp_path_factory):
     return build_artifact(OTA_MODELS / "clf_a2.tflite", tmp_path_factory.mktemp("v2"), version="2", key=KEY)
 
 
-def facts(committed: str | None = "1", keys=None) -> DeviceFacts:
-    return DeviceFacts(PROFILE, (KEY.public_key(),) if keys is None else tuple(keys), committed, None)
+NOW = 1_900_000_000.0
+
+
+def facts(floor: str | None = "1", keys=None, **kw) -> DeviceFacts:
+    return DeviceFacts(PROFILE, (KEY.public_key(),) if keys is None else tuple(keys), floor, None, NOW, **kw)
 
 
 def request(art, **changes):
     cmd = {"id": "c", **art.update_fields(rollout_id="r2"), **changes}
     return parse_update(cmd)
+
+
+def signed(art, **fields) -> dict:
+    raw = {**copy.deepcopy(art.raw), **fields}
+    return {"manifest": raw, "signature": sign_manifest(raw, KEY)}
 
 
 def check(req, f=None):
@@ -69,13 +77,42 @@ def test_manifest_edited_after_signing_is_refused(art):
 
 
 def test_replayed_older_manifest_is_refused(art):
-    with pytest.raises(ArtifactError, match="not newer than the committed 3"):
-        check(request(art), facts(committed="3"))
+    with pytest.raises(ArtifactError, match="not newer than 3, the highest version ever committed here"):
+        check(request(art), facts(floor="3"))
 
 
 def test_replayed_same_version_is_refused(art):
     with pytest.raises(ArtifactError, match="not newer"):
-        check(request(art), facts(committed="2.0"))
+        check(request(art), facts(floor="2.0"))
+
+
+def test_unsigned_manifest_with_hostile_fields_is_refused_for_its_signature_before_parsing(art):
+    raw = {**copy.deepcopy(art.raw), "model": {"file": "../../../etc/passwd", "sha256": "x", "size": -1}}
+    with pytest.raises(SignatureError, match="not signed"):
+        parse_update({"id": "c", **art.update_fields(rollout_id="r2"), "manifest": raw, "signature": None},
+                     [KEY.public_key()])
+
+
+@pytest.mark.parametrize("keys", [(), (KEY.public_key(),)])
+def test_manifest_with_infinity_or_nan_is_refused_with_a_reason(art, keys):
+    raw = {**copy.deepcopy(art.raw), "fidelity": {"top1": float("inf")}}
+    with pytest.raises(ArtifactError, match="update manifest cannot be signed or verified: not plain JSON"):
+        parse_update({"id": "c", **art.update_fields(rollout_id="r2"), "manifest": raw}, keys)
+
+
+def test_expired_manifest_is_refused(art):
+    with pytest.raises(ArtifactError, match="expired at 2020-01-01T00:00:00Z"):
+        check(parse_update({"id": "c", **art.update_fields(rollout_id="r2"), **signed(art, expires="2020-01-01T00:00:00Z")}))
+
+
+def test_manifest_for_another_fleet_or_group_is_refused(art):
+    other_fleet = parse_update({"id": "c", **art.update_fields(rollout_id="r2"), **signed(art, fleet="acme")})
+    with pytest.raises(ArtifactError, match="meant for fleet 'acme'"):
+        check(other_fleet, facts(fleet="globex"))
+    other_group = parse_update({"id": "c", **art.update_fields(rollout_id="r2"), **signed(art, groups=["canary"])})
+    with pytest.raises(ArtifactError, match="meant for groups canary"):
+        check(other_group, facts(group="default"))
+    check(other_group, facts(group="canary"))
 
 
 def test_artifact_for_an_unknown_profile_is_refused(art):
@@ -96,7 +133,7 @@ def test_model_larger_than_the_device_limit_is_refused(art, tmp_path: Path):
                               "limits: {max_model_mb: 256, latency_budget_ms: 200, max_download_mb: 0.001}"))
     prof = load_profile(small)
     with pytest.raises(ArtifactError, match="at most"):
-        check_manifest(request(art), DeviceFacts(prof, (KEY.public_key(),), "1", None), lambda n: PROFILE)
+        check_manifest(request(art), DeviceFacts(prof, (KEY.public_key(),), "1", None, NOW), lambda n: PROFILE)
 
 
 def test_truncated_or_padded_file_is_refused(art, tmp_path: Path):

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import platform
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 from agent import Engine
 from agent.validation import ValidationReport, validate_model
+from agent.validation.parent import SandboxLimits, sandbox_limits
 from edgefleet.errors import ModelError
+from edgefleet.profiles import load_profile
 from edgefleet.testing.artifacts import build_artifact
 
 pytestmark = pytest.mark.runtime
@@ -72,28 +76,45 @@ def test_corrupted_model_files_are_invalid_and_the_caller_survives(models, tmp_p
     assert not report.ok and report.reason and "\n" not in report.reason
 
 
-def test_a_crashing_child_becomes_a_report(monkeypatch, tmp_path, models):
+def _child_instead(monkeypatch, code: str) -> None:
+    """Replace the validation child by ``python -c code`` (still started, limited and waited for as one)."""
+    real_popen = subprocess.Popen
+
+    def fake(cmd, **kwargs):
+        return real_popen([sys.executable, "-c", code], **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", fake)
+
+
+def test_runtime_killed_by_a_signal_is_reported_with_the_signal_and_the_platform(monkeypatch, models):
     """A segfault cannot be produced on demand by the runtime, so the child itself is killed by SIGSEGV."""
-    real_run = subprocess.run
-
-    def crashing(cmd, **kwargs):
-        return real_run([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"],
-                        **kwargs)
-
-    monkeypatch.setattr(subprocess, "run", crashing)
+    _child_instead(monkeypatch, "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
     report = validate_model(models / "int8.tflite", profile="x86-dev")
-    assert not report.ok and "crashed (SIGSEGV)" in report.reason
+    assert not report.ok and "died (SIGSEGV)" in report.reason and "on this platform" in report.reason
+    assert platform.machine() in report.reason and "corrupt" not in report.reason
 
 
 def test_a_hanging_child_times_out(monkeypatch, models):
-    real_run = subprocess.run
-
-    def hanging(cmd, **kwargs):
-        return real_run([sys.executable, "-c", "import time; time.sleep(30)"], **kwargs)
-
-    monkeypatch.setattr(subprocess, "run", hanging)
+    _child_instead(monkeypatch, "import time; time.sleep(30)")
     report = validate_model(models / "int8.tflite", profile="x86-dev", timeout_s=0.5)
     assert not report.ok and "timed out" in report.reason
+
+
+def test_model_that_spins_is_stopped_by_the_cpu_time_limit(monkeypatch, models):
+    """Stands for a model whose ops loop: the child burns CPU until RLIMIT_CPU sends SIGXCPU."""
+    _child_instead(monkeypatch, "while True: pass")
+    limits = SandboxLimits(address_space_bytes=1 << 30, cpu_s=1, file_bytes=1 << 20)
+    t0 = time.monotonic()
+    report = validate_model(models / "int8.tflite", profile="x86-dev", timeout_s=30, limits=limits)
+    assert not report.ok and "RLIMIT_CPU 1 s" in report.reason and "SIGXCPU" in report.reason
+    assert time.monotonic() - t0 < 10, "the CPU limit, not the 30 s timeout, ended it"
+
+
+def test_validation_runs_under_limits_derived_from_the_device_ram(models):
+    report = validate_model(models / "int8.tflite", profile="rpi-zero-2w")  # 512 MB of RAM: the floor
+    assert report.details["limits"]["applied"] is True
+    assert report.details["limits"]["address_space_bytes"] == 512 * 1024 * 1024 + 3 * (models / "int8.tflite").stat().st_size
+    assert sandbox_limits(load_profile("x86-dev"), 0, 60.0).address_space_bytes == 2048 * 1024 * 1024
 
 
 def test_latency_over_the_profile_budget_fails(models, tmp_path):

@@ -19,6 +19,7 @@ from agent.ota import OtaManager
 from edgefleet.errors import ArtifactError, ConfigError, SignatureError
 from edgefleet.profiles import load_profile
 from edgefleet.signing import Ed25519PrivateKey, sign_manifest
+from edgefleet.statements import make_statement
 from edgefleet.testing.artifacts import build_artifact
 from edgefleet.testing.http_server import ArtifactServer
 from edgefleet.testing.waiting import wait_for
@@ -101,13 +102,19 @@ class Device:
     def update(self, art, rollout_id: str, url: str | None = None, **changes) -> dict:
         return self.ota.handle_update({"id": rollout_id, **art.update_fields(url, rollout_id=rollout_id), **changes})
 
+    def rollback(self, rollout_id: str, to: str | None, version: str | None = None) -> dict:
+        """A rollback signed by the fleet key (needed below the anti-downgrade floor)."""
+        statement, signature = make_statement("rollback", KEY, device="device", version=version or to)
+        return self.ota.handle_rollback({"id": rollout_id, "to": to, "statement": statement,
+                                         "statement_signature": signature})
+
     def final(self, rollout_id: str, timeout: float = 20) -> dict:
-        return wait_for(lambda: next((e for e in self.events if e["rollout_id"] == rollout_id
+        return wait_for(lambda: next((e for e in self.events if e.get("rollout_id") == rollout_id
                                       and e["state"] in ("committed", "rejected", "failed", "rolled_back")), None),
                         timeout, what=f"terminal event for {rollout_id}")
 
     def states(self, rollout_id: str) -> list[str]:
-        return [e["state"] for e in self.events if e["rollout_id"] == rollout_id]
+        return [e["state"] for e in self.events if e.get("rollout_id") == rollout_id]
 
     def close(self) -> None:
         if self.traffic is not None:
@@ -170,11 +177,11 @@ def test_operator_rollback_to_previous_then_named_version(device, arts):
     device.update(arts["v3"], "r3")
     assert device.final("r3")["state"] == "committed"
     device.ota.wait_idle(10)
-    device.ota.handle_rollback({"id": "rb1", "to": None})
+    device.rollback("rb1", None, version="2")
     done = device.final("rb1")
     assert done == {"event": "ota", "rollout_id": "rb1", "version": "2", "state": "committed", "rollback": True}
     device.ota.wait_idle(10)
-    device.ota.handle_rollback({"id": "rb2", "to": "1"})
+    device.rollback("rb2", "1")
     assert device.final("rb2")["version"] == "1"
     assert device.host.model_info["version"] == "1"
 
@@ -191,7 +198,7 @@ def test_serving_changed_hook_runs_after_each_commit_and_rollback_and_cannot_bre
         d.update(arts["v2"], "r2")
         assert d.final("r2")["state"] == "committed"
         d.ota.wait_idle(10)
-        d.ota.handle_rollback({"id": "rb", "to": None})
+        d.rollback("rb", None, version="1")
         assert d.final("rb")["state"] == "committed"
         d.ota.wait_idle(10)
         with pytest.raises(ArtifactError):
@@ -431,7 +438,8 @@ def test_rollback_after_nan_outputs_on_live_traffic_in_probation(tmp_path):
         host.close()
 
 
-def test_damaged_committed_model_falls_back_to_the_kept_previous_version(device, arts, tmp_path):
+def test_damaged_committed_model_is_not_served_and_the_kept_version_serves_without_deleting_it(device, arts,
+                                                                                               tmp_path):
     device.update(arts["v2"], "r2")
     assert device.final("r2")["state"] == "committed"
     device.ota.wait_idle(10)
@@ -444,7 +452,10 @@ def test_damaged_committed_model_falls_back_to_the_kept_previous_version(device,
     again = Device(tmp_path / "state", arts, quiet=True)
     try:
         assert again.host.model_info["version"] == "1"
-        assert again.ota.status()["active"]["version"] == "1"
+        status = again.ota.status()
+        assert status["active"]["slot"] == active and model.exists(), "not demoted for good: retried next boot"
+        assert "serving the kept version 1" in status["boot_error"]
+        assert any(e["event"] == "model_error" for e in again.events)
     finally:
         again.close()
 

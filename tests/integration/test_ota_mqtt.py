@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgefleet.signing import generate_keypair, load_private_key
+from edgefleet.statements import make_statement
 from edgefleet.testing.artifacts import build_artifact
 from edgefleet.testing.http_server import ArtifactServer
 from edgefleet.testing.waiting import wait_for
@@ -48,7 +49,14 @@ def test_signed_update_then_rollback_over_mqtt(broker, tmp_path: Path):
             reply = wait_for(lambda: obs.on("/cmd/update/response"), 5, what="update reply")
             assert reply[-1]["ok"] is True
 
-            obs.publish(device_cmd_topic("ota-1", "rollback"), command("rollback", to=None, rollout_id="rb-1"))
+            # v1 is below the anti-downgrade floor (2): an unsigned rollback is refused, a signed one works.
+            obs.publish(device_cmd_topic("ota-1", "rollback"), command("rollback", to=None, rollout_id="rb-0"))
+            refused = wait_for(lambda: [e for e in ota("rb-0") if e["state"] == "failed"], 20, what="refusal")
+            assert "signed rollback statement" in refused[-1]["reason"]
+            statement, signature = make_statement("rollback", key, group="default", version="1")
+            obs.publish(device_cmd_topic("ota-1", "rollback"), command("rollback", to=None, rollout_id="rb-1",
+                                                                       statement=statement,
+                                                                       statement_signature=signature))
             done = wait_for(lambda: [e for e in ota("rb-1") if e["state"] == "committed"], 20, what="rollback")
             assert done[-1]["version"] == "1" and done[-1]["rollback"] is True
             wait_for(lambda: (obs.on("/state")[-1].get("model") or {}).get("version") == "1", 10,
