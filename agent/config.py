@@ -26,7 +26,7 @@ from agent.engine import DEADLINE_FACTOR, DEADLINE_FLOOR_S
 from edgefleet.addresses import parse_host_port
 from edgefleet.errors import ConfigError
 from edgefleet.ids import ID_RULE, validate_id
-from edgefleet.mqtt import parse_broker_url
+from edgefleet.mqtt import BrokerURL, parse_broker_urls
 from edgefleet.profiles import CacheSettings, format_validation_error, read_yaml_file
 
 __all__ = [
@@ -52,7 +52,10 @@ class _Strict(BaseModel):
 
 
 class BrokerConfig(_Strict):
-    url: str = Field(description="mqtt://host:port (plain) or mqtts://host:port (TLS; default port 8883)")
+    url: str | None = Field(default=None, description="mqtt://host:port (plain) or mqtts://host:port (TLS; default port 8883)")
+    urls: list[str] | None = Field(
+        default=None, min_length=1, max_length=16,
+        description="The nodes of one broker cluster (instead of url): tried in order, the next one on loss of a node")
     username: str | None = Field(default=None, description="MQTT username (usually the device id)")
     password_file: Path | None = Field(default=None, description="File holding the MQTT password (one line)")
     ca_file: Path | None = Field(default=None, description="CA bundle that signed the broker certificate (mqtts)")
@@ -69,17 +72,22 @@ class BrokerConfig(_Strict):
     reconnect_min_s: float = Field(default=0.5, gt=0, le=60, description="First reconnect delay, s")
     reconnect_max_s: float = Field(default=30.0, gt=0, le=3600, description="Longest reconnect delay, s")
 
-    @field_validator("url")
+    @field_validator("url", "urls")
     @classmethod
-    def _url(cls, value: str) -> str:
-        try:
-            parse_broker_url(value)
-        except ConfigError as exc:
-            raise ValueError(str(exc)) from exc
+    def _parses(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if value is not None:
+            try:
+                parse_broker_urls(value)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from exc
         return value
 
     @model_validator(mode="after")
     def _tls_pairs(self) -> BrokerConfig:
+        if (self.url is None) == (self.urls is None):
+            raise ValueError("give either url or urls")
+        if len({n.tls for n in self.nodes}) > 1:
+            raise ValueError("urls: all nodes mqtt:// or all mqtts://")
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file go together")
         if self.cert_file is not None and not self.tls:
@@ -91,16 +99,13 @@ class BrokerConfig(_Strict):
         return self
 
     @property
+    def nodes(self) -> tuple[BrokerURL, ...]:
+        """Every broker node, in the order they are tried."""
+        return parse_broker_urls(self.urls if self.urls is not None else str(self.url))
+
+    @property
     def tls(self) -> bool:
-        return parse_broker_url(self.url).tls
-
-    @property
-    def host(self) -> str:
-        return parse_broker_url(self.url).host
-
-    @property
-    def port(self) -> int:
-        return parse_broker_url(self.url).port
+        return self.nodes[0].tls
 
 
 class OutboxConfig(_Strict):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from agent.config import BrokerConfig
 from agent.outbox import Outbox
-from edgefleet.mqtt import LinkSettings, Message, MqttConnection, parse_broker_urls
+from edgefleet.mqtt import LinkSettings, Message, MqttConnection
 
 __all__ = ["Forwarder", "Incoming", "MqttLink", "link_settings"]
 
@@ -42,7 +42,7 @@ def link_settings(cfg: BrokerConfig, password: str | None, will: tuple[str, byte
                   max_inflight: int = 20) -> LinkSettings:
     """agent.yaml's ``broker:`` block as the contract's connection settings."""
     return LinkSettings(
-        urls=parse_broker_urls(cfg.url), username=cfg.username, password=password,
+        urls=cfg.nodes, username=cfg.username, password=password,
         ca_file=str(cfg.ca_file) if cfg.ca_file else None, cert_file=str(cfg.cert_file) if cfg.cert_file else None,
         key_file=str(cfg.key_file) if cfg.key_file else None, keepalive_s=cfg.keepalive_s, protocol=cfg.protocol,
         session_expiry_s=cfg.session_expiry_s, reconnect_min_s=cfg.reconnect_min_s,

@@ -34,8 +34,9 @@ from typing import Any
 from edgefleet.atomic import atomic_write_json
 from edgefleet.errors import EdgefleetError
 from edgefleet.messages import MAX_COMMAND_TTL_S, decode
+from edgefleet.topics import is_fleet_reply_topic, response_topic
 
-__all__ = ["MAX_CLOCK_SKEW_S", "CommandProcessor", "CommandRejected", "Handler"]
+__all__ = ["MAX_CLOCK_SKEW_S", "CommandProcessor", "CommandRejected", "Handler", "reply_topic"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,22 @@ Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
 MAX_CLOCK_SKEW_S = 300.0
 """How far in the future a command's ``ts`` may be (the sender's clock runs ahead), s."""
+
+
+def reply_topic(data: bytes, mqtt5_response_topic: str | None, device_id: str, name: str) -> str:
+    """Where the reply to a command goes, the same on MQTT 5 and 3.1.1.
+
+    The MQTT 5 Response Topic when the broker carried one; else the payload's ``reply_to``
+    (how a 3.1.1 fleet tool asks), when it is a fleet reply topic; else the device's own
+    ``.../cmd/{name}/response``. A command cannot make a device publish anywhere else.
+    """
+    if mqtt5_response_topic:
+        return mqtt5_response_topic
+    try:
+        asked = decode(data).get("reply_to")
+    except (ValueError, UnicodeDecodeError):
+        asked = None
+    return asked if is_fleet_reply_topic(asked) else response_topic(device_id, name)
 
 
 class CommandRejected(EdgefleetError):

@@ -15,6 +15,7 @@ __all__ = [
     "events_topic",
     "fleet_reply_topic",
     "group_cmd_topic",
+    "is_fleet_reply_topic",
     "parse_cmd_topic",
     "parse_device_topic",
     "response_topic",
@@ -79,6 +80,14 @@ def parse_device_topic(topic: str) -> tuple[str, str] | None:
     if not device_id or not kind:
         return None
     return device_id, kind
+
+
+def is_fleet_reply_topic(topic: object) -> bool:
+    """A topic a command may ask its reply on: ``edgefleet/v1/fleet/{client}/responses`` only."""
+    if not isinstance(topic, str) or not topic.startswith(f"{ROOT}/fleet/") or not topic.endswith("/responses"):
+        return False
+    client = topic[len(f"{ROOT}/fleet/"):-len("/responses")]
+    return bool(client) and not any(c in client for c in "/+#\0")
 
 
 def parse_cmd_topic(topic: str, device_id: str, group: str) -> str | None:

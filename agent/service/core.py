@@ -29,7 +29,7 @@ from agent.sinks import JsonlSink, TopicSink, result_record
 from agent.sources import DirectoryWatcher
 from agent.telemetry import Metrics, SystemStats, summarize_output
 from edgefleet import __version__
-from edgefleet.commands import CommandProcessor
+from edgefleet.commands import CommandProcessor, reply_topic
 from edgefleet.errors import ArtifactError, EdgefleetError
 from edgefleet.messages import encode
 from edgefleet.profiles import CacheSettings, Profile, load_profile
@@ -40,7 +40,6 @@ from edgefleet.topics import (
     events_topic,
     group_cmd_topic,
     parse_cmd_topic,
-    response_topic,
     results_topic,
     state_topic,
     telemetry_topic,
@@ -339,7 +338,7 @@ class AgentService:
             if name is None:
                 continue
             reply = self.commands.handle(name, msg.payload)
-            topic = msg.response_topic or response_topic(self.cfg.device_id, name)
+            topic = reply_topic(msg.payload, msg.response_topic, self.cfg.device_id, name)
             if self.link is not None:
                 try:
                     self.link.reply(topic, encode(reply), msg.correlation_data)

@@ -50,7 +50,16 @@ def state_payload(svc: AgentService, online: bool) -> dict[str, Any]:
     return {"online": online, "device_id": svc.cfg.device_id, "group": svc.cfg.group,
             "profile": svc.profile.name, "agent_version": __version__, "model": svc.model_info(),
             "accelerator": accelerator, "boot": svc.boot, "ts": round(time.time(), 3),
-            "signed_updates": bool(svc.cfg.trusted_keys)}
+            "signed_updates": bool(svc.cfg.trusted_keys), **_link_state(svc)}
+
+
+def _link_state(svc: AgentService) -> dict[str, Any]:
+    """Which broker node and MQTT version the device is on, and any subscription it lacks."""
+    link = svc.link
+    if link is None:
+        return {}
+    return {"broker": link.url.display(), "mqtt": link.protocol,
+            "refused_subscriptions": sorted(link.refused_subscriptions)}
 
 
 def telemetry_payload(svc: AgentService) -> dict[str, Any]:
@@ -65,6 +74,8 @@ def telemetry_payload(svc: AgentService) -> dict[str, Any]:
         "model": svc.model_info(),
         "drift": svc.metrics.drift(manifest.baseline if manifest is not None else None),
         "health": svc.health(),
+        **({"refused_subscriptions": sorted(svc.link.refused_subscriptions)}
+           if svc.link is not None and svc.link.refused_subscriptions else {}),
         "outbox": {"pending": svc.outbox.pending(), "dropped": svc.outbox.dropped() + svc.emit_dropped},
     }
 

@@ -55,7 +55,7 @@ class NatsServer:
     """One nats-server process: client port, MQTT port and (in a cluster) a route port."""
 
     def __init__(self, workdir: Path, name: str = "n1", cluster_routes: list[int] | None = None,
-                 cluster_port: int | None = None) -> None:
+                 cluster_port: int | None = None, max_consumers: int | None = None) -> None:
         binary = find_nats_server()
         if binary is None:
             raise RuntimeError("nats-server not found: install it with `apt-get install nats-server`")
@@ -67,6 +67,7 @@ class NatsServer:
         self.mqtt_port = free_port()
         self.cluster_port = cluster_port
         self.routes = cluster_routes or []
+        self.max_consumers = max_consumers  # a JetStream limit: QoS 1 subscriptions past it get SUBACK 0x80
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -84,6 +85,10 @@ class NatsServer:
             + (f", stream_replicas: {len(self.routes) + 1}" if self.cluster_port is not None else "") + " }",
             "max_payload: 8MB",
         ]
+        if self.max_consumers is not None:
+            lines.append("accounts { EF: { jetstream: { max_mem: 64MB, max_file: 256MB, "
+                         f"max_consumers: {self.max_consumers} }}, users: [{{user: ef, password: ef}}] }} }}")
+            lines.append("no_auth_user: ef")
         if self.cluster_port is not None:
             routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in self.routes)
             lines.append(f"cluster {{ name: edgefleet, listen: 127.0.0.1:{self.cluster_port}, routes: [{routes}] }}")

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgefleet.commands import CommandProcessor, CommandRejected, Handler
+from edgefleet.commands import CommandProcessor, CommandRejected, Handler, reply_topic
 from edgefleet.errors import ConfigError, EdgefleetError
 from edgefleet.messages import MAX_COMMAND_TTL_S, OtaState, decode
 from edgefleet.mqtt import Message, MqttClient, parse_broker_url
@@ -49,7 +49,6 @@ from edgefleet.topics import (
     group_cmd_topic,
     parse_cmd_topic,
     parse_device_topic,
-    response_topic,
     state_topic,
     telemetry_topic,
 )
@@ -265,7 +264,7 @@ class Simulator:
         for dev in targets:
             reply = self.handle_command(dev.device_id, name, msg.payload)
             if reply is not None:
-                topic = msg.response_topic or response_topic(dev.device_id, name)
+                topic = reply_topic(msg.payload, msg.response_topic, dev.device_id, name)
                 self._client.publish(topic, reply, correlation=msg.correlation)
 
     def handle_command(self, device_id: str, name: str, payload: bytes) -> dict[str, Any] | None:

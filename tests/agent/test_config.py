@@ -31,7 +31,7 @@ def test_minimal_config_gets_documented_defaults_and_relative_paths_follow_the_f
     assert cfg.trusted_keys == [tmp_path.resolve() / "keys/fleet.pub"]
     assert cfg.http.address == ("127.0.0.1", 8501)
     assert cfg.source.type == "none"
-    assert cfg.broker.port == 1883 and not cfg.broker.tls
+    assert cfg.broker.nodes[0].port == 1883 and not cfg.broker.tls
     assert cfg.outbox.max_rows > 0 and cfg.outbox.max_bytes > 0 and cfg.outbox.drain_per_s > 0
     # Ids are remembered until their command expires: 256 would lock a busy device out within a day.
     assert cfg.commands.remember == 4096
@@ -47,7 +47,7 @@ def test_fleet_name_follows_the_id_rule() -> None:
 
 def test_the_issue_example_config_validates(repo_root: Path) -> None:
     cfg = load_config(repo_root / "deploy" / "agent.yaml")
-    assert cfg.broker.tls and cfg.broker.port == 8883
+    assert cfg.broker.tls and cfg.broker.nodes[0].port == 8883
     assert cfg.source.type == "directory"
 
 
@@ -97,5 +97,18 @@ def test_not_yaml_and_not_a_mapping_are_one_line_errors(tmp_path: Path) -> None:
 def test_mqtts_defaults_to_port_8883_and_http_can_be_disabled() -> None:
     cfg = parse_config({"device_id": "d", "profile": "rpi4", "state_dir": "/s",
                         "broker": {"url": "mqtts://broker.example"}, "http": {"listen": None}})
-    assert cfg.broker.port == 8883 and cfg.broker.tls
+    assert cfg.broker.nodes[0].port == 8883 and cfg.broker.tls
     assert cfg.http.address is None
+
+
+def test_broker_urls_name_the_nodes_of_a_cluster(tmp_path: Path) -> None:
+    from agent.config import parse_config
+
+    base = {"device_id": "a", "profile": "rpi4", "state_dir": str(tmp_path)}
+    cfg = parse_config({**base, "broker": {"urls": ["mqtt://n1:1883", "mqtt://n2:1884"]}})
+    assert [(n.host, n.port) for n in cfg.broker.nodes] == [("n1", 1883), ("n2", 1884)]
+    for bad, match in (({"urls": ["mqtt://a", "mqtts://b"]}, "all nodes"),
+                       ({"url": "mqtt://a", "urls": ["mqtt://b"]}, "either url or urls"),
+                       ({"urls": ["mqtt://a", "ftp://b"]}, "broker.urls")):
+        with pytest.raises(ConfigError, match=match):
+            parse_config({**base, "broker": bad})

@@ -187,3 +187,39 @@ def test_canary_rollout_abort_and_operator_rollback_on_10_real_agents(engine: En
                 a.proc.wait(15)
             except subprocess.TimeoutExpired:
                 a.stop_quietly()
+
+
+def test_a_subscription_the_broker_refuses_is_retried_and_reported_never_silently_missing(tmp_path: Path) -> None:
+    """NATS answers SUBACK 0x80 when it cannot create the JetStream consumer behind a QoS 1
+    subscription (here: the account's consumer limit; in production: load). The agent says in
+    its state and telemetry what it lacks, keeps asking, and has it once the broker can."""
+    if find_nats_server() is None:
+        pytest.skip("nats-server is not installed: run scripts/ensure_package.sh nats-server nats-server")
+    nats = NatsServer(tmp_path / "nats", max_consumers=2)  # the agent's own commands fit, its group's do not
+    nats.start()
+    nats.wait_ready()
+    obs = agent = None
+    try:
+        obs = Collector(nats.mqtt_url, [all_devices("telemetry"), all_devices("state")], client_id="obs-suback")
+        agent = AgentProcess(tmp_path / "agent", agent_config(
+            tmp_path / "agent", nats.mqtt_url, device_id="pi-sub", group="g9", telemetry={"interval_s": 0.3})).start()
+        group_topic = "edgefleet/v1/groups/g9/cmd/+"
+        wait_for(lambda: any(group_topic in b.get("refused_subscriptions", ()) for b in obs.bodies("pi-sub/telemetry")),
+                 30, what="the refused subscription reported in telemetry")
+        states = [b for b in obs.bodies("pi-sub/state") if b.get("online")]
+        assert states and states[-1]["mqtt"] == "3.1.1" and states[-1]["broker"] == nats.mqtt_url
+        nats.stop()  # a limit change needs a restart (nats-server 2.9 crashes reloading MQTT accounts)
+        nats.max_consumers = 20
+        nats.start()
+        nats.wait_ready()
+        n = len(obs.bodies("pi-sub/telemetry"))
+        wait_for(lambda: any("refused_subscriptions" not in b for b in obs.bodies("pi-sub/telemetry")[n:]), 30,
+                 what="the subscription granted after the broker could")
+        assert "refused subscription" in agent.log()
+        assert agent.proc.poll() is None
+    finally:
+        if obs is not None:
+            obs.close()
+        if agent is not None:
+            agent.stop_quietly()
+        nats.stop()

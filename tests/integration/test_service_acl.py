@@ -83,3 +83,4 @@ def test_a_device_cannot_read_or_write_another_devices_topics(acl_broker, tmp_pa
         agent.stop_quietly()
         spy.close()
         fleet.close()
+
