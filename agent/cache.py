@@ -1,4 +1,4 @@
-"""Input-locality cache: reuse model outputs for repeated or nearly repeated inputs, and check itself.
+"""Input-locality cache: reuse model outputs for repeated or nearly repeated inputs, with a measured bound.
 
 Three layers (see ``docs/cache.md``):
 
@@ -7,26 +7,32 @@ Three layers (see ``docs/cache.md``):
    entry and two models never do. LRU, bounded in bytes.
 2. **Near duplicate**: a cheap signature of the input (strided subsample, coarsely quantized to
    256 levels over the input's value range) is compared with the signature of the *last input that
-   was actually computed* (never with the previous input, so small drifts cannot pile up). Its
-   outputs are reused only when the mean absolute difference is within the current threshold,
-   the computed result is younger than ``max_age_s`` and fewer than ``max_consecutive`` reuses
-   happened in a row.
-3. **Self-verification**: a sampled ``verify_fraction`` of near hits is run anyway and compared
-   (top-1 for classifiers, a tolerance on outputs otherwise); half of them while the threshold is
-   young (its first 10 verdicts after starting or moving). A running disagreement rate tightens
-   the threshold when it exceeds ``target_disagreement`` and loosens it slowly, never beyond the
-   configured value, when well under.
+   was actually computed* (the reference; never the previous input, so small drifts cannot pile
+   up). The distance is divided by the reference's *margin* (classifiers: top-1 minus top-2 score;
+   other models: the input distance at which the outputs were last seen to move by a whole
+   tolerance), giving a *score*: confident answers get small scores, fragile ones large or
+   infinite. Reuse happens only below the score limit that the evidence supports, within
+   ``near_threshold``, ``max_age_s`` and ``max_consecutive``.
+3. **Evidence**: every computed frame that had a reference is a free verdict (would reusing the
+   reference have changed the answer?), and a share of near hits is recomputed on purpose (more
+   where a band's evidence is thin). Verdicts are counted per band of score. Disagreement only
+   grows with the score, so a band is bounded by the verdicts at and above it: a one-sided
+   Clopper-Pearson upper bound (at ``confidence``) under ``target_disagreement`` lets it be reused
+   freely; under 4x the target, on a budget that keeps the expected disagreement over all answers
+   under the target. No evidence, no reuse.
 
 All state sits behind one lock: callers on several threads share one cache.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -38,20 +44,28 @@ from edgefleet.errors import ConfigError
 from edgefleet.profiles import CacheSettings, format_validation_error
 from edgefleet.quant import dequantize, top1
 
-__all__ = ["CacheSpec", "InferenceCache", "Lookup", "input_signature", "resolve_cache", "signature_distance"]
+__all__ = ["CacheSpec", "InferenceCache", "Lookup", "binomial_upper", "input_signature", "output_change",
+           "resolve_cache", "signature_distance"]
 
 _ENTRY_OVERHEAD = 128  # bytes per entry for the key, tuple and OrderedDict node
 _SIGNATURE_CELLS = 32  # samples per spatial axis
-_EWMA_ALPHA = 0.05  # the running disagreement rate remembers about the last 20 verifications
-_TIGHTEN = 0.7
-_LOOSEN = 1.05
-_LOOSEN_AFTER = 20  # verifications without trouble before loosening
-_MIN_THRESHOLD = 1e-4
-# A threshold that just started or moved is unproven: verify this share of near hits until it has
-# this many verdicts, then fall back to ``verify_fraction``. At 5 % a drifting stream needed a
-# hundred near hits to see a single disagreement; the threshold learned too late.
-_YOUNG_FRACTION = 0.5
-_YOUNG_VERIFICATIONS = 10
+_INF = math.inf
+# Bands of score (distance / margin): band 0 is [0, _BAND_BASE), band b >= 1 is
+# [_BAND_BASE * r**(b-1), _BAND_BASE * r**b) with r = sqrt(2); the last band is open and never reused.
+_BANDS = 26
+_BAND_BASE = 2e-3
+_LOG_RATIO = math.log(math.sqrt(2.0))
+_BAND_TOP = _BAND_BASE * math.sqrt(2.0) ** (_BANDS - 1)
+_THIN_VERDICTS = 30  # a band with this many verdicts is verified at about half of max_verify_fraction
+_MIN_DISTANCE = 1.0 / 255  # non-classifiers: a sensitivity is never taken over a smaller input step
+_FLIP = 2.0  # output_change of a classifier whose top-1 changed (anything > 1 disagrees)
+# While no band is proven under the target, bands whose bound is under _RAMP_FACTOR x target may be
+# reused on a budget: every answer earns ``target`` and a reuse spends its bound, so the expected
+# disagreement over all answers stays under the target. Savings are capped at _BUDGET_ANSWERS answers'
+# worth, so a long clean run cannot fund a burst of risky reuse later.
+_RAMP_FACTOR = 4.0
+_POOL_SPAN = 8  # a band borrows evidence from at most this many bands at and above it (16x its score)
+_BUDGET_ANSWERS = 200
 
 
 CacheSpec = bool | CacheSettings | Mapping[str, Any] | None
@@ -89,15 +103,171 @@ def resolve_cache(cache: CacheSpec, profile: Any) -> CacheSettings | None:
 
 
 class Lookup(NamedTuple):
-    """What the cache said about one sample: ``kind`` is exact, near or miss."""
+    """What the cache said about one sample: ``kind`` is exact, near or miss.
+
+    ``candidate`` is what reuse would have returned (the reference's outputs) when the sample was
+    close enough to be judged, so computing it yields a verdict; ``band`` is its score band.
+    """
 
     kind: str
     outputs: tuple[np.ndarray, ...] | None
     verify: bool
     key: int
     signature: np.ndarray | None
+    candidate: tuple[np.ndarray, ...] | None = None
+    band: int = -1
+    distance: float = 0.0
 
 
+# ---------------------------------------------------------------------------------- statistics
+def _binomial_cdf(x: int, n: int, p: float) -> float:
+    """P(X <= x) for X ~ Binomial(n, p), summed in log space (x is small where it matters)."""
+    if x >= n or p <= 0.0:
+        return 1.0
+    if p >= 1.0:
+        return 0.0
+    log_p, log_q = math.log(p), math.log1p(-p)
+    base = math.lgamma(n + 1)
+    return min(1.0, sum(math.exp(base - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q)
+                        for i in range(x + 1)))
+
+
+def binomial_upper(x: int, n: int, confidence: float) -> float:
+    """One-sided Clopper-Pearson upper bound on a rate seen as ``x`` events in ``n`` trials.
+
+    Exact (never narrower than the truth at ``confidence``), unlike Wilson's, which undercovers
+    at zero events: the case a cache lives in.
+    """
+    if n <= 0:
+        return 1.0
+    if x >= n:
+        return 1.0
+    alpha = 1.0 - confidence
+    lo, hi = x / n, 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if _binomial_cdf(x, n, mid) > alpha:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+@lru_cache(maxsize=4096)
+def _poisson_upper(x: int, confidence: float) -> float:
+    """Upper limit of a Poisson mean after ``x`` events: Clopper-Pearson's small-rate form.
+
+    ``_poisson_upper(x) / n`` is never below the exact bound and is within a fraction of a percent
+    of it where a cache works (rates of a few %), and it costs one division once memoized.
+    """
+    alpha = 1.0 - confidence
+    lo, hi = float(x), float(x) + 10.0 * math.sqrt(x + 1.0) + 10.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        cdf = sum(math.exp(-mid + i * math.log(mid) - math.lgamma(i + 1)) for i in range(x + 1))
+        lo, hi = (mid, hi) if cdf > alpha else (lo, mid)
+    return hi
+
+
+def _band(score: float) -> int:
+    if score < _BAND_BASE:
+        return 0
+    if score >= _BAND_TOP:
+        return _BANDS - 1
+    return min(_BANDS - 1, 1 + int(math.log(score / _BAND_BASE) / _LOG_RATIO))
+
+
+def _band_top(band: int) -> float:
+    return _BAND_BASE * math.sqrt(2.0) ** band
+
+
+class _Evidence:
+    """Verdict counts per score band and what each band may do; pure bookkeeping, no clock.
+
+    Disagreement can only grow with the score (a larger distance relative to a smaller margin),
+    so a band's rate is at most the pooled rate of any run of bands from it upwards: each band's
+    bound is the best one-sided upper bound over the runs starting at it (up to _POOL_SPAN bands
+    long). Under the target the band is reused freely, under _RAMP_FACTOR x target on the budget.
+    A band whose own verdicts show it worse than the target blocks itself and everything above.
+    """
+
+    def __init__(self, config: CacheSettings) -> None:
+        self.target = config.target_disagreement
+        self.ramp_target = min(1.0, self.target * _RAMP_FACTOR)
+        self.confidence = config.confidence
+        self.window = config.evidence_window
+        self.floor = config.verify_fraction
+        self.thin = max(config.max_verify_fraction, config.verify_fraction)
+        self.n = [0] * _BANDS
+        self.e = [0] * _BANDS
+        self.bad = [False] * _BANDS
+        # Read on the hot path, one index each: verification share, reuse cost (-1: none), budget?
+        self.share = [self.thin] * _BANDS
+        self.cost = [-1.0] * _BANDS
+        self.on_budget = [False] * _BANDS
+        self.pooled = [(0, 0)] * _BANDS  # verdicts and disagreements behind each band's bound
+        self.changes = self.total_n = self.total_e = 0
+
+    def add(self, band: int, agree: bool) -> None:
+        """Count one verdict in ``band`` and recompute what every band may do."""
+        self.total_n += 1
+        self.total_e += 0 if agree else 1
+        self.n[band] += 1
+        self.e[band] += 0 if agree else 1
+        if self.n[band] >= self.window:  # old evidence fades: a changed stream must show
+            self.n[band] //= 2
+            self.e[band] = (self.e[band] + 1) // 2
+        n, e = self.n[band], self.e[band]
+        # Shown worse than the target on its own: P(X >= e | n, target) < 1 - confidence.
+        self.bad[band] = e > 0 and 1.0 - _binomial_cdf(e - 1, n, self.target) < 1.0 - self.confidence
+        self.share[band] = min(self.thin, max(self.floor, self.thin * _THIN_VERDICTS / (n + _THIN_VERDICTS)))
+        self._refresh()
+
+    def _bound(self, x: int, n: int) -> float:
+        return min(1.0, _poisson_upper(x, self.confidence) / n) if n else 1.0
+
+    def _refresh(self) -> None:
+        before = self.free_limit()
+        blocked = False
+        for band in range(_BANDS):
+            blocked = blocked or self.bad[band] or band == _BANDS - 1
+            best, behind = 1.0, (0, 0)
+            n = e = 0
+            for top in range(band, min(band + _POOL_SPAN, _BANDS - 1)):
+                n += self.n[top]
+                e += self.e[top]
+                bound = self._bound(e, n)
+                if bound < best:
+                    best, behind = bound, (n, e)
+            usable = not blocked and best < self.ramp_target
+            self.cost[band] = best if usable else -1.0
+            self.on_budget[band] = usable and best >= self.target
+            self.pooled[band] = behind
+        if self.free_limit() != before:
+            self.changes += 1
+
+    def free_limit(self) -> float:
+        """The top of the highest band reused freely (0: none yet)."""
+        free = [b for b in range(_BANDS) if self.cost[b] >= 0 and not self.on_budget[b]]
+        return _band_top(max(free)) if free else 0.0
+
+    def widest(self) -> tuple[int, int, float] | None:
+        """Verdicts, disagreements and bound behind the highest band in use, if any."""
+        used = [b for b in range(_BANDS) if self.cost[b] >= 0]
+        if not used:
+            return None
+        n, e = self.pooled[used[-1]]
+        return n, e, self.cost[used[-1]]
+
+    def bands(self) -> list[dict[str, Any]]:
+        return [{"band": b, "score_below": round(_band_top(b), 5) if b < _BANDS - 1 else None,
+                 "verdicts": self.n[b], "disagreements": self.e[b], "verify_share": round(self.share[b], 3),
+                 "reuse": ("no" if self.cost[b] < 0 else "budget" if self.on_budget[b] else "free"),
+                 "bound": round(self.cost[b], 4) if self.cost[b] >= 0 else None}
+                for b in range(_BANDS) if self.n[b]]
+
+
+# ---------------------------------------------------------------------------------- signatures
 def _strides(shape: tuple[int, ...]) -> tuple[slice, ...]:
     """Index that subsamples a batch-1 tensor to at most ~_SIGNATURE_CELLS per axis."""
     index: list[slice] = [slice(0, 1)]
@@ -131,8 +301,39 @@ def signature_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean()) / 255.0
 
 
+def output_change(reused: Sequence[np.ndarray], fresh: Sequence[np.ndarray], *, classifier: bool,
+                  tolerances: Sequence[float]) -> float:
+    """How far reusing ``reused`` would be from ``fresh``, in tolerances: <= 1 agrees.
+
+    Classifiers: 0 when every output keeps its top-1, else 2. Other models: the largest absolute
+    difference of any output, divided by that output's tolerance (``tolerances``, one per
+    output, in the outputs' own units: a fraction of each output's range). Arrays are float.
+    """
+    worst = 0.0
+    for old, new, tol in zip(reused, fresh, tolerances):
+        if classifier:
+            if not np.array_equal(top1(old), top1(new)):
+                return _FLIP
+            continue
+        diff = float(np.abs(old - new).max(initial=0.0))
+        worst = max(worst, diff / tol if tol > 0 else (_INF if diff > 0 else 0.0))
+    return worst
+
+
+def _margin(outputs: Sequence[np.ndarray]) -> float:
+    """Top-1 minus top-2 score of each output, the smallest one (0 = a tie: never reuse)."""
+    margin = _INF
+    for arr in outputs:
+        flat = arr.reshape(-1)
+        if flat.size >= 2:
+            top2 = np.partition(flat, flat.size - 2)[-2:]
+            margin = min(margin, float(top2[1] - top2[0]))
+    return margin
+
+
+# ---------------------------------------------------------------------------------- the cache
 class InferenceCache:
-    """Exact + near-duplicate cache for one model, with self-verification. Thread-safe."""
+    """Exact + near-duplicate cache for one model, reusing only where its evidence allows. Thread-safe."""
 
     def __init__(self, config: CacheSettings, model_sha256: str, inputs: Sequence[TensorInfo],
                  outputs: Sequence[TensorInfo], *, classifier: bool,
@@ -144,23 +345,23 @@ class InferenceCache:
         self._classifier = classifier
         self._ranges: list[tuple[float, float] | None] = (
             list(input_ranges) if input_ranges is not None else [None] * len(self._inputs))
+        self._out_lo = [_INF] * len(self._outputs)  # running value range of each output
+        self._out_hi = [-_INF] * len(self._outputs)
         self._lock = threading.Lock()
         self._rng = random.Random(config.seed)
         self._entries: OrderedDict[int, tuple[tuple[np.ndarray, ...], int]] = OrderedDict()
         self._bytes = 0
-        self.threshold = config.near_threshold
-        self._reset_counts()
-        self._reference: tuple[np.ndarray, tuple[np.ndarray, ...], float] | None = None
-        self._consecutive = 0
-
-    def _reset_counts(self) -> None:
+        self._evidence = _Evidence(config)
         self.exact_hits = self.near_hits = self.misses = 0
         self.verified = self.disagreements = self.evictions = 0
-        self.disagreement_rate = 0.0
-        self._since_adjust = 0
         self._lookup_s = 0.0
         self._lookups = 0
-        self.threshold_changes = 0
+        self._budget = 0.0  # expected disagreements the answers so far can still absorb
+        self._budget_cap = config.target_disagreement * _BUDGET_ANSWERS
+        self._risk = 0.0  # sum of the bounds in force at each reuse: expected disagreements, upper
+        # (signature, outputs, computed at, 1 / margin): the last input that was actually computed
+        self._reference: tuple[np.ndarray, tuple[np.ndarray, ...], float, float] | None = None
+        self._consecutive = 0
 
     # ------------------------------------------------------------------ hot path
     def key(self, sample: Sequence[np.ndarray]) -> int:
@@ -181,7 +382,8 @@ class InferenceCache:
     def lookup(self, sample: Sequence[np.ndarray]) -> Lookup:
         """Decide for one sample (arrays in model dtype): exact hit, near hit (maybe to verify) or miss.
 
-        Hashing and the signature are computed outside the lock; only the decisions hold it.
+        Hashing and the signature are computed outside the lock; the decision under it is a few
+        comparisons against figures prepared when results were recorded.
         """
         start = time.perf_counter()
         cfg = self.config
@@ -192,47 +394,93 @@ class InferenceCache:
                 if entry is not None:
                     self._entries.move_to_end(key)
                     self.exact_hits += 1
+                    self._budget = min(self._budget + cfg.target_disagreement, self._budget_cap)
                     self._lookup_s += time.perf_counter() - start
                     self._lookups += 1
                     return Lookup("exact", entry[0], False, key, None)
         signature = self._signature(sample) if cfg.near else None
         with self._lock:
+            self._budget = min(self._budget + cfg.target_disagreement, self._budget_cap)
             ref = self._reference
-            if (signature is not None and ref is not None and self._consecutive < cfg.max_consecutive
-                    and start - ref[2] <= cfg.max_age_s
-                    and signature_distance(signature, ref[0]) <= self.threshold):
-                self._consecutive += 1
-                fraction = (max(cfg.verify_fraction, _YOUNG_FRACTION) if self._since_adjust < _YOUNG_VERIFICATIONS
-                            else cfg.verify_fraction)
-                verify = cfg.verify_fraction > 0 and self._rng.random() < fraction
-                if not verify:
-                    self.near_hits += 1
-                self._lookup_s += time.perf_counter() - start
-                self._lookups += 1
-                return Lookup("near", ref[1], verify, key, signature)
+            if signature is not None and ref is not None and start - ref[2] <= cfg.max_age_s:
+                distance = signature_distance(signature, ref[0])
+                if distance <= cfg.near_threshold:
+                    score = distance * ref[3] if ref[3] < _INF else _INF
+                    band = _band(score)
+                    ev = self._evidence
+                    cost = ev.cost[band]
+                    if ev.on_budget[band] and self._budget < cost:
+                        cost = -1.0
+                    if cost >= 0.0 and self._consecutive < cfg.max_consecutive:
+                        self._consecutive += 1
+                        verify = self._rng.random() < ev.share[band]
+                        if not verify:
+                            self.near_hits += 1
+                            self._budget -= cost
+                            self._risk += cost
+                        self._lookup_s += time.perf_counter() - start
+                        self._lookups += 1
+                        return Lookup("near", ref[1], verify, key, signature, ref[1], band, distance)
+                    self.misses += 1
+                    self._lookup_s += time.perf_counter() - start
+                    self._lookups += 1
+                    return Lookup("miss", None, False, key, signature, ref[1], band, distance)
             self.misses += 1
             self._lookup_s += time.perf_counter() - start
             self._lookups += 1
             return Lookup("miss", None, False, key, signature)
 
     def record(self, lookup: Lookup, outputs: tuple[np.ndarray, ...]) -> None:
-        """Store outputs just computed for ``lookup``'s sample; score a verification if it was one.
+        """Store outputs just computed for ``lookup``'s sample; count the verdict if it had a candidate.
 
         The arrays are made read-only and kept as they are: the engine copies on the way out.
+        The verdict and the new reference's margin are worked out before taking the lock.
         """
         now = time.perf_counter()
         for arr in outputs:
             arr.setflags(write=False)
+        fresh = self._floats(outputs)
+        if not self._classifier:
+            self._widen_ranges(fresh)
+        change = None
+        if lookup.candidate is not None:
+            change = output_change(self._floats(lookup.candidate), fresh, classifier=self._classifier,
+                                   tolerances=self._tolerances())
+        if self._classifier:
+            margin = _margin(fresh)
+            inv_margin = 1.0 / margin if margin > 0 else _INF
+        elif change is not None:  # the outputs moved by `change` tolerances over `distance`
+            inv_margin = change / max(lookup.distance, _MIN_DISTANCE) if change < _INF else _INF
+        else:
+            inv_margin = _INF  # nothing seen yet about how fast these outputs move
         with self._lock:
-            if lookup.verify and lookup.outputs is not None:
-                self._score(lookup.outputs, outputs)
+            if change is not None:
+                agree = change <= 1.0
+                if lookup.verify:
+                    self.verified += 1
+                    self.disagreements += 0 if agree else 1
+                self._evidence.add(lookup.band, agree)
             if self.config.max_bytes:
                 self._store(lookup.key, outputs)
             if lookup.signature is not None:
-                self._reference = (lookup.signature, outputs, now)
+                self._reference = (lookup.signature, outputs, now, inv_margin)
                 self._consecutive = 0
 
     # ------------------------------------------------------------------ internals
+    def _floats(self, outputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return [dequantize(a, info) if info.quantized else a for a, info in zip(outputs, self._outputs)]
+
+    def _widen_ranges(self, fresh: Sequence[np.ndarray]) -> None:
+        for i, arr in enumerate(fresh):
+            if arr.size:
+                self._out_lo[i] = min(self._out_lo[i], float(arr.min()))
+                self._out_hi[i] = max(self._out_hi[i], float(arr.max()))
+
+    def _tolerances(self) -> list[float]:
+        """Each output's tolerance: ``output_tolerance`` x the range its values have taken so far."""
+        tol = self.config.output_tolerance
+        return [tol * max(hi - lo, 1e-6) if hi >= lo else tol * 1e-6 for lo, hi in zip(self._out_lo, self._out_hi)]
+
     def _store(self, key: int, outputs: tuple[np.ndarray, ...]) -> None:
         size = sum(a.nbytes for a in outputs) + _ENTRY_OVERHEAD
         if size > self.config.max_bytes:
@@ -247,40 +495,9 @@ class InferenceCache:
             self._bytes -= evicted
             self.evictions += 1
 
-    def _agree(self, reused: tuple[np.ndarray, ...], fresh: tuple[np.ndarray, ...]) -> bool:
-        for old, new, info in zip(reused, fresh, self._outputs):
-            a, b = dequantize(old, info), dequantize(new, info)
-            if self._classifier:
-                if not np.array_equal(top1(a), top1(b)):
-                    return False
-                continue
-            span = float(b.max() - b.min()) if b.size else 0.0
-            if float(np.abs(a - b).max(initial=0.0)) > self.config.output_tolerance * max(span, 1e-6):
-                return False
-        return True
-
-    def _score(self, reused: tuple[np.ndarray, ...], fresh: tuple[np.ndarray, ...]) -> None:
-        """Update the running disagreement rate and move the threshold (tighten fast, loosen slowly)."""
-        agree = self._agree(reused, fresh)
-        self.verified += 1
-        self._since_adjust += 1
-        if not agree:
-            self.disagreements += 1
-        self.disagreement_rate += _EWMA_ALPHA * ((0.0 if agree else 1.0) - self.disagreement_rate)
-        target = self.config.target_disagreement
-        if not agree and self.disagreement_rate > target:
-            self.threshold = max(self.threshold * _TIGHTEN, _MIN_THRESHOLD)
-            self._since_adjust = 0
-            self.threshold_changes += 1
-        elif (agree and self._since_adjust >= _LOOSEN_AFTER and self.disagreement_rate < target / 2
-              and self.threshold < self.config.near_threshold):
-            self.threshold = min(self.threshold * _LOOSEN, self.config.near_threshold)
-            self._since_adjust = 0
-            self.threshold_changes += 1
-
     # ------------------------------------------------------------------ status
     def clear(self) -> None:
-        """Drop every entry and the near-duplicate reference (counters and threshold stay)."""
+        """Drop every entry and the near-duplicate reference (counters and evidence stay)."""
         with self._lock:
             self._entries.clear()
             self._bytes = 0
@@ -289,8 +506,11 @@ class InferenceCache:
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            lookups = self.exact_hits + self.near_hits + self.misses + self.verified
+            ev = self._evidence
+            samples = self.exact_hits + self.near_hits + self.misses + self.verified
             saved = self.exact_hits + self.near_hits
+            widest = ev.widest()
+            region_n, region_e = (widest[0], widest[1]) if widest else (0, 0)
             return {
                 "enabled": True,
                 "exact_hits": self.exact_hits,
@@ -299,10 +519,19 @@ class InferenceCache:
                 "verified_hits": self.verified,
                 "disagreements": self.disagreements,
                 "disagreement": round(self.disagreements / self.verified, 4) if self.verified else None,
-                "disagreement_rate": round(self.disagreement_rate, 4),
-                "threshold": round(self.threshold, 6),
-                "threshold_changes": self.threshold_changes,
-                "hit_rate": round(saved / lookups, 4) if lookups else 0.0,
+                "disagreement_rate": round(region_e / region_n, 4) if region_n else 0.0,
+                "disagreement_upper": round(self._risk / self.near_hits, 4) if self.near_hits else None,
+                "verifications": region_n,
+                "answer_disagreement_upper": round(self._risk / samples, 4) if samples else None,
+                "bound_in_force": round(widest[2], 4) if widest else None,
+                "confidence": ev.confidence,
+                "verdicts": ev.total_n,
+                "verdict_disagreements": ev.total_e,
+                "score_limit": round(ev.free_limit(), 6),
+                "threshold": self.config.near_threshold,
+                "threshold_changes": ev.changes,
+                "bands": ev.bands(),
+                "hit_rate": round(saved / samples, 4) if samples else 0.0,
                 "entries": len(self._entries),
                 "bytes": self._bytes,
                 "max_bytes": self.config.max_bytes,

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 BENCHES = [
     ("converter", "Converter: size and fidelity per optimization recipe"),
     ("agent", "Agent: engine overhead and input-locality cache"),
+    ("cache", "Agent: input-locality cache on hard streams, against the oracle and hindsight thresholds"),
     ("telemetry", "Agent service: telemetry cost on inference throughput"),
     ("ota", "OTA: activation, hot swap and rollback"),
     ("fleet", "Fleet tool: cost against fleet size"),

@@ -128,10 +128,14 @@ class OtaManager:
                  golden_traffic: int = 8, on_serving_changed: Callable[[], None] | None = None,
                  download_policy: DownloadPolicy | None = None, device_id: str = "device",
                  group: str = "default", fleet: str | None = None, max_boots: int = MAX_BOOTS,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 nonces: Callable[[], NonceLedger] | None = None) -> None:
         if keep_versions < 2:
             raise ConfigError(f"keep_versions must be >= 2 (current and previous), got {keep_versions}")
         self.profile = profile
+        # The device's one ledger of spent statement nonces (the service shares it with the config
+        # command); standalone, one beside the journal. Raises ArtifactError when it is damaged.
+        self._nonces = nonces or (lambda: NonceLedger(self.store.root / NONCES_NAME))
         self.trusted_keys = tuple(trusted_keys)
         self.host = host
         self.emit_event = emit_event
@@ -481,8 +485,7 @@ class OtaManager:
         statement = check_rollback(req, version, facts)
         if statement is not None:
             try:
-                ledger = NonceLedger(self.store.root / NONCES_NAME)
-                ledger.consume(statement, facts.now)
+                self._nonces().consume(statement, facts.now)
             except OSError as exc:
                 raise StorageError(f"cannot record the statement's nonce: {exc.strerror or exc}") from exc
 

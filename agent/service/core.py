@@ -112,7 +112,9 @@ class AgentService:
             OtaManager = None
         if OtaManager is not None:
             self.ota = OtaManager(self.state_dir / "ota", self.profile, self.trusted_keys, self.host,
-                                  self.emit_event, on_serving_changed=self._serving_changed)
+                                  self.emit_event, on_serving_changed=self._serving_changed,
+                                  device_id=self.cfg.device_id, group=self.cfg.group, fleet=self.cfg.fleet,
+                                  nonces=self.ledger)
             self.ota.boot()
             if self.host.model_info is None and self.cfg.model is not None:
                 self.ota.install_initial(self.cfg.model)
@@ -169,6 +171,16 @@ class AgentService:
                          "model": self.model_info()})
         self.link.start()
         self._start_inputs()
+
+    def ledger(self) -> NonceLedger:
+        """The ledger of spent statement nonces.
+
+        Raises:
+            ArtifactError: it could not be read at start-up: every signed statement is refused.
+        """
+        if self.nonces is None:
+            raise ArtifactError(f"signed statements refused: {self.nonces_error}")
+        return self.nonces
 
     def _open_nonces(self) -> None:
         """The ledger of spent statement nonces; a damaged one refuses statements, never stops serving."""

@@ -59,8 +59,7 @@ def status(svc: AgentService, cmd: dict[str, Any]) -> dict[str, Any]:
             "outbox": {"pending": svc.outbox.pending(), "dropped": svc.outbox.dropped()},
             "telemetry": {"interval_s": svc.telemetry_interval_s},
             "cache": svc.cache.model_dump(),
-            "statements": {"accepted": svc.nonces is not None, "reason": svc.nonces_error},
-            "mqtt": {"protocol": svc.link.protocol if svc.link else None}}
+            "statements": {"accepted": svc.nonces is not None, "reason": svc.nonces_error}}
 
 
 def _ota(svc: AgentService, what: str) -> Any:
@@ -78,10 +77,8 @@ def rollback(svc: AgentService, cmd: dict[str, Any]) -> dict[str, Any]:
 
 
 def cancel(svc: AgentService, cmd: dict[str, Any]) -> dict[str, Any]:
-    handle = getattr(_ota(svc, "cancel"), "handle_cancel", None)
-    if handle is None:
-        raise CommandRejected("cancel not available: this agent's OTA manager cannot cancel an update")
-    return dict(handle(cmd) or {})
+    """Stop the update in flight (before it installs); it ends ``failed``, "canceled by command"."""
+    return dict(_ota(svc, "cancel").handle_cancel(cmd) or {})
 
 
 def config(svc: AgentService, cmd: dict[str, Any]) -> dict[str, Any]:
@@ -165,8 +162,10 @@ def signed_statement(svc: AgentService, cmd: dict[str, Any], kind: Kind, now: fl
                                      kind=kind, device_id=svc.cfg.device_id, group=svc.cfg.group, now=now)
     except EdgefleetError as exc:
         raise CommandRejected(f"{kind}: statement refused: {exc}") from exc
-    if svc.nonces is None:
-        raise CommandRejected(f"{kind}: signed statements refused: {svc.nonces_error}")
+    try:
+        svc.ledger()
+    except EdgefleetError as exc:
+        raise CommandRejected(f"{kind}: {exc}") from exc
     return statement
 
 
@@ -183,9 +182,8 @@ def _check_allows(statement: Statement | None, loosened: list[str], proposed: Ca
 
 
 def _spend(svc: AgentService, statement: Statement, now: float) -> None:
-    assert svc.nonces is not None
     try:
-        svc.nonces.consume(statement, now)
+        svc.ledger().consume(statement, now)
     except EdgefleetError as exc:
         raise CommandRejected(f"{statement.kind}: statement refused: {exc}") from exc
 

@@ -16,13 +16,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgefleet.commands import CommandRejected
 from edgefleet.signing import generate_keypair, load_private_key
 from edgefleet.statements import make_statement
 from edgefleet.testing.artifacts import build_artifact
 from edgefleet.testing.broker import free_port
 from edgefleet.testing.waiting import wait_for
-from edgefleet.topics import device_cmd_topic, response_topic
+from edgefleet.topics import device_cmd_topic, device_topic, response_topic
 from tests.integration.service_support import (
     HANGING_INPUT,
     AgentProcess,
@@ -258,17 +257,37 @@ def test_decompression_bomb_png_goes_to_failed_and_the_source_keeps_running(brok
 
 
 # ------------------------------------------------------------------ cancel
-def test_cancel_command_goes_to_the_ota_manager_or_is_refused_as_not_available() -> None:
-    """Handler wiring only (the OTA manager's cancel is tested with OTA): stand-in service objects."""
-    from types import SimpleNamespace
+def test_cancel_command_stops_an_update_crawling_in_from_a_slow_server(broker, tmp_path: Path) -> None:
+    """A server that sends 4 KB every 0.2 s would keep the update downloading for minutes: the
+    operator's cancel command stops it, the device reports it failed and keeps serving v1."""
+    from edgefleet.testing.http_server import ArtifactServer
 
-    from agent.service.handlers import HANDLERS
-
-    cmd = command("cancel", rollout_id="r1")
-    with pytest.raises(CommandRejected, match="cancel not available: this agent has no OTA manager"):
-        HANDLERS["cancel"](SimpleNamespace(ota=None), cmd)
-    with pytest.raises(CommandRejected, match="cancel not available"):
-        HANDLERS["cancel"](SimpleNamespace(ota=object()), cmd)
-    seen = []
-    ota = SimpleNamespace(handle_cancel=lambda c: seen.append(c) or {"cancelled": "r1"})
-    assert HANDLERS["cancel"](SimpleNamespace(ota=ota), cmd) == {"cancelled": "r1"} and seen == [cmd]
+    v1 = build_artifact(OTA_MODELS / "clf_a.tflite", tmp_path / "v1", version="1", golden_samples=1)
+    v2 = build_artifact(OTA_MODELS / "clf_a2.tflite", tmp_path / "v2", version="2", golden_samples=1)
+    obs = Observer(broker.port, topic=device_topic("pi-cancel", "#"))
+    agent = AgentProcess(tmp_path / "agent", agent_config(tmp_path / "agent", broker.url, device_id="pi-cancel",
+                                                          model=v1.dir)).start()
+    with ArtifactServer() as http:
+        url = http.add("/v2/model.tflite", v2.model_path.read_bytes(), trickle_s=0.2, trickle_bytes=4096)
+        try:
+            wait_for(lambda: any(b.get("online") for b in obs.on("pi-cancel/state")), 30, what="birth")
+            update = command("update", **v2.update_fields(url, rollout_id="r-slow"))
+            obs.publish(device_cmd_topic("pi-cancel", "update"), update)
+            wait_for(lambda: any(b.get("state") == "downloading" for b in obs.on("pi-cancel/events")), 20,
+                     what="the update downloading")
+            cancel = command("cancel", rollout_id="r-slow")
+            obs.publish(device_cmd_topic("pi-cancel", "cancel"), cancel)
+            reply = wait_for(lambda: next((b for b in obs.on("pi-cancel/cmd/cancel/response")
+                                           if b.get("id") == cancel["id"]), None), 15, what="the cancel reply")
+            assert reply["ok"], reply
+            final = wait_for(lambda: next((b for b in obs.on("pi-cancel/events") if b.get("rollout_id") == "r-slow"
+                                           and b.get("state") == "failed"), None), 15, what="the update failed")
+            assert final["reason"] == "canceled by command"
+            status = command("status")
+            obs.publish(device_cmd_topic("pi-cancel", "status"), status)
+            answer = wait_for(lambda: next((b for b in obs.on("pi-cancel/cmd/status/response")
+                                            if b.get("id") == status["id"]), None), 15, what="status")
+            assert answer["result"]["state"]["model"]["version"] == "1"
+        finally:
+            obs.close()
+            agent.stop_quietly()

@@ -99,7 +99,7 @@ def test_status_command_replies_on_the_default_response_topic(running) -> None:
     reply = reply_for(obs, cmd["id"], response_topic("pi-cmd", "status"))
     assert reply["ok"] is True and reply["device_id"] == "pi-cmd"
     assert reply["result"]["state"]["model"]["name"] == "clf"
-    assert reply["result"]["mqtt"]["protocol"] == "5"
+    assert reply["result"]["state"]["mqtt"] == "5"
 
 
 def test_mqtt5_response_topic_and_correlation_data_are_honoured(running) -> None:
@@ -248,7 +248,7 @@ def test_mqtt_3_1_1_works_without_response_topics(broker, tmp_path: Path) -> Non
         # A Response Topic cannot reach a 3.1.1 client: the reply goes to the default topic.
         obs.publish(device_cmd_topic("pi-v311", "status"), cmd, response_topic=fleet_reply_topic("x"))
         reply = reply_for(obs, cmd["id"], "pi-v311/cmd/status/response")
-        assert reply["result"]["mqtt"]["protocol"] == "3.1.1"
+        assert reply["result"]["state"]["mqtt"] == "3.1.1"
     finally:
         svc.stop()
         obs.close()
