@@ -30,6 +30,8 @@ $(TFLITE_VENV)/.installed: pyproject.toml
 broker:
 	@scripts/ensure_package.sh mosquitto mosquitto
 	@scripts/ensure_package.sh nats-server nats-server
+	@scripts/ensure_package.sh '/usr/lib/postgresql/*/bin/initdb' postgresql
+	@scripts/ensure_package.sh prometheus prometheus
 
 test: install install-tflite broker
 	@$(MAKE) --no-print-directory test-main

@@ -501,14 +501,18 @@ class MqttClient:
             raise
         return self
 
-    def subscribe(self, topics: Iterable[str], qos: int = 1, timeout: float = 5.0) -> None:
+    def subscribe(self, topics: Iterable[str], qos: int = 1, timeout: float = 5.0,
+                  refused_timeout: float = 30.0) -> None:
         """Subscribe and wait until the broker granted it, so retained messages are on their way.
 
+        A cluster electing new leaders after losing a node refuses subscriptions for a while:
+        they are asked for again for up to ``refused_timeout`` seconds.
+
         Raises:
-            TransportError: no SUBACK, or the broker still refuses a topic after ``timeout``.
+            TransportError: no SUBACK within ``timeout``, or still refused after ``refused_timeout``.
         """
         topics = list(topics)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + refused_timeout
         mid = self._link.subscribe(topics, qos)
         if mid is None:
             return

@@ -1,12 +1,13 @@
 """``edge-fleet``: the operator's tool for a fleet of edgefleet devices.
 
-Subcommands: keygen, devices, deploy, status, rollback, watch, export, simulate. Every failure is
-one ``error:`` line and a non-zero exit (via :func:`edgefleet.cli.run_main`); a rollout that
-aborts or fails exits 1.
+Subcommands: keygen, devices, deploy, status, rollback, watch, export, simulate, serve,
+exporter, migrate. Every failure is one ``error:`` line and a non-zero exit (via
+:func:`edgefleet.cli.run_main`); a rollout that aborts or fails exits 1.
 
-``deploy`` always drives the rollout to its end (the process is the rollout's engine): ``--wait``
-adds live progress lines, without it only the final summary is printed. A deploy that was killed
-is continued with ``deploy --resume ROLLOUT_ID``.
+Without ``--controller``, ``deploy`` drives the rollout to its end in this process (``--wait``
+adds live progress lines) and a killed deploy is continued with ``deploy --resume ROLLOUT_ID``.
+With ``--controller URL`` deploy/rollback submit to ``edge-fleet serve`` and return at once
+(``--wait`` follows the outcome); status and watch read from it.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from edgefleet.cli import run_main
-from edgefleet.errors import ConfigError
+from edgefleet.cli import add_common_options, run_main
+from edgefleet.errors import ConfigError, ExitCode
 from edgefleet.messages import ExecState, RolloutState
 
 __all__ = ["build_parser", "main"]
 
-EXIT_ROLLOUT_FAILED = 1
+EXIT_ROLLOUT_FAILED = int(ExitCode.FAILED)
 LIST_MAX = 20  # devices listed by name in a final summary
 STALE_S = 10.0  # a running rollout saves its state every tick (0.2 s); older than this, nobody drives it
 
@@ -38,6 +39,24 @@ def _broker(args: argparse.Namespace, fallback: str | None = None) -> str:
     return str(url)
 
 
+def _controller(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--controller", metavar="URL", default=os.environ.get("EDGEFLEET_CONTROLLER"),
+                   help="submit to / read from `edge-fleet serve` at this URL (env EDGEFLEET_CONTROLLER)")
+    p.add_argument("--token-file", help="the controller's API token (env EDGEFLEET_TOKEN_FILE)")
+    p.add_argument("--ca-file", help="CA bundle for an https:// controller (env EDGEFLEET_CA)")
+
+
+def _state(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state", metavar="URL", help="sqlite:///PATH or postgresql://... (env EDGEFLEET_STATE; "
+                                                  "default: fleet.db in the data dir)")
+
+
+def _open_state(args: argparse.Namespace) -> Any:
+    from fleet.store import open_store, state_url
+
+    return open_store(state_url(getattr(args, "state", None), getattr(args, "data_dir", None)))
+
+
 def _targets(parser: argparse.ArgumentParser) -> None:
     sel = parser.add_mutually_exclusive_group()
     sel.add_argument("--device", nargs="+", action="extend", metavar="ID", help="device id(s)")
@@ -47,12 +66,12 @@ def _targets(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-fleet", description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    add_common_options(parser, exit_codes={ExitCode.FAILED: "the rollout (deploy, rollback --wait) aborted or failed"})
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
-        p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+        add_common_options(p, subcommand=True)
         return p
 
     def broker(p: argparse.ArgumentParser) -> None:
@@ -93,12 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "devices already on the version")
     p.add_argument("--resume", metavar="ROLLOUT_ID", help="continue a rollout whose fleet tool was stopped")
     data_dir(p)
+    _state(p)
+    _controller(p)
 
     p = add("status", "rollouts and per-device execution states (from the data dir)")
     p.add_argument("rollout_id", nargs="?")
     p.add_argument("--device", metavar="ID", help="with ROLLOUT_ID: that device's history in the rollout")
     p.add_argument("--json", action="store_true")
     data_dir(p)
+    _state(p)
+    _controller(p)
 
     p = add("rollback", "roll devices back to their previous (or a given) version")
     broker(p)
@@ -107,13 +130,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="wait for every device's answer")
     p.add_argument("--device-timeout", type=float, default=120.0)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--force", action="store_true", help="cancel a running rollout on these devices")
     data_dir(p)
+    _state(p)
+    _controller(p)
 
     p = add("watch", "live table of devices and fleet totals")
     broker(p)
     p.add_argument("--group")
     p.add_argument("--frames", type=int, help="print this many frames and exit")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between frames")
+    _controller(p)
+
+    p = add("serve", "the rollout controller: owns rollouts, serves the API and the fleet metrics")
+    broker(p)
+    _state(p)
+    data_dir(p)
+    p.add_argument("--listen", default="127.0.0.1:8470", help="HOST:PORT of the API")
+    p.add_argument("--token-file", required=True, help="file whose first line is the API token")
+    p.add_argument("--tls-cert", help="serve the API over TLS with this certificate (PEM)")
+    p.add_argument("--tls-key", help="... and this key (PEM)")
+    p.add_argument("--serve", default="0.0.0.0:0", help="HOST:PORT of the artifact server for uploaded models")
+    p.add_argument("--advertise", help="host name devices use to reach the artifact server")
+    p.add_argument("--metrics", default="0.0.0.0:9479", help="HOST:PORT of /metrics, or 'off'")
+    p.add_argument("--metrics-refresh", type=float, default=5.0, help="seconds between metric renders")
+    p.add_argument("--stale", type=float, default=600.0, help="seconds before a silent device leaves the metrics")
+
+    p = add("exporter", "fleet metrics for Prometheus from the devices' MQTT state and telemetry")
+    broker(p)
+    p.add_argument("--listen", default="0.0.0.0:9479", help="HOST:PORT of /metrics")
+    p.add_argument("--state", metavar="URL", help="also export rollout progress from this store")
+    p.add_argument("--refresh", type=float, default=5.0, help="seconds between metric renders")
+    p.add_argument("--stale", type=float, default=600.0, help="seconds before a silent device leaves the metrics")
+
+    p = add("migrate", "bring a state database's schema up to date (run once per release)")
+    _state(p)
+    data_dir(p)
 
     p = add("export", "record device messages to .jsonl or .csv")
     broker(p)
@@ -177,19 +229,9 @@ def _progress_printer(stream: Any) -> Any:
 
 
 def _summary(store: Any, rollout_id: str) -> dict[str, Any]:
-    from fleet.rollout import summarize
+    from fleet.views import summary
 
-    r = store.rollout(rollout_id)
-    execs = store.executions(rollout_id)
-    counts = summarize(execs)
-    return {"rollout_id": r.id, "kind": r.kind, "state": r.state.value, "reason": r.reason, "name": r.name,
-            "version": r.version, "waves": r.waves, "current_wave": r.current_wave, "created": r.created,
-            "updated": r.updated, "artifact_url": r.artifact_url, "policy": r.policy,
-            "counts": {k: v for k, v in counts.items()},
-            "rolled_back": sum(1 for e in execs if e.rollback_state is ExecState.SUCCEEDED),
-            "executions": [{"device_id": e.device_id, "wave": e.wave, "state": e.state.value,
-                            "ota_state": e.ota_state, "rollback": e.rollback_state and e.rollback_state.value,
-                            "reason": e.reason, "prev_version": e.prev_version} for e in execs]}
+    return dict(summary(store, rollout_id))
 
 
 def _print_final(summary: dict[str, Any], as_json: bool) -> None:
@@ -248,23 +290,96 @@ def _serve_again(address: str, advertise: str | None) -> Any:
         return ArtifactServer(f"{host}:0", advertise=advertise)
 
 
+def _policy_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The rollout policy as given on the command line, checked before anything is contacted."""
+    from fleet.rollout import Policy, parse_canary
+
+    Policy(canary=0, wave_base=args.wave_base, wave_factor=args.wave_factor, max_failure_pct=args.max_failure_pct,
+           min_executed=args.min_executed, device_timeout_s=args.device_timeout)
+    parse_canary(args.canary, 1)
+    return {"canary": args.canary, "wave_base": args.wave_base, "wave_factor": args.wave_factor,
+            "max_failure_pct": args.max_failure_pct, "min_executed": args.min_executed,
+            "device_timeout_s": args.device_timeout, "rollback_on_abort": not args.no_rollback_on_abort}
+
+
+def _target_request(args: argparse.Namespace) -> dict[str, Any]:
+    if not (args.device or args.group or args.all):
+        raise ConfigError("no target: give --device ID, --group G or --all")
+    return {"devices": args.device, "group": args.group, "all": bool(args.all)}
+
+
+def _follow(client: Any, rollout_id: str, wait: bool, as_json: bool, poll_s: float = 0.5) -> int:
+    """Submitted: print the id and return, or (``wait``) poll the controller until the rollout ends."""
+    from types import SimpleNamespace
+
+    out = sys.stderr if as_json else sys.stdout
+    if not wait:
+        print(json.dumps({"rollout_id": rollout_id, "controller": client.url}) if as_json else
+              f"rollout {rollout_id} submitted to {client.url}; follow it with "
+              f"`edge-fleet status {rollout_id} --controller {client.url}`")
+        return 0
+    show = _progress_printer(out)
+    last: Any = None
+    while True:
+        summary = client.get(f"/v1/rollouts/{rollout_id}")
+        counts = dict(summary["counts"], rolled_back=summary["rolled_back"], wave=summary["current_wave"])
+        key = (summary["state"], tuple(sorted(counts.items())))
+        if key != last:
+            last = key
+            show(SimpleNamespace(id=rollout_id, waves=summary["waves"], state=summary["state"]), counts)
+        if RolloutState(summary["state"]).terminal:
+            _print_final(summary, as_json)
+            return 0 if summary["state"] == RolloutState.SUCCEEDED.value else EXIT_ROLLOUT_FAILED
+        time.sleep(poll_s)
+
+
+def _deploy_via_controller(args: argparse.Namespace) -> int:
+    from fleet.client import client_from_args
+    from fleet.runner import load_artifact
+
+    if args.resume:
+        raise ConfigError("--resume is for in-process rollouts: a controller resumes its rollouts by itself")
+    if not args.artifact:
+        raise ConfigError("deploy needs an ARTIFACT_DIR")
+    artifact = load_artifact(args.artifact, args.sign_key, force=args.force)
+    policy = _policy_options(args)
+    targets = _target_request(args)
+    client = client_from_args(args.controller, args.token_file, args.ca_file)
+    url = None
+    if args.artifact_url:
+        url = _model_url(args.artifact_url, artifact.manifest.model.file)
+    else:
+        client.upload_artifact(artifact.manifest.model.sha256, artifact.model_path.read_bytes())
+    created = client.post("/v1/rollouts", {"kind": "deploy", "manifest": artifact.raw, "signature": artifact.signature,
+                                           "artifact_url": url, "targets": targets, "policy": policy,
+                                           "force": args.force})
+    return _follow(client, created["rollout_id"], args.wait, args.json)
+
+
 def cmd_deploy(args: argparse.Namespace) -> int:
+    if args.controller:
+        return _deploy_via_controller(args)
     from edgefleet.mqtt import connect
     from fleet.artifacts import ArtifactServer
     from fleet.registry import collect, select_devices
     from fleet.rollout import Policy, parse_canary
     from fleet.runner import RolloutRunner, check_signing, create_deploy, load_artifact, resume_check
-    from fleet.store import Store
+    from fleet.store import make_owner
 
     store = None
     server = None
+    owner = make_owner("deploy")
     try:
         if args.resume:
             if args.artifact or args.device or args.group or args.all:
                 raise ConfigError("--resume continues a stored rollout: give no artifact or targets")
-            store = Store.open(args.data_dir)
+            store = _open_state(args)
             rollout = store.rollout(args.resume)
             resume_check(rollout)
+            if not store.acquire(rollout.id, owner):
+                lease = store.lease(rollout.id)
+                raise ConfigError(f"rollout {rollout.id} is driven by {lease.driver} (its lease runs "
+                                  f"{max(0.0, (lease.lease_until or 0) - time.time()):.0f}s more); nothing to resume")
             execs = store.executions(rollout.id)
             broker = _broker(args, rollout.broker)
             if rollout.serve:
@@ -280,9 +395,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
                 raise ConfigError("deploy needs an ARTIFACT_DIR (or --resume ROLLOUT_ID)")
             broker = _broker(args)
             artifact = load_artifact(args.artifact, args.sign_key, force=args.force)
-            Policy(canary=0, wave_base=args.wave_base, wave_factor=args.wave_factor,  # options, before the broker
-                   max_failure_pct=args.max_failure_pct, min_executed=args.min_executed,
-                   device_timeout_s=args.device_timeout)
+            _policy_options(args)  # options, before the broker
             registry = collect(broker)
             devices = select_devices(registry, args.device, args.group, args.all)
             check_signing(artifact, devices)
@@ -298,8 +411,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
                 url = server.add(f"/{artifact.manifest.model.sha256}/model.tflite", artifact.model_path)
                 host = args.serve.rpartition(":")[0] or "0.0.0.0"
                 serve = f"{host}:{server.port}"
-            store = Store.open(args.data_dir)  # only now: a refused deploy leaves no trace
-            rollout, execs = create_deploy(store, artifact, devices, policy, url, serve, broker, force=args.force)
+            store = _open_state(args)  # only now: a refused deploy leaves no trace
+            rollout, execs = create_deploy(store, artifact, devices, policy, url, serve, broker, force=args.force,
+                                           owner=owner, target=_target_text(args, devices))
         out = sys.stderr if args.json else sys.stdout
         if args.wait or args.resume:
             out.write(f"rollout {rollout.id}: {len(execs)} device(s) in {rollout.waves} wave(s); "
@@ -307,7 +421,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             out.flush()
         with connect(broker, client_id=f"edge-fleet-{rollout.id}", persistent=True) as client:
             runner = RolloutRunner(store, client, rollout, execs,
-                                   progress=_progress_printer(out) if args.wait else None)
+                                   progress=_progress_printer(out) if args.wait else None, owner=owner,
+                                   notice=_notice)
             if args.resume:  # retained states credit devices that finished while we were away
                 from fleet.registry import STATE_TOPICS
 
@@ -323,99 +438,157 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             store.close()
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    from fleet.rollout import summarize
-    from fleet.store import Store, default_data_dir
+def _notice(text: str) -> None:
+    sys.stderr.write(f"{time.strftime('%H:%M:%S')} {text}\n")
+    sys.stderr.flush()
 
-    db = Path(args.data_dir or default_data_dir()) / "fleet.db"
-    if not db.is_file():  # reading must not create a data dir
-        if args.rollout_id:
-            raise ConfigError(f"unknown rollout {args.rollout_id!r}: no rollouts recorded in {db.parent}")
-        print("[]" if args.json else f"no rollouts in {db.parent}")
-        return 0
-    store = Store.open(args.data_dir)
+
+def _target_text(args: argparse.Namespace, devices: Sequence[Any]) -> str:
+    return f"group {args.group!r}" if args.group else "all devices" if args.all else f"{len(devices)} device(s)"
+
+
+class _LocalStatus:
+    """``status`` from a store on this machine: the same dicts the controller's API returns."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def listing(self) -> list[dict[str, Any]]:
+        from fleet.views import listing
+
+        return listing(self.store)
+
+    def summary(self, rollout_id: str) -> dict[str, Any]:
+        return _summary(self.store, rollout_id)
+
+    def history(self, rollout_id: str, device_id: str) -> list[dict[str, Any]]:
+        from fleet.views import device_history
+
+        return device_history(self.store, rollout_id, device_id)
+
+
+class _RemoteStatus:
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def listing(self) -> list[dict[str, Any]]:
+        return list(self.client.get("/v1/rollouts"))
+
+    def summary(self, rollout_id: str) -> dict[str, Any]:
+        return dict(self.client.get(f"/v1/rollouts/{rollout_id}"))
+
+    def history(self, rollout_id: str, device_id: str) -> list[dict[str, Any]]:
+        from urllib.parse import quote
+
+        return list(self.client.get(f"/v1/rollouts/{rollout_id}/history?device={quote(device_id)}"))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from fleet.store import default_data_dir
+
+    if args.device and not args.rollout_id:
+        raise ConfigError("--device needs a ROLLOUT_ID")
+    store = None
+    if args.controller:
+        from fleet.client import client_from_args
+
+        source: Any = _RemoteStatus(client_from_args(args.controller, args.token_file, args.ca_file))
+        where = args.controller
+    else:
+        state = args.state or os.environ.get("EDGEFLEET_STATE")
+        db = Path(args.data_dir or default_data_dir()) / "fleet.db"
+        if not state and not db.is_file():  # reading must not create a data dir
+            if args.rollout_id:
+                raise ConfigError(f"unknown rollout {args.rollout_id!r}: no rollouts recorded in {db.parent}")
+            print("[]" if args.json else f"no rollouts in {db.parent}")
+            return 0
+        store = _open_state(args)
+        source, where = _LocalStatus(store), store.path
     try:
-        if args.device and not args.rollout_id:
-            raise ConfigError("--device needs a ROLLOUT_ID")
-        if args.rollout_id and args.device:
-            store.rollout(args.rollout_id)  # unknown id -> error
-            rows = [h for h in store.history(args.rollout_id) if h["device_id"] in (args.device, None)]
-            if not any(h["device_id"] == args.device for h in rows):
-                raise ConfigError(f"device {args.device!r} has no history in rollout {args.rollout_id}")
-            if args.json:
-                print(json.dumps(rows, indent=2))
-                return 0
-            for h in rows:
-                when = time.strftime("%H:%M:%S", time.localtime(h["ts"]))
-                who = h["device_id"] or "(rollout)"
-                detail = ", ".join(f"{k}={v}" for k, v in (h["detail"] or {}).items() if v is not None)
-                print(f"{when}  {who:<20} {h['event']:<12} {detail}")
-            return 0
-        if args.rollout_id:
-            summary = _summary(store, args.rollout_id)
-            if args.json:
-                print(json.dumps(summary, indent=2))
-                return 0
-            c = summary["counts"]
-            print(f"rollout {summary['rollout_id']} {summary['kind']} {summary['name'] or ''}@"
-                  f"{summary['version'] or 'previous'}: {summary['state']}"
-                  + (f" - {summary['reason']}" if summary["reason"] else ""))
-            print(f"  wave {summary['current_wave'] + 1}/{summary['waves']}, {c.get(ExecState.SUCCEEDED, 0)} succeeded, "
-                  f"{c['failures']} failed, {summary['rolled_back']} rolled back")
-            idle = time.time() - summary["updated"]
-            if not RolloutState(summary["state"]).terminal and idle > STALE_S:
-                print(f"  no progress recorded for {idle:.0f}s: if its deploy process is gone, continue it with "
-                      f"`edge-fleet deploy --resume {summary['rollout_id']}`")
-            header = ("DEVICE", "WAVE", "STATE", "OTA", "ROLLBACK", "REASON")
-            rows = [(e["device_id"], str(e["wave"]), e["state"], e["ota_state"] or "-", e["rollback"] or "-",
-                     e["reason"] or "") for e in summary["executions"]]
-            widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
-            for r in [header, *rows]:
-                print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-            return 0
-        rollouts = store.rollouts()
-        listing = []
-        for r in rollouts:
-            counts = summarize(store.executions(r.id))
-            listing.append({"rollout_id": r.id, "kind": r.kind, "state": r.state.value, "name": r.name,
-                            "version": r.version, "created": r.created, "devices": sum(
-                                v for k, v in counts.items() if k not in ("executed", "failures")),
-                            "succeeded": counts.get(ExecState.SUCCEEDED, 0), "failures": counts["failures"],
-                            "reason": r.reason})
-        if args.json:
-            print(json.dumps(listing, indent=2))
-            return 0
-        if not listing:
-            print(f"no rollouts in {store.path}")
-        for r in listing:
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"]))
-            print(f"{r['rollout_id']}  {when}  {r['kind']:<8} {r['name'] or '-'}@{r['version'] or 'previous'}  "
-                  f"{r['state']:<11} {r['succeeded']}/{r['devices']} succeeded, {r['failures']} failed")
-        return 0
+        return _show_status(args, source, where)
     finally:
-        store.close()
+        if store is not None:
+            store.close()
+
+
+def _show_status(args: argparse.Namespace, source: Any, where: str) -> int:
+    if args.rollout_id and args.device:
+        rows = source.history(args.rollout_id, args.device)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        for h in rows:
+            when = time.strftime("%H:%M:%S", time.localtime(h["ts"]))
+            who = h["device_id"] or "(rollout)"
+            detail = ", ".join(f"{k}={v}" for k, v in (h["detail"] or {}).items() if v is not None)
+            print(f"{when}  {who:<20} {h['event']:<12} {detail}")
+        return 0
+    if args.rollout_id:
+        summary = source.summary(args.rollout_id)
+        if args.json:
+            print(json.dumps(summary, indent=2))
+            return 0
+        c = summary["counts"]
+        print(f"rollout {summary['rollout_id']} {summary['kind']} {summary['name'] or ''}@"
+              f"{summary['version'] or 'previous'}: {summary['state']}"
+              + (f" - {summary['reason']}" if summary["reason"] else ""))
+        print(f"  wave {summary['current_wave'] + 1}/{summary['waves']}, {c.get(ExecState.SUCCEEDED, 0)} succeeded, "
+              f"{c['failures']} failed, {summary['rolled_back']} rolled back"
+              + (f"; driven by {summary['driver']}" if summary.get("driver") else ""))
+        idle = time.time() - summary["updated"]
+        if not RolloutState(summary["state"]).terminal and idle > STALE_S:
+            print(f"  no progress recorded for {idle:.0f}s: if its deploy process is gone, continue it with "
+                  f"`edge-fleet deploy --resume {summary['rollout_id']}` (a controller adopts it by itself)")
+        header = ("DEVICE", "WAVE", "STATE", "OTA", "ROLLBACK", "REASON")
+        rows = [(e["device_id"], str(e["wave"]), e["state"], e["ota_state"] or "-", e["rollback"] or "-",
+                 e["reason"] or "") for e in summary["executions"]]
+        widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
+        for r in [header, *rows]:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        return 0
+    listing = source.listing()
+    if args.json:
+        print(json.dumps(listing, indent=2))
+        return 0
+    if not listing:
+        print(f"no rollouts in {where}")
+    for r in listing:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"]))
+        print(f"{r['rollout_id']}  {when}  {r['kind']:<8} {r['name'] or '-'}@{r['version'] or 'previous'}  "
+              f"{r['state']:<11} {r['succeeded']}/{r['devices']} succeeded, {r['failures']} failed")
+    return 0
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from edgefleet.mqtt import connect
-    from fleet.registry import collect, select_devices
-    from fleet.runner import RolloutRunner, create_rollback
-    from fleet.store import Store
-
-    broker = _broker(args)
     if args.to is not None:
         from edgefleet.manifest import parse_version
 
         parse_version(args.to)
+    if args.controller:
+        from fleet.client import client_from_args
+
+        targets = _target_request(args)
+        client = client_from_args(args.controller, args.token_file, args.ca_file)
+        created = client.post("/v1/rollouts", {"kind": "rollback", "targets": targets, "to": args.to,
+                                               "device_timeout_s": args.device_timeout, "force": args.force})
+        return _follow(client, created["rollout_id"], args.wait, args.json)
+    from edgefleet.mqtt import connect
+    from fleet.registry import collect, select_devices
+    from fleet.runner import RolloutRunner, create_rollback
+    from fleet.store import make_owner
+
+    broker = _broker(args)
     registry = collect(broker)
     devices = select_devices(registry, args.device, args.group, args.all)
-    store = Store.open(args.data_dir)
+    store = _open_state(args)
+    owner = make_owner("rollback")
     try:
-        rollout, execs = create_rollback(store, devices, args.to, broker, args.device_timeout)
+        rollout, execs = create_rollback(store, devices, args.to, broker, args.device_timeout, owner=owner,
+                                         target=_target_text(args, devices), force=args.force)
         with connect(broker, client_id=f"edge-fleet-{rollout.id}", persistent=args.wait) as client:
             runner = RolloutRunner(store, client, rollout, execs,
                                    progress=_progress_printer(sys.stderr if args.json else sys.stdout)
-                                   if args.wait else None)
+                                   if args.wait else None, owner=owner, notice=_notice)
             if args.wait:
                 final = runner.run()
                 client.close(end_session=True)
@@ -430,13 +603,101 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from fleet.watch import watch
+    from fleet.watch import watch, watch_controller
 
     if args.frames is not None and args.frames < 1:
         raise ConfigError("--frames: expected at least 1")
     if args.interval <= 0:
         raise ConfigError("--interval: expected seconds > 0")
+    if args.controller:
+        from fleet.client import client_from_args
+
+        client = client_from_args(args.controller, args.token_file, args.ca_file)
+        watch_controller(client, group=args.group, frames=args.frames, interval=args.interval)
+        return 0
     watch(_broker(args), group=args.group, frames=args.frames, interval=args.interval)
+    return 0
+
+
+def _until_signal() -> Any:
+    """An Event set by SIGTERM or SIGINT (systemd stops the controller with SIGTERM)."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *a: stop.set())
+    return stop
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from fleet.api import load_token
+    from fleet.controller import Controller, ControllerSettings
+    from fleet.store import default_data_dir, state_url
+
+    if args.metrics_refresh <= 0 or args.stale <= 0:
+        raise ConfigError("--metrics-refresh and --stale: expected seconds > 0")
+    data = Path(args.data_dir or default_data_dir())
+    settings = ControllerSettings(
+        state=state_url(args.state, args.data_dir), broker=_broker(args), token=load_token(args.token_file),
+        listen=args.listen, tls_cert=args.tls_cert, tls_key=args.tls_key, serve=args.serve,
+        advertise=args.advertise, metrics=None if args.metrics == "off" else args.metrics,
+        metrics_refresh_s=args.metrics_refresh, stale_s=args.stale, cache_dir=data / "artifacts")
+    stop = _until_signal()
+    controller = Controller(settings)
+    try:
+        controller.start()
+        metrics = controller.metrics.url if controller.metrics else "off"
+        print(f"ready: controller {controller.controller_id} api {controller.api.url} metrics {metrics} "
+              f"artifacts {controller.artifacts.base_url} state {controller._store.path}", flush=True)
+        stop.wait()
+    finally:
+        controller.close()
+    return 0
+
+
+def cmd_exporter(args: argparse.Namespace) -> int:
+    import functools
+    import threading
+
+    from edgefleet.mqtt import connect
+    from fleet.exporter import EXPORTER_TOPICS, FleetIndex, MetricsServer, consume
+
+    if args.refresh <= 0 or args.stale <= 0:
+        raise ConfigError("--refresh and --stale: expected seconds > 0")
+    stop = _until_signal()
+    index = FleetIndex(stale_s=args.stale)
+    store = None
+    rollouts = None
+    if args.state:
+        from fleet.store import open_store
+        from fleet.views import listing
+
+        store = open_store(args.state, migrate=False)
+        rollouts = functools.partial(listing, store, limit=20)
+    with connect(_broker(args)) as client:
+        client.subscribe(EXPORTER_TOPICS)
+        feeder = threading.Thread(target=consume, args=(index, client.messages, stop), daemon=True)
+        feeder.start()
+        server = MetricsServer(args.listen, index, rollouts, refresh_s=args.refresh)
+        print(f"ready: exporter {server.url}", flush=True)
+        try:
+            stop.wait()
+        finally:
+            server.close()
+            if store is not None:
+                store.close()
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from fleet.store import SCHEMA_VERSION, open_store, state_url
+
+    store = open_store(state_url(args.state, args.data_dir), migrate=True)
+    try:
+        print(f"{store.path}: schema version {store.schema_version()} (this edge-fleet: {SCHEMA_VERSION})")
+    finally:
+        store.close()
     return 0
 
 
@@ -455,7 +716,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 HANDLERS = {"keygen": cmd_keygen, "devices": cmd_devices, "deploy": cmd_deploy, "status": cmd_status,
-            "rollback": cmd_rollback, "watch": cmd_watch, "export": cmd_export, "simulate": cmd_simulate}
+            "rollback": cmd_rollback, "watch": cmd_watch, "export": cmd_export, "simulate": cmd_simulate,
+            "serve": cmd_serve, "exporter": cmd_exporter, "migrate": cmd_migrate}
 
 
 def _main(argv: list[str]) -> int:

@@ -37,6 +37,7 @@ __all__ = [
     "apply_event",
     "apply_reply",
     "apply_state",
+    "cancel",
     "decide",
     "mark_sent",
     "parse_canary",
@@ -327,3 +328,16 @@ def decide(rollout: Rollout, execs: Sequence[Execution], policy: Policy, now: fl
         if not pending and not rollback:
             state = check_transition(state, _R.ABORTED)
     return Decision(state, wave, reason, tuple(changed.values()), tuple(send), tuple(rollback))
+
+
+def cancel(rollout: Rollout, policy: Policy, reason: str) -> tuple[Rollout, Policy]:
+    """A running rollout canceled by a newer one (``--force``): abort it, rolling nothing back.
+
+    The newer rollout takes the devices over, so rolling them back would fight it; unsent waves
+    are CANCELED by :func:`decide` and devices already working finish. An ending rollout is left alone.
+    """
+    if rollout.state is not _R.IN_PROGRESS:
+        return rollout, policy
+    kept = replace(policy, rollback_on_abort=False)
+    return replace(rollout, state=check_transition(rollout.state, _R.ABORTING), reason=reason,
+                   policy=kept.to_json()), kept

@@ -1,15 +1,22 @@
 """The I/O around the planner: check the artifact, create the rollout, send commands, route answers.
 
 Order of every send: persist the command id (the execution is SENT) first, then publish. After a
-crash, ``--resume`` re-sends the same id only to SENT devices (devices drop a repeated id), and
-reads the retained states to credit devices that finished while we were down. What an answer
-means is decided in :mod:`fleet.rollout`, for deploys and operator rollbacks alike.
+crash, ``--resume`` (or the controller that adopts the rollout) re-sends the same id only to SENT
+devices (devices drop a repeated id), and reads the retained states to credit devices that
+finished while we were down. What an answer means is decided in :mod:`fleet.rollout`, for
+deploys and operator rollbacks alike.
+
+A runner given an ``owner`` drives under a lease (:meth:`fleet.store.Store.save` extends it in
+every write and raises LeaseLost once another driver took over). When the database goes away
+the runner pauses: it retries the write it could not make and publishes nothing until it
+succeeds, then goes on where it was.
 """
 
 from __future__ import annotations
 
 import hashlib
 import queue
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -29,6 +36,7 @@ from fleet.rollout import (
     apply_event,
     apply_reply,
     apply_state,
+    cancel,
     decide,
     mark_sent,
     plan_waves,
@@ -36,12 +44,14 @@ from fleet.rollout import (
     unanswered,
     wave_command,
 )
-from fleet.store import Execution, Rollout, Store
+from fleet.store import Execution, Rollout, Store, StoreUnavailable
 
 __all__ = [
     "EVENT_TOPICS",
+    "LEASE_TTL_S",
     "Artifact",
     "RolloutRunner",
+    "Stopped",
     "check_signing",
     "command_id",
     "create_deploy",
@@ -51,12 +61,18 @@ __all__ = [
 
 EVENT_TOPICS = (all_devices("events"), all_devices("cmd/+/response"))
 Progress = Callable[[Rollout, dict[str, int]], None]
+LEASE_TTL_S = 10.0  # a driver that stops writing loses its rollout after this long, s
+_RETRY_MAX_S = 5.0  # longest pause between writes retried while the database is away, s
+
+
+class Stopped(Exception):
+    """The runner was asked to stop (the controller shuts down); the rollout stays for the next driver."""
 
 
 class Artifact:
     """A checked artifact directory: manifest, the raw dict that is signed, signature, model path."""
 
-    def __init__(self, directory: Path, manifest: Manifest, raw: dict[str, Any], signature: str | None) -> None:
+    def __init__(self, directory: Path | None, manifest: Manifest, raw: dict[str, Any], signature: str | None) -> None:
         self.directory = directory
         self.manifest = manifest
         self.raw = raw
@@ -64,6 +80,8 @@ class Artifact:
 
     @property
     def model_path(self) -> Path:
+        if self.directory is None:
+            raise ArtifactError(f"{self.manifest.name}@{self.manifest.version}: uploaded, no local model file")
         return self.directory / self.manifest.model.file
 
 
@@ -98,8 +116,9 @@ def check_signing(artifact: Artifact, devices: Sequence[Device]) -> None:
         return
     strict = [d.device_id for d in devices if d.signed_updates is True]
     if strict:
+        where = artifact.directory or "the artifact"
         raise SignatureError(f"{len(strict)} target device(s) require signed updates (e.g. {strict[0]}) and "
-                             f"{artifact.directory} has no manifest.json.sig: pass --sign-key")
+                             f"{where} has no manifest.json.sig: pass --sign-key")
 
 
 def command_id(rollout_id: str, device_id: str, kind: str) -> str:
@@ -113,8 +132,16 @@ def new_rollout_id() -> str:
 
 def create_deploy(store: Store, artifact: Artifact, devices: Sequence[Device], policy: Policy,
                   artifact_url: str | None, serve: str | None, broker: str, force: bool = False,
-                  now: float | None = None) -> tuple[Rollout, list[Execution]]:
-    """Persist a new rollout and its executions; devices already on the target are SUCCEEDED at once."""
+                  now: float | None = None, owner: str | None = None,
+                  target: str | None = None) -> tuple[Rollout, list[Execution]]:
+    """Persist a new rollout and its executions; devices already on the target are SUCCEEDED at once.
+
+    ``owner`` takes the rollout's lease at once; ``force`` also cancels running rollouts that
+    share devices with this one.
+
+    Raises:
+        RolloutBusy: a running rollout shares devices with this one, and not ``force``.
+    """
     now = time.time() if now is None else now
     rid = new_rollout_id()
     m = artifact.manifest
@@ -132,17 +159,30 @@ def create_deploy(store: Store, artifact: Artifact, devices: Sequence[Device], p
             execs.append(e)
     rollout = Rollout(id=rid, kind="deploy", created=now, updated=now, state=RolloutState.IN_PROGRESS,
                       policy=policy.to_json(), current_wave=0, waves=len(waves),
-                      artifact_dir=str(artifact.directory.resolve()), name=m.name, version=m.version,
+                      artifact_dir=str(artifact.directory.resolve()) if artifact.directory else None,
+                      name=m.name, version=m.version,
                       sha256=m.model.sha256, manifest=artifact.raw, signature=artifact.signature,
-                      artifact_url=artifact_url, serve=serve, broker=broker)
-    store.save(rollout, execs, [(rid, None, "created", {"devices": len(execs), "waves": [len(w) for w in waves]})],
-               now=now)
+                      artifact_url=artifact_url, serve=serve, broker=broker, target=target)
+    _create(store, rollout, execs, {"devices": len(execs), "waves": [len(w) for w in waves]}, owner, force, now)
     return rollout, execs
 
 
+def _create(store: Store, rollout: Rollout, execs: Sequence[Execution], detail: dict[str, Any],
+            owner: str | None, force: bool, now: float) -> None:
+    canceled = store.create(rollout, execs, [(rollout.id, None, "created", detail)], owner=owner,
+                            lease_ttl_s=LEASE_TTL_S, force=force, now=now)
+    if canceled:
+        store.save(None, (), [(rollout.id, None, "canceled", {"rollouts": canceled})], now=now)
+
+
 def create_rollback(store: Store, devices: Sequence[Device], to: str | None, broker: str,
-                    timeout_s: float, now: float | None = None) -> tuple[Rollout, list[Execution]]:
-    """Persist an operator rollback (one wave, no canary)."""
+                    timeout_s: float, now: float | None = None, owner: str | None = None,
+                    target: str | None = None, force: bool = False) -> tuple[Rollout, list[Execution]]:
+    """Persist an operator rollback (one wave, no canary).
+
+    Raises:
+        RolloutBusy: a running rollout shares devices with this one, and not ``force``.
+    """
     now = time.time() if now is None else now
     rid = new_rollout_id()
     # never aborts (min_executed above the fleet size); any failure makes the result FAILED
@@ -150,17 +190,26 @@ def create_rollback(store: Store, devices: Sequence[Device], to: str | None, bro
                     max_failure_pct=0, min_executed=len(devices) + 1, rollback_on_abort=False)
     execs = [Execution(rid, d.device_id, 0, prev_version=d.model_version, updated_ts=now) for d in devices]
     rollout = Rollout(id=rid, kind="rollback", created=now, updated=now, state=RolloutState.IN_PROGRESS,
-                      policy=policy.to_json(), current_wave=0, waves=1, version=to, broker=broker)
-    store.save(rollout, execs, [(rid, None, "created", {"devices": len(execs), "to": to})], now=now)
+                      policy=policy.to_json(), current_wave=0, waves=1, version=to, broker=broker, target=target)
+    _create(store, rollout, execs, {"devices": len(execs), "to": to}, owner, force, now)
     return rollout, execs
 
 
 class RolloutRunner:
-    """Drive one rollout to a final state over an open MQTT connection."""
+    """Drive one rollout to a final state over an open MQTT connection.
+
+    With ``owner`` every write extends that owner's lease (taken before); ``stop`` ends
+    :meth:`run` with :class:`Stopped` at the next tick; ``notice`` hears about pauses.
+    """
 
     def __init__(self, store: Store, client: MqttClient, rollout: Rollout, executions: Sequence[Execution],
-                 progress: Progress | None = None, tick_s: float = 0.2, batch: int = 20000) -> None:
+                 progress: Progress | None = None, tick_s: float = 0.2, batch: int = 20000,
+                 owner: str | None = None, stop: threading.Event | None = None,
+                 notice: Callable[[str], None] | None = None) -> None:
         self.store = store
+        self.owner = owner
+        self.stop = stop or threading.Event()
+        self.notice = notice
         self.client = client
         self.rollout = rollout
         self.policy = Policy.from_json(rollout.policy)
@@ -200,7 +249,7 @@ class RolloutRunner:
             self.execs[did] = e
             changed.append(e)
         event = "send_rollback" if rollback else "send_update"
-        self.store.save(None, changed, [(self.rollout.id, None, event, {"devices": len(changed)})], now=now)
+        self._save(None, changed, [(self.rollout.id, None, event, {"devices": len(changed)})], now=now)
         infos = []
         for e in changed:
             payload = self._payload(e, command, rollback)
@@ -267,12 +316,16 @@ class RolloutRunner:
                 history.append((self.rollout.id, None, d.state.value, {"wave": d.current_wave, "reason": d.reason}))
             self.rollout = replace(self.rollout, state=d.state, current_wave=d.current_wave, reason=d.reason,
                                    updated=now)
-            self.store.save(self.rollout, d.changed, history, now=now)
+            self._save(self.rollout, d.changed, history, now=now)
             self._send(d.send_update, rollback=False, now=now)
             self._send(d.send_rollback, rollback=True, now=now)
             self._report()
             if self.rollout.terminal:
+                if self.owner is not None:
+                    self.store.release(self.rollout.id, self.owner)
                 return self.rollout
+            if self.stop.is_set():
+                raise Stopped(self.rollout.id)
             self._receive(clock)
 
     def _receive(self, clock: Callable[[], float]) -> None:
@@ -305,7 +358,29 @@ class RolloutRunner:
             if new.terminal and not old.terminal and self._wave_done(new.wave):
                 break  # the planner can start the next wave now
         if changed:
-            self.store.save(None, list(changed.values()), history, now=now)
+            self._save(None, list(changed.values()), history, now=now)
+
+    def _save(self, rollout: Rollout | None, changed: Sequence[Execution],
+              history: Sequence[tuple[str | None, str | None, str, dict[str, Any] | None]], now: float) -> None:
+        """Write (under the lease), retrying while the database is away; apply a cancel request.
+
+        Nothing is published until this returns, so a database outage pauses the rollout
+        instead of sending commands nobody recorded. LeaseLost and Stopped end the driving.
+        """
+        lease = (self.rollout.id, self.owner, LEASE_TTL_S) if self.owner is not None else None
+        delay = 0.2
+        while True:
+            try:
+                cancel_reason = self.store.save(rollout, changed, history, now=now, lease=lease)
+                break
+            except StoreUnavailable as exc:
+                if self.notice is not None:
+                    self.notice(f"rollout {self.rollout.id} paused, nothing is sent until the database is back: {exc}")
+                if self.stop.wait(delay):
+                    raise Stopped(self.rollout.id) from exc
+                delay = min(_RETRY_MAX_S, delay * 2)
+        if cancel_reason and not self.rollout.terminal:
+            self.rollout, self.policy = cancel(self.rollout, self.policy, cancel_reason)
 
     def _wave_done(self, wave: int) -> bool:
         """Cheap check for small fleets: the last device of the current wave just finished."""

@@ -17,7 +17,7 @@ from typing import Any, TextIO
 from edgefleet.mqtt import connect
 from fleet.registry import STATE_TOPICS, TELEMETRY_TOPICS, Device, Registry, drain_into
 
-__all__ = ["render", "telemetry_fields", "watch"]
+__all__ = ["render", "telemetry_fields", "watch", "watch_controller"]
 
 _HEADER = ("DEVICE", "ON", "GROUP", "MODEL", "THRPT/s", "P95ms", "CACHE%", "ERR", "DRIFT", "SEEN")
 
@@ -86,6 +86,43 @@ def render(registry: Registry, now: float | None = None, group: str | None = Non
     return "\n".join(lines)
 
 
+def _frame(out: TextIO, registry: Registry, group: str | None, shown: int) -> None:
+    rows = None
+    if out.isatty():
+        rows = max(5, shutil.get_terminal_size().lines - 4)
+        out.write("\x1b[H\x1b[2J")
+    elif shown:
+        out.write("\n")
+    out.write(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime()) + "\n")
+    out.write(render(registry, group=group, max_rows=rows) + "\n")
+    out.flush()
+
+
+def _device_from_json(d: dict[str, Any]) -> Device:
+    return Device(d["device_id"], online=bool(d.get("online")), group=d.get("group"), profile=d.get("profile"),
+                  agent_version=d.get("agent_version"), model=d.get("model"), accelerator=d.get("accelerator"),
+                  signed_updates=d.get("signed_updates"), state_ts=d.get("state_ts"),
+                  telemetry=d.get("telemetry"), telemetry_ts=d.get("last_telemetry_ts"), seen_ts=d.get("last_seen"),
+                  has_state=True)
+
+
+def watch_controller(client: Any, group: str | None = None, frames: int | None = None, interval: float = 2.0,
+                     out: TextIO = sys.stdout) -> int:
+    """The same frames from a controller's registry (``GET /v1/devices``): no broker access needed.
+
+    Raises:
+        TransportError / ConfigError: the controller does not answer or refuses.
+    """
+    shown = 0
+    while frames is None or shown < frames:
+        if shown:
+            time.sleep(interval)
+        registry = Registry({d["device_id"]: _device_from_json(d) for d in client.get("/v1/devices")})
+        _frame(out, registry, group, shown)
+        shown += 1
+    return shown
+
+
 def watch(broker: str, group: str | None = None, frames: int | None = None, interval: float = 2.0,
           out: TextIO = sys.stdout, settle_s: float = 0.4) -> int:
     """Print frames until ``frames`` were shown (or forever); returns the number printed.
@@ -93,7 +130,6 @@ def watch(broker: str, group: str | None = None, frames: int | None = None, inte
     Raises:
         TransportError: the broker cannot be reached.
     """
-    tty = out.isatty()
     registry = Registry()
     with connect(broker) as client:
         client.subscribe(STATE_TOPICS + TELEMETRY_TOPICS)
@@ -107,14 +143,6 @@ def watch(broker: str, group: str | None = None, frames: int | None = None, inte
                         registry.ingest(client.messages.get(timeout=left))
                     except queue.Empty:
                         break
-            rows = None
-            if tty:
-                rows = max(5, shutil.get_terminal_size().lines - 4)
-                out.write("\x1b[H\x1b[2J")
-            elif shown:
-                out.write("\n")
-            out.write(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime()) + "\n")
-            out.write(render(registry, group=group, max_rows=rows) + "\n")
-            out.flush()
+            _frame(out, registry, group, shown)
             shown += 1
     return shown

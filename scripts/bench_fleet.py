@@ -10,7 +10,14 @@ process and its wall time and peak RSS are read from ``wait4``:
 * ``deploy --canary 1% --wave-base 5%-of-fleet --wave-factor 2``: a full staged rollout where every
   simulated device walks the seven OTA states (7 events + 1 reply + 1 retained state each);
 * ``watch --frames 3 --interval 1`` while every device sends telemetry every ``--telemetry-interval``
-  seconds (so the message rate grows with the fleet).
+  seconds (so the message rate grows with the fleet);
+* the controller path (``--controller``): the same rollout submitted with ``deploy --controller`` to
+  an ``edge-fleet serve`` on a private PostgreSQL; CPU is the controller's (read from /proc from
+  submit to the rollout's end) plus the submitting client's, compared per device with the
+  in-process SQLite deploy above (target: <= 1.5x);
+* the exporter (``--controller``): ``edge-fleet exporter`` holding every device's telemetry: its RSS
+  (target <= 200 MB at 10,000 devices), one scrape's wall time (target <= 1 s) and the time one
+  background render takes.
 
 The simulator shares the two cores with the fleet tool, so absolute times include its work;
 the question answered is whether the fleet tool's cost grows about linearly with fleet size.
@@ -62,11 +69,7 @@ def start_simulator(url: str, count: int, telemetry_s: float) -> subprocess.Pope
                              "--prefix", "b", "--group", "bench", "--step-delay", "0.01",
                              "--telemetry-interval", str(telemetry_s)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.startswith("ready"):
-        proc.kill()
-        raise RuntimeError(f"simulator did not start: {line} {proc.stderr.read() if proc.stderr else ''}")
+    _ready(proc, "simulator")
     return proc
 
 
@@ -76,7 +79,7 @@ def make_artifact(directory: Path) -> Path:
     return write_placeholder_artifact(directory, "2")
 
 
-def bench_size(n: int, workdir: Path, telemetry_s: float) -> dict[str, Any]:
+def bench_size(n: int, workdir: Path, telemetry_s: float, controller: bool = False) -> dict[str, Any]:
     fleet = [sys.executable, "-m", "fleet.cli"]
     row: dict[str, Any] = {"devices": n}
     with MosquittoBroker(workdir / f"broker-{n}") as broker:
@@ -108,7 +111,129 @@ def bench_size(n: int, workdir: Path, telemetry_s: float) -> dict[str, Any]:
         finally:
             sim.terminate()
             sim.wait(60)
+        if controller:
+            row.update(bench_controller(n, workdir, broker.url, row["deploy_cmd"]["cpu_s"], telemetry_s))
     return row
+
+
+def _proc_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _proc_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _ready(proc: subprocess.Popen[str], what: str) -> str:
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("ready"):
+        proc.kill()
+        raise RuntimeError(f"{what} did not start: {line} {proc.stderr.read() if proc.stderr else ''}")
+    return line
+
+
+def bench_controller(n: int, workdir: Path, broker_url: str, in_process_cpu_s: float | None,
+                     telemetry_s: float) -> dict[str, Any]:
+    """The controller on PostgreSQL driving the same rollout, and the exporter holding n devices."""
+    from edgefleet.testing.postgres import PostgresServer
+    from fleet.store import open_store
+
+    fleet = [sys.executable, "-m", "fleet.cli"]
+    token = workdir / "token"
+    token.write_text("bench-token-0123456789abcdef\n")
+    row: dict[str, Any] = {}
+    with PostgresServer() as pg:
+        url = pg.create_database("bench")
+        subprocess.run(fleet + ["migrate", "--state", url], cwd=REPO, check=True, capture_output=True)
+        sim = start_simulator(broker_url, n, telemetry_s=0)
+        ctl = subprocess.Popen(fleet + ["serve", "--state", url, "--broker", broker_url, "--token-file", str(token),
+                                        "--listen", "127.0.0.1:0", "--metrics", "off", "--serve", "127.0.0.1:0",
+                                        "--data-dir", str(workdir / f"ctl-{n}")],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            words = _ready(ctl, "controller").split()
+            api = words[words.index("api") + 1]
+            art = make_artifact(workdir / f"art-ctl-{n}")
+            cpu0, start = _proc_cpu_s(ctl.pid), time.monotonic()
+            r = timed(fleet + ["deploy", str(art), "--controller", api, "--token-file", str(token), "--all",
+                               "--canary", "1%", "--wave-base", str(max(1, n // 20)), "--wave-factor", "2",
+                               "--device-timeout", "300", "--json"])
+            rollout_id = json.loads(r["stdout"])["rollout_id"] if r["exit"] == 0 else None
+            state = r["stderr"][-300:]
+            store = open_store(url)
+            try:
+                while rollout_id and time.monotonic() - start < 900:
+                    rollout = store.rollout(rollout_id)
+                    if rollout.terminal:
+                        state = rollout.state.value
+                        break
+                    time.sleep(0.2)
+            finally:
+                store.close()
+            wall = time.monotonic() - start
+            ctl_cpu = _proc_cpu_s(ctl.pid) - cpu0
+            total = ctl_cpu + r["cpu_s"]
+            row["controller_deploy"] = {
+                "wall_s": round(wall, 2), "controller_cpu_s": round(ctl_cpu, 2), "client_cpu_s": r["cpu_s"],
+                "cpu_per_device_us": round(1e6 * total / n), "max_rss_mb": round(_proc_rss_mb(ctl.pid), 1),
+                "state": state, "vs_in_process": round(total / in_process_cpu_s, 2) if in_process_cpu_s else None}
+        finally:
+            ctl.terminate()
+            ctl.wait(30)
+            sim.terminate()
+            sim.wait(60)
+    row["exporter"] = bench_exporter(n, broker_url, telemetry_s)
+    return row
+
+
+def bench_exporter(n: int, broker_url: str, telemetry_s: float) -> dict[str, Any]:
+    import urllib.request
+
+    sim = start_simulator(broker_url, n, telemetry_s=telemetry_s)
+    exp = subprocess.Popen([sys.executable, "-m", "fleet.cli", "exporter", "--broker", broker_url,
+                            "--listen", "127.0.0.1:0", "--refresh", "5"],
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = _ready(exp, "exporter").split()[-1]
+        time.sleep(2 * telemetry_s + 6)  # every device sent telemetry twice; a render happened since
+        start = time.monotonic()
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            body = resp.read()
+        scrape = time.monotonic() - start
+        lines = body.decode().splitlines()
+        values = {line.split()[0]: float(line.split()[-1]) for line in lines if line.startswith("edgefleet_exporter_")}
+        return {"devices_tracked": int(values.get("edgefleet_exporter_devices", 0)),
+                "rss_mb": round(_proc_rss_mb(exp.pid), 1), "scrape_s": round(scrape, 3),
+                "render_s": round(values.get("edgefleet_exporter_render_seconds", 0.0), 2),
+                "samples": sum(1 for line in lines if line and not line.startswith("#")),
+                "body_mb": round(len(body) / 1e6, 1)}
+    finally:
+        exp.terminate()
+        exp.wait(30)
+        sim.terminate()
+        sim.wait(60)
+
+
+def markdown_controller(rows: list[dict[str, Any]]) -> str:
+    out = [("| devices | in-process SQLite deploy CPU/device | controller on PostgreSQL CPU/device (controller + "
+            "client) | ratio (target <= 1.5) | controller wall s, RSS MB, result | exporter devices, RSS MB "
+            "(target <= 200) | scrape s (target <= 1) | render s, samples |"),
+           "|---:|---:|---:|---:|---|---:|---:|---:|"]
+    for r in rows:
+        if "controller_deploy" not in r:
+            continue
+        c, e = r["controller_deploy"], r["exporter"]
+        base = 1e6 * r["deploy_cmd"]["cpu_s"] / r["devices"]
+        out.append(f"| {r['devices']} | {base:.0f} us | {c['cpu_per_device_us']} us ({c['controller_cpu_s']} + "
+                   f"{c['client_cpu_s']} s) | {c['vs_in_process']} | {c['wall_s']}, {c['max_rss_mb']:.0f}, "
+                   f"{c['state']} | {e['devices_tracked']}, {e['rss_mb']:.0f} | {e['scrape_s']} | "
+                   f"{e['render_s']}, {e['samples']} |")
+    return "\n".join(out) + "\n"
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -168,10 +293,13 @@ def main() -> int:
     parser.add_argument("--out", help="write the figures as JSON here")
     parser.add_argument("--plot", help="write a PNG here")
     parser.add_argument("--render", metavar="JSON", help="only print the table (and plot) of an earlier --out")
+    parser.add_argument("--controller", action="store_true",
+                        help="also the controller on PostgreSQL and the exporter (needs PostgreSQL binaries)")
     args = parser.parse_args()
     if args.render:
         rows = json.loads(Path(args.render).read_text())["rows"]
         print(markdown(rows))
+        print(markdown_controller(rows))
         if args.plot:
             plot(rows, Path(args.plot))
         return 0
@@ -180,10 +308,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
         for n in sizes:
             print(f"fleet size {n} ...", file=sys.stderr, flush=True)
-            rows.append(bench_size(n, Path(tmp), args.telemetry_interval))
+            rows.append(bench_size(n, Path(tmp), args.telemetry_interval, controller=args.controller))
     print("Wall time, CPU time and peak RSS of one `edge-fleet` process per command "
           "(simulator in a separate process on the same cores).\n")
     print(markdown(rows))
+    if args.controller:
+        print(markdown_controller(rows))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"rows": rows, "telemetry_interval_s": args.telemetry_interval},

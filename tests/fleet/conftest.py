@@ -31,3 +31,37 @@ def run_cli(*args: str, timeout: float = 60, env: dict[str, str] | None = None) 
     """Run ``edge-fleet`` as a separate process, as an operator would."""
     return subprocess.run([sys.executable, "-m", "fleet.cli", *args], check=False, capture_output=True, text=True,
                           timeout=timeout, cwd=REPO, env=env)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A private PostgreSQL cluster for the session (never the shared one on 5432); skips without binaries."""
+    from edgefleet.testing.postgres import PostgresServer, find_pg_bin
+
+    if find_pg_bin() is None:
+        pytest.skip("PostgreSQL binaries missing (/usr/lib/postgresql/*/bin): run `make broker`")
+    pytest.importorskip("psycopg", reason="psycopg missing: pip install 'psycopg[binary]>=3.1'")
+    server = PostgresServer().start()
+    yield server
+    server.close()
+
+
+_databases = iter(range(1, 1_000_000))
+
+
+@pytest.fixture()
+def pg_url(postgres_server):
+    """A fresh, migrated database on the private cluster, one per test."""
+    from fleet.store import open_store
+
+    url = postgres_server.create_database(f"t{next(_databases)}")
+    open_store(url, migrate=True).close()
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def state_url(request, tmp_path):
+    """Every store test runs on both engines: one schema, one code path."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'fleet.db'}"
+    return request.getfixturevalue("pg_url")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +26,7 @@ from edgefleet.testing.broker import MosquittoBroker
 from edgefleet.testing.nats import NatsServer, find_nats_server
 from edgefleet.testing.waiting import wait_for
 from edgefleet.topics import all_devices
-from tests.fleet.conftest import run_cli
+from tests.fleet.conftest import REPO, run_cli
 from tests.integration.service_support import AgentProcess, agent_config, broker_files_access
 from tests.support.models import OTA_MODELS
 
@@ -67,7 +68,7 @@ class Engine:
 @pytest.fixture(scope="module", params=["mosquitto", "nats"])
 def engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     if request.param == "nats" and find_nats_server() is None:
-        pytest.skip("nats-server is not installed: run scripts/ensure_package.sh nats-server nats-server")
+        pytest.skip("nats-server is not installed: run `make broker`")
     eng = Engine(request.param, tmp_path_factory.mktemp(f"engine-{request.param}")).start()
     yield eng
     eng.stop()
@@ -194,7 +195,7 @@ def test_a_subscription_the_broker_refuses_is_retried_and_reported_never_silentl
     subscription (here: the account's consumer limit; in production: load). The agent says in
     its state and telemetry what it lacks, keeps asking, and has it once the broker can."""
     if find_nats_server() is None:
-        pytest.skip("nats-server is not installed: run scripts/ensure_package.sh nats-server nats-server")
+        pytest.skip("nats-server is not installed: run `make broker`")
     nats = NatsServer(tmp_path / "nats", max_consumers=2)  # the agent's own commands fit, its group's do not
     nats.start()
     nats.wait_ready()
@@ -223,3 +224,63 @@ def test_a_subscription_the_broker_refuses_is_retried_and_reported_never_silentl
         if agent is not None:
             agent.stop_quietly()
         nats.stop()
+
+
+def test_killing_the_node_the_agents_are_on_mid_rollout_every_device_still_commits_once(tmp_path: Path) -> None:
+    """A 3-node NATS cluster without a load balancer: agents list all nodes (broker.urls) and sit
+    on the first; the fleet tool is on another. Mid-rollout the agents' node is killed with -9.
+    They move to the next node, resume their sessions, and every device ends on v2, reported by
+    `edge-fleet status`, with exactly one install each (the dedup holds across the reconnect)."""
+    from edgefleet.testing.nats import NatsCluster
+
+    if find_nats_server() is None:
+        pytest.skip("nats-server is not installed: run `make broker`")
+    group = "cluster"
+    key_path, pub_path = generate_keypair(tmp_path / "keys")
+    key = load_private_key(key_path)
+    v1 = build_artifact(OTA_MODELS / "clf_a.tflite", tmp_path / "v1", version="1", key=key, golden_samples=2,
+                        probation=PROBATION)
+    v2 = build_artifact(OTA_MODELS / "clf_a2.tflite", tmp_path / "v2", version="2", golden_samples=2,
+                        probation={"inferences": 5, "seconds": 3})
+    with NatsCluster(tmp_path / "nats", size=3) as cluster:
+        urls = cluster.mqtt_urls
+        fleet_urls = ",".join([urls[1], urls[2], urls[0]])
+        agents = [AgentProcess(tmp_path / f"a{i}", agent_config(
+            tmp_path / f"a{i}", urls[0], device_id=f"{group}-{i:02d}", group=group, model=v1.dir,
+            trusted_keys=[str(pub_path)], telemetry={"interval_s": 30},
+            broker={"url": None, "urls": urls, "keepalive_s": 2, "reconnect_min_s": 0.5,
+                    "reconnect_max_s": 2})).start() for i in range(N_AGENTS)]
+        obs = Collector(urls[2], [all_devices("events")], client_id="obs-cluster")
+        deploy = None
+        try:
+            wait_for(lambda: len(_versions(fleet_urls, group)) == N_AGENTS, 120, interval=1.0,
+                     what="agents online on the cluster")
+            deploy = subprocess.Popen(
+                [sys.executable, "-m", "fleet.cli", "deploy", str(v2.dir), "--broker", fleet_urls, "--group", group, "--canary", "2",
+                 "--wave-base", "8", "--sign-key", str(key_path), "--serve", "127.0.0.1:0", "--device-timeout",
+                 "120", "--json", "--data-dir", str(tmp_path / "data")],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+            wait_for(lambda: len([b for b in obs.bodies("/events")
+                                  if b.get("state") == "committed" and b.get("version") == "2"]) >= 2, 120,
+                     what="the canary committed")
+            cluster.nodes[0].stop(kill=True)
+            out, err = deploy.communicate(timeout=240)
+            assert deploy.returncode == 0, out[-3000:] + err[-3000:] + agents[0].log()[-3000:]
+            summary = json.loads(out)
+            assert summary["state"] == "SUCCEEDED" and summary["counts"]["SUCCEEDED"] == N_AGENTS
+            status = run_cli("status", summary["rollout_id"], "--json", "--data-dir", str(tmp_path / "data"))
+            assert status.returncode == 0 and json.loads(status.stdout)["state"] == "SUCCEEDED", status.stderr
+            wait_for(lambda: set(_versions(fleet_urls, group).values()) == {"2"}, 60, interval=1.0,
+                     what="every agent reporting version 2 on the surviving nodes")
+            installs: dict[str, int] = {}
+            for topic, body, _ in list(obs.seen):
+                if body.get("state") == "installing" and body.get("version") == "2":
+                    device = topic.split("/")[3]
+                    installs[device] = installs.get(device, 0) + 1
+            assert installs == {f"{group}-{i:02d}": 1 for i in range(N_AGENTS)}, installs
+        finally:
+            if deploy is not None and deploy.poll() is None:
+                deploy.kill()
+            obs.close()
+            for a in agents:
+                a.stop_quietly()
