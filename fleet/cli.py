@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     broker(p)
     _targets(p)
     p.add_argument("--to", help="version to go back to (default: the previous one)")
+    p.add_argument("--sign-key", help="Ed25519 key that signs the rollback statements devices need to go "
+                                      "below their anti-downgrade floor (needs --to)")
     p.add_argument("--wait", action="store_true", help="wait for every device's answer")
     p.add_argument("--device-timeout", type=float, default=120.0)
     p.add_argument("--json", action="store_true")
@@ -252,6 +254,18 @@ def _print_final(summary: dict[str, Any], as_json: bool) -> None:
         print(f"  {e['device_id']}: {e['state']}{extra}" + (f" ({e['reason']})" if e["reason"] else ""))
     if len(notable) > LIST_MAX:
         print(f"  ... {len(notable) - LIST_MAX} more: `edge-fleet status {summary['rollout_id']}` lists every device")
+
+
+def _sign_key(args: argparse.Namespace) -> Any:
+    """The private key for rollback statements (an aborted deploy's, or an operator rollback's)."""
+    path = getattr(args, "sign_key", None)
+    if path is None:
+        return None
+    if getattr(args, "command", None) == "rollback" and not args.to:
+        raise ConfigError("--sign-key needs --to VERSION: a signed rollback statement names its version")
+    from edgefleet.signing import load_private_key
+
+    return load_private_key(path)
 
 
 def _model_url(base: str, file: str) -> str:
@@ -422,7 +436,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         with connect(broker, client_id=f"edge-fleet-{rollout.id}", persistent=True) as client:
             runner = RolloutRunner(store, client, rollout, execs,
                                    progress=_progress_printer(out) if args.wait else None, owner=owner,
-                                   notice=_notice)
+                                   notice=_notice, sign_key=_sign_key(args))
             if args.resume:  # retained states credit devices that finished while we were away
                 from fleet.registry import STATE_TOPICS
 
@@ -588,7 +602,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         with connect(broker, client_id=f"edge-fleet-{rollout.id}", persistent=args.wait) as client:
             runner = RolloutRunner(store, client, rollout, execs,
                                    progress=_progress_printer(sys.stderr if args.json else sys.stdout)
-                                   if args.wait else None, owner=owner, notice=_notice)
+                                   if args.wait else None, owner=owner, notice=_notice, sign_key=_sign_key(args))
             if args.wait:
                 final = runner.run()
                 client.close(end_session=True)

@@ -28,7 +28,8 @@ from edgefleet.errors import ArtifactError, ConfigError, SignatureError
 from edgefleet.manifest import Manifest, check_model_file, load_manifest
 from edgefleet.messages import ExecState, RolloutState, decode, make_command
 from edgefleet.mqtt import Message, MqttClient
-from edgefleet.signing import load_private_key, sign_manifest
+from edgefleet.signing import Ed25519PrivateKey, load_private_key, sign_manifest
+from edgefleet.statements import make_statement
 from edgefleet.topics import all_devices, device_cmd_topic, fleet_reply_topic, parse_device_topic
 from fleet.registry import Device
 from fleet.rollout import (
@@ -62,6 +63,7 @@ __all__ = [
 EVENT_TOPICS = (all_devices("events"), all_devices("cmd/+/response"))
 Progress = Callable[[Rollout, dict[str, int]], None]
 LEASE_TTL_S = 10.0  # a driver that stops writing loses its rollout after this long, s
+STATEMENT_MARGIN_S = 300.0  # a rollback statement outlives its command by this much (clock skew), s
 _RETRY_MAX_S = 5.0  # longest pause between writes retried while the database is away, s
 
 
@@ -205,8 +207,9 @@ class RolloutRunner:
     def __init__(self, store: Store, client: MqttClient, rollout: Rollout, executions: Sequence[Execution],
                  progress: Progress | None = None, tick_s: float = 0.2, batch: int = 20000,
                  owner: str | None = None, stop: threading.Event | None = None,
-                 notice: Callable[[str], None] | None = None) -> None:
+                 notice: Callable[[str], None] | None = None, sign_key: Ed25519PrivateKey | None = None) -> None:
         self.store = store
+        self.sign_key = sign_key  # signs the rollback statements that let a device go below its floor
         self.owner = owner
         self.stop = stop or threading.Event()
         self.notice = notice
@@ -229,13 +232,18 @@ class RolloutRunner:
     # -- sending ----------------------------------------------------------------------------
     def _payload(self, e: Execution, command: str, rollback: bool) -> dict[str, Any]:
         if command == "rollback":  # an operator rollback's wave goes to --to; an abort's to the old version
-            cmd = make_command("rollback", ttl_s=self.policy.device_timeout_s, rollout_id=self.rollout.id,
-                               to=e.prev_version if rollback else self.rollout.version)
+            to = e.prev_version if rollback else self.rollout.version
+            cmd = make_command("rollback", ttl_s=self.policy.device_timeout_s, rollout_id=self.rollout.id, to=to)
+            if self.sign_key is not None and to is not None:
+                cmd["statement"], cmd["statement_signature"] = make_statement(
+                    "rollback", self.sign_key, device=e.device_id, version=to,
+                    lifetime_s=self.policy.device_timeout_s + STATEMENT_MARGIN_S)
         else:
             cmd = make_command("update", ttl_s=self.policy.device_timeout_s, rollout_id=self.rollout.id,
                                manifest=self.rollout.manifest, signature=self.rollout.signature,
                                artifact_url=self.rollout.artifact_url)
         cmd["id"] = command_id(self.rollout.id, e.device_id, command)
+        cmd["reply_to"] = self.reply_topic  # 3.1.1 brokers carry no Response Topic property
         return cmd
 
     def _send(self, ids: Sequence[str], rollback: bool, now: float) -> list[Execution]:
@@ -255,7 +263,8 @@ class RolloutRunner:
             payload = self._payload(e, command, rollback)
             infos.append(self.client.publish(device_cmd_topic(e.device_id, command), payload,
                                              response_topic=self.reply_topic, correlation=payload["id"].encode()))
-        self.client.flush(infos, timeout=max(10.0, len(infos) / 500))
+        # generous: a cluster that lost a node acknowledges again only once it has a new leader
+        self.client.flush(infos, timeout=max(60.0, len(infos) / 500))
         if rollback:
             self.sent_rollbacks += len(changed)
         else:

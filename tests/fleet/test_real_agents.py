@@ -102,8 +102,13 @@ def test_rollout_to_20_real_agents_then_a_broken_model_aborts_after_the_canary(f
 
     # the operator changes their mind: every device back to the version it ran before (1)
     t0 = time.monotonic()
-    back = run_cli("rollback", "--broker", fleet_broker.url, "--group", "fa", "--wait", "--json",
-                   "--device-timeout", "60", "--data-dir", data, timeout=120)
+    # version 1 is below every device's anti-downgrade floor (2): unsigned, the devices refuse it
+    unsigned = run_cli("rollback", "--broker", fleet_broker.url, "--group", "fa", "--to", "1", "--wait", "--json",
+                       "--device-timeout", "60", "--data-dir", data, timeout=120)
+    assert unsigned.returncode == 1 and "anti-downgrade floor" in unsigned.stdout, unsigned.stdout[-2000:]
+    assert set(_versions(fleet_broker.url).values()) == {"2"}
+    back = run_cli("rollback", "--broker", fleet_broker.url, "--group", "fa", "--to", "1", "--wait", "--json",
+                   "--sign-key", str(fleet["key_path"]), "--device-timeout", "60", "--data-dir", data, timeout=120)
     back_s = time.monotonic() - t0
     assert back.returncode == 0, back.stdout + back.stderr
     assert json.loads(back.stdout)["counts"]["SUCCEEDED"] == N_AGENTS

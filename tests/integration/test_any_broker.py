@@ -172,8 +172,8 @@ def test_canary_rollout_abort_and_operator_rollback_on_10_real_agents(engine: En
         assert [e["state"] for e in summary["executions"]][2:] == ["CANCELED"] * (N_AGENTS - 2)
         assert set(_versions(engine.url, group).values()) == {"2"}
 
-        back = run_cli("rollback", "--broker", engine.url, "--group", group, "--wait", "--json",
-                       "--device-timeout", "90", "--data-dir", data, timeout=200)
+        back = run_cli("rollback", "--broker", engine.url, "--group", group, "--to", "1", "--wait", "--json",
+                       "--sign-key", str(key_path), "--device-timeout", "90", "--data-dir", data, timeout=200)
         assert back.returncode == 0, back.stdout + back.stderr
         assert json.loads(back.stdout)["counts"]["SUCCEEDED"] == N_AGENTS
         wait_for(lambda: set(_versions(engine.url, group).values()) == {"1"}, 30, interval=1.0,
