@@ -153,6 +153,9 @@ class Engine:
         validate: check the file in a child process first (untrusted files can crash the runtime).
         deadline_s: seconds one interpreter call may take before it counts as stuck, and the
             longest wait for a free interpreter; ``None`` = :func:`call_deadline_s` of the profile.
+        manifest: the model's manifest when ``model`` is a bare file or bytes (an OTA slot): it
+            drives ``task``, ``input_range`` and ``cache_allowed`` for the cache, and wins over
+            the manifest of an artifact directory.
 
     Raises:
         ModelError, ArtifactError, ConfigError: see the module docstring.
@@ -161,12 +164,14 @@ class Engine:
     def __init__(self, model: str | os.PathLike[str] | bytes, profile: str | Path | Profile = "rpi4",
                  threads: int | None = None, cache: CacheSpec = None, *,
                  instances: int | None = None, autotune: bool | None = None, validate: bool = False,
-                 validate_timeout_s: float = 30.0, deadline_s: float | None = None) -> None:
+                 validate_timeout_s: float = 30.0, deadline_s: float | None = None,
+                 manifest: Manifest | None = None) -> None:
         self.profile: Profile = profile if isinstance(profile, Profile) else load_profile(profile)
         if deadline_s is not None and not deadline_s > 0:
             raise ConfigError(f"deadline_s must be > 0 seconds, got {deadline_s}")
         self.deadline_s: float = deadline_s if deadline_s is not None else call_deadline_s(self.profile)
-        data, self.manifest, self.source = load_model_bytes(model)
+        data, found, self.source = load_model_bytes(model)
+        self.manifest: Manifest | None = manifest if manifest is not None else found
         if validate:
             self._validate_in_child(data, validate_timeout_s)
         self.sha256: str = hashlib.sha256(data).hexdigest()

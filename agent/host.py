@@ -54,14 +54,20 @@ class _Generation:
     def leave(self) -> None:
         with self.cond:
             self.inflight -= 1
-            if self.inflight == 0 and self.retired:
+            if self.retired:
                 self.cond.notify_all()
 
     def retire_and_close(self, timeout_s: float) -> None:
-        """Wait for in-flight calls to finish, then close the engine (never while one is inside)."""
+        """Wait for the in-flight calls that can still finish, then close the engine.
+
+        Calls already stuck past their deadline are not waited for: they may run for minutes
+        (a model that hangs), and closing leaves a running call to finish on its own.
+        """
+        report = getattr(self.engine, "stuck_calls", None)
+        stuck = report().count if report is not None else 0
         with self.cond:
             self.retired = True
-            self.cond.wait_for(lambda: self.inflight == 0, timeout=timeout_s)
+            self.cond.wait_for(lambda: self.inflight <= stuck, timeout=timeout_s)
         self.engine.close()
 
 
@@ -108,17 +114,15 @@ class ModelHost:
     def _build(self, model_path: Path, manifest: Manifest | None, name: str | None = None) -> _Generation:
         from agent.engine import Engine  # lazy: importing agent.host stays cheap
 
-        # A slot's model file carries no manifest, so the engine cannot see cache_allowed: apply it here.
-        forbidden = manifest is not None and not manifest.cache_allowed
+        # A slot's model file carries no manifest: hand the slot's to the engine, which applies
+        # its task, input_range and cache_allowed to the cache.
         try:
-            engine = Engine(str(model_path), profile=self.profile, threads=self._threads,
-                            cache=None if forbidden else self._cache, **self._engine_kwargs)
+            engine = Engine(str(model_path), profile=self.profile, threads=self._threads, cache=self._cache,
+                            manifest=manifest, **self._engine_kwargs)
         except ModelError:
             raise
         except Exception as exc:  # the runtime's own exceptions: translate at the boundary
             raise ModelError(f"{model_path}: cannot load model: {exc}") from exc
-        if forbidden and self._cache:
-            engine.cache_disabled_reason = "manifest says cache_allowed: false"
         if manifest is None:
             manifest = getattr(engine, "manifest", None)
         return _Generation(engine, manifest, _model_info(engine, manifest, Path(model_path), name))

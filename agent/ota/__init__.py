@@ -3,9 +3,10 @@
 One module per job: :mod:`~agent.ota.commands` (parse and admit update/rollback commands),
 :mod:`~agent.ota.download` (bounded, resumable fetch), :mod:`~agent.ota.verify` (pure checks),
 :mod:`~agent.ota.slots` (slots + journal, with the state machine's order guard),
-:mod:`~agent.ota.probation` (watch, shadow, verdict), :mod:`~agent.ota.recovery` (what boot does
-with interrupted work), :mod:`~agent.ota.worker` (the OTA thread) and :mod:`~agent.ota.manager`
-(the steps, and :class:`OtaManager`, the one entry point the service uses). See ``docs/ota.md``.
+:mod:`~agent.ota.probation` (watch, shadow, verdict), :mod:`~agent.ota.hang` (a committed model
+that hangs later), :mod:`~agent.ota.recovery` (what boot does with interrupted work),
+:mod:`~agent.ota.worker` (the OTA thread) and :mod:`~agent.ota.manager` (the steps, and
+:class:`OtaManager`, the one entry point the service uses). See ``docs/ota.md``.
 """
 
 from __future__ import annotations

@@ -20,9 +20,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent.ota.slots import Journal, SlotStore, StorageError
+from agent.ota.slots import Journal, SlotStore
 from edgefleet.atomic import atomic_write_json
-from edgefleet.errors import ArtifactError, ConfigError, EdgefleetError
+from edgefleet.errors import ArtifactError, ConfigError, EdgefleetError, StorageError
 from edgefleet.ids import validate_id
 from edgefleet.manifest import Manifest, parse_manifest, parse_version
 from edgefleet.signing import canonical_bytes, verify_manifest

@@ -33,8 +33,7 @@ from http.client import HTTPException
 from pathlib import Path
 from typing import Any
 
-from agent.ota.slots import StorageError
-from edgefleet.errors import ArtifactError, TransportError
+from edgefleet.errors import ArtifactError, StorageError, TransportError
 
 __all__ = ["DownloadPolicy", "DownloadResult", "check_space", "download"]
 

@@ -42,9 +42,10 @@ from agent.ota.commands import (
 )
 from agent.ota.crashpoints import crash_point
 from agent.ota.download import DownloadPolicy, DownloadResult, download
+from agent.ota.hang import HANG_LIMIT_DEADLINES, HangGuard, hung_reason
 from agent.ota.probation import run_probation
 from agent.ota.recovery import MAX_BOOTS, RESUMABLE, BootAction, journal_from_slots, plan_boot, serving_order
-from agent.ota.slots import Journal, Outcome, Pending, SlotStore, StorageError, slot_name
+from agent.ota.slots import Journal, Outcome, Pending, SlotStore, slot_name
 from agent.ota.verify import (
     DeviceFacts,
     check_contract,
@@ -54,7 +55,14 @@ from agent.ota.verify import (
     contract_of,
 )
 from agent.ota.worker import Worker
-from edgefleet.errors import ArtifactError, ConfigError, EdgefleetError, ModelError, TransportError
+from edgefleet.errors import (
+    ArtifactError,
+    ConfigError,
+    EdgefleetError,
+    ModelError,
+    StorageError,
+    TransportError,
+)
 from edgefleet.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -119,6 +127,10 @@ class OtaManager:
         max_boots: boots in a row that may find the same work in the same state before it is
             given up as a crash loop.
         clock: epoch seconds (manifest expiry, statement expiry); tests pass a fake one.
+        hang_limit_deadlines: a call stuck this many deadlines in a model an update committed
+            means it hangs: the journal gives it up for the previous kept model (:mod:`agent.ota.hang`).
+        on_hung: called with the reason once that is recorded; the service exits so systemd
+            restarts it onto the previous model. Without it the record takes effect at the next start.
     """
 
     def __init__(self, state_dir: Path, profile: Profile, trusted_keys: list[Any], host: Any,
@@ -129,7 +141,9 @@ class OtaManager:
                  download_policy: DownloadPolicy | None = None, device_id: str = "device",
                  group: str = "default", fleet: str | None = None, max_boots: int = MAX_BOOTS,
                  clock: Callable[[], float] = time.time,
-                 nonces: Callable[[], NonceLedger] | None = None) -> None:
+                 nonces: Callable[[], NonceLedger] | None = None,
+                 hang_limit_deadlines: float = HANG_LIMIT_DEADLINES,
+                 on_hung: Callable[[str], None] | None = None) -> None:
         if keep_versions < 2:
             raise ConfigError(f"keep_versions must be >= 2 (current and previous), got {keep_versions}")
         self.profile = profile
@@ -164,6 +178,12 @@ class OtaManager:
         self.timeline: list[tuple[float, str, str]] = []  # (monotonic s, version, state), for benchmarks
         self.last_revert_s: float | None = None
         self.boot_error: str | None = None
+        if not hang_limit_deadlines > 0:
+            raise ConfigError(f"hang_limit_deadlines must be > 0, got {hang_limit_deadlines}")
+        self.hang_limit_deadlines = hang_limit_deadlines
+        self.on_hung = on_hung
+        self.hung: str | None = None  # set once this process gave up a hung model
+        self._guard = HangGuard(lambda: self.host.engine, self._on_stuck)
 
     # ================================================================== public API
     def boot(self) -> dict[str, str] | None:
@@ -186,12 +206,17 @@ class OtaManager:
             plan = plan_boot(self._journal, command, self.max_boots)
             if plan.journal is not None:
                 self._persist(plan.journal, best_effort=True)  # count this boot before resuming
+                crash_point("boot-counted")
             if plan.outcome is not None:
                 self._finish(plan.outcome, plan.reason, best_effort=True)
             self.store.prune(plan.keep_slots, plan.keep_staging)
             info = self._activate_committed()
+            o = self._journal.outcome
+            if o is not None and o.hung and not o.reported:
+                self._boot_problem(f"the last run gave up a hung model: {o.reason}")
             self._report_outcome()
         self._worker.start()
+        self._guard.start()
         req = plan.request
         if plan.action is BootAction.RESUME_UPDATE and req is not None:
             self._worker.put(lambda: self._run_update(req))
@@ -239,6 +264,7 @@ class OtaManager:
             committed = self._journal.with_pending(None).committed(slot, version, self.keep_versions, outcome)
             self._persist(committed.with_pending(self._journal.pending))
         self._worker.start()
+        self._guard.start()
         return info
 
     def handle_update(self, cmd: dict[str, Any]) -> dict[str, Any]:
@@ -365,6 +391,7 @@ class OtaManager:
 
     def close(self) -> None:
         """Stop the worker; an update in flight stays in the journal for the next boot."""
+        self._guard.close()
         self._wake.set()
         self._worker.close()
 
@@ -547,6 +574,7 @@ class OtaManager:
 
     def _emit(self, rollout_id: str, version: str, state: OtaState, **extra: Any) -> None:
         """Hand one event to the service; the state goes on the wire as its plain string."""
+        log.info("ota %s v%s: %s", rollout_id, version, state.value)
         self.timeline.append((time.monotonic(), version, state.value))
         event = {"event": "ota", "rollout_id": rollout_id, "version": version, "state": state.value}
         event.update({k: v for k, v in extra.items() if v is not None})
@@ -639,12 +667,15 @@ class OtaManager:
         try:
             aside = self.store.set_aside_journal().name
         except OSError:
-            aside = "nowhere (it could not be moved)"
-        self._persist(journal, best_effort=True)
-        served = f"serving version {self._version(journal.active)}" if journal.active else "no slot verifies"
+            aside = "nowhere (it could not be copied)"
+        crash_point("journal-set-aside")
+        served = (f"serving version {journal.versions[journal.active]}" if journal.active else "no slot verifies")
         damage = damage.replace(str(self.store.journal_path), self.store.journal_path.name)  # no device paths
+        # Reported before the write: a crash in between rebuilds (and reports) again, never silently.
         self._boot_problem(f"{damage}; set aside as {aside} and rebuilt from {len(verified)} verified slot(s): "
                            f"{served}, floor {journal.floor}")
+        self._persist(journal, best_effort=True)
+        crash_point("journal-rebuilt")
         return journal
 
     def _activate_committed(self) -> dict[str, str] | None:
@@ -685,6 +716,35 @@ class OtaManager:
                 log.warning("slot %s failed to load (%s); reading it again in %g s", slot, exc, wait)
                 time.sleep(wait)
         raise AssertionError("unreachable")
+
+    # ================================================================== a committed model that hangs
+    def _on_stuck(self, stuck: Any) -> None:
+        """The hang guard saw a stuck call: give up a hung committed model (one journal write).
+
+        Probation judges its own model; a record that cannot be written is retried at the next
+        poll (restarting without it would serve the hung model again).
+        """
+        with self._lock:
+            if self._trial is not None or self.hung is not None:
+                return
+            info = self.host.model_info
+            reason = hung_reason(self._journal, stuck, info.get("sha256") if info else None,
+                                 self.hang_limit_deadlines)
+            o = self._journal.outcome
+            if reason is None or o is None:
+                return
+            outcome = replace(o, state=OtaState.ROLLED_BACK, reason=reason, reported=False, hung=True)
+            try:
+                self._persist(self._journal.demoted(outcome))
+            except StorageError as exc:
+                log.error("cannot record the hung model: %s", exc)
+                return
+            self.hung = reason
+        crash_point("hung-recorded")
+        log.error("%s", reason)
+        self._hand_over({"event": "model_error", "reason": reason})
+        if self.on_hung is not None:
+            self.on_hung(reason)
 
     def _job_failed(self, exc: Exception) -> None:
         self._abandon(OtaState.FAILED, f"internal error: {type(exc).__name__}: {exc}")

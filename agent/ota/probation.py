@@ -8,11 +8,15 @@ live requests never wait for it.
 The verdict is a pure function of the counters (:func:`judge`):
 
 - any NaN/Inf output              -> roll back at once
+- a call stuck past its deadline  -> roll back at once (the model hangs on that input)
 - error rate > max_error_rate     -> roll back (judged once ``inferences`` calls were seen, or at the
                                      time limit, or as soon as the errors alone exceed the limit)
 - p95 latency > budget x max_latency_factor -> roll back
 - shadow top-1 agreement < min_agreement (with at least ``min_shadow`` comparisons) -> roll back
 - ``inferences`` live calls seen, or ``seconds`` elapsed -> commit
+
+Caller mistakes are not the model's failures: an :class:`~edgefleet.errors.InputError` (wrong
+shape, dtype, names) is counted apart (``input_errors``) and never judged.
 
 No traffic at all: before waiting, :func:`run_probation` runs the manifest's golden samples
 through the new model on the live path (synthetic traffic: catches errors, NaN and latency
@@ -26,13 +30,13 @@ import collections
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from agent.ota.crashpoints import crash_point
-from edgefleet.errors import EdgefleetError
+from edgefleet.errors import EdgefleetError, InputError
 from edgefleet.manifest import Manifest
 from edgefleet.profiles import Profile
 from edgefleet.quant import first_output, top1
@@ -76,6 +80,10 @@ class ProbationCounters:
     agree: int
     synthetic: int
     last_error: str | None = None
+    input_errors: int = 0      # caller mistakes (InputError), never held against the model
+    stuck: int = 0             # calls running past their deadline right now
+    stuck_s: float = 0.0       # how long the oldest of them has been running, s
+    deadline_s: float | None = None  # the engine's per-call deadline, s
 
 
 @dataclass(frozen=True)
@@ -84,10 +92,23 @@ class Verdict:
     reason: str | None = None
 
 
+def _stuck_reason(c: ProbationCounters) -> str:
+    return (f"{c.stuck} inference call(s) stuck past the {c.deadline_s or 0:g} s deadline during probation "
+            f"(the oldest running for {c.stuck_s:.1f} s)")
+
+
 def judge(c: ProbationCounters, policy: ProbationPolicy, elapsed_s: float) -> Verdict:
-    """Commit, roll back or keep watching; a pure function of the counters and the time."""
+    """Commit, roll back or keep watching; a pure function of the counters and the time.
+
+    A call stuck past its deadline is a failure that has not come back yet, and it is judged at
+    once, not as a rate: it holds one of the few interpreters for as long as it runs (so there are
+    never more of them than interpreters), the deadline is already 20 x the latency budget, and
+    the watchdog treats one stuck call as a dead agent. So no commit is ever given while one runs.
+    """
     if c.nonfinite:
         return Verdict("rollback", f"{c.nonfinite} output(s) with NaN/Inf during probation")
+    if c.stuck:
+        return Verdict("rollback", _stuck_reason(c))
     total = c.calls + c.synthetic
     limit_errors = policy.max_error_rate * max(policy.inferences, total)
     if c.errors and c.errors > limit_errors:
@@ -128,7 +149,7 @@ class ProbationWatcher:
     def __init__(self, policy: ProbationPolicy, max_pending_shadow: int = 64) -> None:
         self.policy = policy
         self._lock = threading.Lock()  # observer calls come from every inference thread
-        self._calls = self._errors = self._nonfinite = self._synthetic = 0
+        self._calls = self._errors = self._nonfinite = self._synthetic = self._input_errors = 0
         self._shadow = self._agree = 0
         self._lat: collections.deque[float] = collections.deque(maxlen=1024)
         self._last_error: str | None = None
@@ -139,6 +160,10 @@ class ProbationWatcher:
 
     # -- the observer (request path) ------------------------------------------------------------
     def __call__(self, x: Any, out: Any, latency_s: float, error: BaseException | None) -> None:
+        if isinstance(error, InputError):  # the caller's mistake: the model never ran
+            with self._lock:
+                self._input_errors += 1
+            return
         sample = None
         with self._lock:
             if self.synthetic_mode:
@@ -181,7 +206,16 @@ class ProbationWatcher:
                 calls=self._calls, errors=self._errors, nonfinite=self._nonfinite,
                 p95_ms=float(np.percentile(lat, 95)) * 1000.0 if lat is not None else None,
                 shadow=self._shadow, agree=self._agree, synthetic=self._synthetic,
-                last_error=self._last_error)
+                last_error=self._last_error, input_errors=self._input_errors)
+
+
+def _with_stuck(c: ProbationCounters, engine: Any) -> ProbationCounters:
+    """The counters plus the calls now stuck in ``engine`` (the observer sees a call only once it returns)."""
+    report = getattr(engine, "stuck_calls", None)
+    if report is None:
+        return c
+    stuck = report()
+    return replace(c, stuck=stuck.count, stuck_s=round(stuck.oldest_s, 3), deadline_s=stuck.deadline_s)
 
 
 def run_probation(host: Any, manifest: Manifest, profile: Profile, golden_traffic: int,
@@ -210,7 +244,7 @@ def run_probation(host: Any, manifest: Manifest, profile: Profile, golden_traffi
             watcher.wake.clear()
             check_stop()
             watcher.run_shadow(host.infer_previous)
-            counters = watcher.counters()
+            counters = _with_stuck(watcher.counters(), host.engine)
             if counters.calls and not crashed:
                 crashed = True
                 crash_point("probation")

@@ -30,19 +30,14 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from edgefleet.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
-from edgefleet.errors import ArtifactError, ConfigError, EdgefleetError
+from edgefleet.errors import ArtifactError, ConfigError, StorageError
 from edgefleet.manifest import MANIFEST_NAME, MODEL_NAME, SIGNATURE_NAME, parse_version
 from edgefleet.messages import OtaState, check_transition
 
-__all__ = ["JOURNAL_NAME", "Journal", "Outcome", "Pending", "SlotStore", "StorageError", "highest_version",
-           "slot_name"]
+__all__ = ["JOURNAL_NAME", "Journal", "Outcome", "Pending", "SlotStore", "highest_version", "slot_name"]
 
 JOURNAL_NAME = "journal.json"
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-
-
-class StorageError(EdgefleetError):
-    """The device's own storage failed (full, read-only, I/O error): nobody's artifact is at fault."""
 
 
 def highest_version(*versions: str | None) -> str | None:
@@ -83,6 +78,7 @@ class Outcome:
     reason: str | None = None
     rollback: bool = False
     reported: bool = False
+    hung: bool = False  # the committed model hung and was given up (agent.ota.hang); boot reports it
 
 
 _R = TypeVar("_R", Pending, Outcome)
@@ -173,6 +169,22 @@ class Journal:
         return Journal(active=slot, history=tuple(history), versions=versions, pending=None, outcome=outcome,
                        floor=floor)
 
+    def demoted(self, outcome: Outcome) -> Journal:
+        """The active slot hung after its commit: the previous kept slot becomes active.
+
+        The hung slot leaves the journal (so no boot, fallback or rollback command serves it again,
+        and the next boot deletes it); the floor stays, so its signed update cannot be replayed.
+        What is in flight is left as it is.
+
+        Raises:
+            RuntimeError: there is no previous kept slot.
+        """
+        if not self.history:
+            raise RuntimeError("cannot give up the active slot: no previous slot is kept")
+        active, history = self.history[0], self.history[1:]
+        versions = {s: v for s, v in self.versions.items() if s in (active, *history)}
+        return replace(self, active=active, history=history, versions=versions, outcome=outcome)
+
     def finished(self, outcome: Outcome) -> Journal:
         """The in-flight work ended without changing what is committed.
 
@@ -239,9 +251,13 @@ class SlotStore:
             raise StorageError(f"cannot write the OTA journal: {exc.strerror or exc}") from exc
 
     def set_aside_journal(self) -> Path:
-        """Move a damaged journal out of the way (kept for a post-mortem) and return where it went."""
+        """Copy a damaged journal aside (for a post-mortem) and return where it went.
+
+        A copy, not a move: until the rebuilt journal replaces it, a crash must find the damaged
+        one again (and rebuild again), never an empty state dir that would look like a first start.
+        """
         aside = self.root / f"{JOURNAL_NAME}.damaged"
-        os.replace(self.journal_path, aside)
+        atomic_write_bytes(aside, self.journal_path.read_bytes())
         return aside
 
     # -- slots ----------------------------------------------------------------------------------
@@ -272,6 +288,8 @@ class SlotStore:
         tmp.mkdir()
         if move:
             os.replace(model_file, tmp / MODEL_NAME)
+            if crash:
+                crash("slot-moved")  # the staged file is in the half-built slot, staging has none
         else:
             shutil.copyfile(model_file, tmp / MODEL_NAME)
         with open(tmp / MODEL_NAME, "rb+") as fh:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import queue
 import signal
 import threading
@@ -52,6 +53,9 @@ log = logging.getLogger(__name__)
 EMIT_QUEUE_MAX = 10_000
 """Messages waiting for the outbox writer; beyond it new ones are dropped and counted."""
 FLUSH_ON_STOP_S = 3.0
+RESTART_EXIT_CODE = 75
+"""Exit status (EX_TEMPFAIL) after a committed model hung and the journal was pointed back at the
+previous kept model: the unit's ``Restart=on-failure`` starts the agent again, on that model."""
 
 _Emit = tuple[str, str, dict[str, Any]]
 _REPUBLISH_STATE = ("state", "", {})
@@ -100,6 +104,8 @@ class AgentService:
         self.trusted_keys: list[Any] = []
         self.nonces: NonceLedger | None = None
         self.nonces_error: str | None = "not started"
+        self.exit_code = 0
+        self._run_stop: threading.Event | None = None
 
     # -- start-up -----------------------------------------------------------------------------
     def _start_model(self) -> None:
@@ -114,7 +120,7 @@ class AgentService:
             self.ota = OtaManager(self.state_dir / "ota", self.profile, self.trusted_keys, self.host,
                                   self.emit_event, on_serving_changed=self._serving_changed,
                                   device_id=self.cfg.device_id, group=self.cfg.group, fleet=self.cfg.fleet,
-                                  nonces=self.ledger)
+                                  nonces=self.ledger, on_hung=self._restart_after_hang)
             self.ota.boot()
             if self.host.model_info is None and self.cfg.model is not None:
                 self.ota.install_initial(self.cfg.model)
@@ -124,6 +130,16 @@ class AgentService:
                 self.emit_event({"event": "model_error", "reason": str(boot_error).splitlines()[0]})
         elif self.cfg.model is not None:
             self._activate_plain(self.cfg.model)
+
+    def _restart_after_hang(self, reason: str) -> None:
+        """A committed model hung and the journal now names the previous one: stop, then exit for a restart.
+
+        A call stuck inside the runtime cannot be stopped in this process; a fresh one serves the
+        previous kept model with every core and interpreter free (docs/ota.md).
+        """
+        self.exit_code = RESTART_EXIT_CODE
+        if self._run_stop is not None:
+            self._run_stop.set()
 
     def _activate_plain(self, model: Path) -> None:
         manifest = None
@@ -360,6 +376,9 @@ class AgentService:
     # -- shutdown -----------------------------------------------------------------------------
     def run_forever(self, stop: threading.Event) -> None:
         """Serve until ``stop`` is set, feeding the systemd watchdog while inference makes progress."""
+        self._run_stop = stop
+        if self.exit_code:  # a hung model was given up during start-up
+            stop.set()
         serve_until(stop, self.engine)
 
     def stop(self) -> None:
@@ -411,4 +430,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         service.run_forever(stop)
     finally:
         service.stop()
+    if service.exit_code:
+        logging.shutdown()
+        os._exit(service.exit_code)  # a thread stuck inside the runtime can be neither joined nor finalized
     return 0

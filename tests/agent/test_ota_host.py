@@ -131,3 +131,48 @@ def test_observer_sees_outputs_latency_and_errors(arts):
     host.close()
     with pytest.raises(ModelError, match="no model"):
         host.infer(x())
+
+
+def test_a_slot_manifest_drives_the_engines_cache_for_a_bare_model_file(arts, tmp_path):
+    """A slot holds a bare model.tflite: the slot's manifest, not a guess from tensors, sets up the cache."""
+    bare = tmp_path / "model.tflite"
+    bare.write_bytes(arts["v1"].model_path.read_bytes())
+    regression = arts["v1"].manifest.model_copy(update={"task": "regression"})
+    host = ModelHost(PROFILE, cache=True, autotune=False)
+    try:
+        host.activate(bare, regression)
+        engine = host.engine
+        assert engine.manifest is regression and engine._is_classifier() is False
+        assert engine.stats()["cache"]["enabled"] is True
+        host.activate(bare, regression.model_copy(update={"cache_allowed": False}))
+        assert host.stats()["engine"]["cache"] == {"enabled": False, "reason": "manifest says cache_allowed: false"}
+    finally:
+        host.close()
+
+
+def test_engine_manifest_argument_wins_over_the_artifacts_own(arts):
+    from agent.engine import Engine
+
+    other = arts["v2"].manifest
+    with Engine(arts["v1"].dir, PROFILE, autotune=False, manifest=other) as engine:
+        assert engine.manifest is other and engine.stats()["model"]["version"] == "2"
+
+
+def test_revert_does_not_wait_for_a_call_stuck_in_the_model_it_gives_up(arts):
+    """A call hung inside the runtime may run for minutes: the rollback must not wait for it."""
+    host = ModelHost(PROFILE, autotune=False, drain_timeout_s=30)
+    host.activate(arts["v1"].dir)
+    host.activate(arts["v2"].dir, keep_previous=True)
+    hung, engine = host._current, host.engine
+    hung.enter()  # a caller inside the engine ...
+    engine._started[0] = time.monotonic() - 60  # ... whose interpreter call started a minute ago
+    try:
+        t0 = time.perf_counter()
+        host.revert()
+        assert time.perf_counter() - t0 < 1.0
+        assert host.model_info["version"] == "1"
+        host.infer(x())
+    finally:
+        engine._started[0] = 0.0
+        hung.leave()
+        host.close()

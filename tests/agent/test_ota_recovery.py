@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from agent.engine import StuckCalls
 from agent.ota import OtaManager
 from agent.ota.commands import RollbackRequest, UpdateRequest, admit_update, refuse_busy, rollback_target
+from agent.ota.hang import hung_reason
 from agent.ota.recovery import BootAction, journal_from_slots, plan_boot, serving_order
 from agent.ota.slots import JOURNAL_NAME, Journal, Outcome, Pending, SlotStore
 from edgefleet.errors import ConfigError
@@ -236,3 +239,29 @@ def test_rollback_target_is_a_kept_version_or_the_reason_why_not():
         rollback_target(COMMITTED, RollbackRequest("rb", "7"))
     with pytest.raises(ConfigError, match="no previous version"):
         rollback_target(Journal(active="clf-v1-aaaa", versions={"clf-v1-aaaa": "1"}), RollbackRequest("rb", None))
+
+
+# ---------------------------------------------------------------- a committed model that later hangs
+def _stuck(oldest_s: float, deadline_s: float = 0.5, count: int = 1) -> StuckCalls:
+    return StuckCalls(count, oldest_s, deadline_s)
+
+
+AFTER_UPDATE = replace(COMMITTED, outcome=Outcome("r2", "2", S.COMMITTED, reported=True), floor="2")
+
+
+def test_committed_model_stuck_past_the_limit_is_given_up_for_the_previous_kept_slot():
+    j = replace(AFTER_UPDATE, active="clf-v2-bbbbbbbbbbbb", versions={"clf-v2-bbbbbbbbbbbb": "2", "clf-v1-aaaa": "1"})
+    sha = "b" * 64
+    assert hung_reason(j, _stuck(1.4), sha, 3.0) is None, "not yet 3 deadlines"
+    reason = hung_reason(j, _stuck(1.6), sha, 3.0)
+    assert reason is not None and "version 2 hung after its commit" in reason and "version 1" in reason
+    assert hung_reason(j, _stuck(9.0), "c" * 64, 3.0) is None, "another model serves (a boot fallback)"
+    assert hung_reason(replace(j, history=()), _stuck(9.0), sha, 3.0) is None, "nothing to return to"
+    rolled = replace(j, outcome=Outcome("rb", "2", S.COMMITTED, rollback=True))
+    assert hung_reason(rolled, _stuck(9.0), sha, 3.0) is None, "the operator chose this model"
+    demoted = j.demoted(replace(j.outcome, state=S.ROLLED_BACK, reason=reason, reported=False, hung=True))
+    assert demoted.active == "clf-v1-aaaa" and demoted.history == () and demoted.floor == "2"
+    assert "clf-v2-bbbbbbbbbbbb" not in demoted.kept and "clf-v2-bbbbbbbbbbbb" not in demoted.versions
+    assert Journal.from_json(json.loads(json.dumps(demoted.to_json()))) == demoted
+    assert hung_reason(demoted, _stuck(9.0), "a" * 64, 3.0) is None, "never walks further down the history"
+    assert serving_order(demoted) == ("clf-v1-aaaa",)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from agent.ota.commands import parse_rollback, parse_update
 from agent.ota.probation import ProbationCounters, ProbationPolicy, ProbationWatcher, judge
 from agent.ota.slots import Journal, Outcome, Pending, SlotStore
 from agent.ota.verify import DeviceFacts, check_contract, check_manifest, profile_compatible
-from edgefleet.errors import ArtifactError, ConfigError, SignatureError
+from edgefleet.errors import ArtifactError, ConfigError, InputError, SignatureError
 from edgefleet.manifest import check_model_bytes, check_model_file
 from edgefleet.messages import OtaState
 from edgefleet.profiles import load_profile
@@ -257,3 +258,24 @@ def test_shadow_agreement_compares_the_top1_of_the_first_output():
     watcher.run_shadow(lambda _x: next(previous))
     c = watcher.counters()
     assert (c.shadow, c.agree) == (2, 1)
+
+
+def test_call_stuck_past_its_deadline_rolls_back_and_is_never_committed():
+    lenient = ProbationPolicy(inferences=1000, seconds=30, max_error_rate=0.5, min_agreement=0.9,
+                              shadow_fraction=0.25, max_latency_ms=100)
+    for c, elapsed in ((counters(calls=10, stuck=1, stuck_s=3.2, deadline_s=0.5), 1.0),
+                       (counters(calls=1000, stuck=1, stuck_s=0.6, deadline_s=0.5), 1.0),  # enough calls
+                       (counters(calls=0, synthetic=4, stuck=1, stuck_s=0.6, deadline_s=0.5), 31.0)):  # time up
+        v = judge(c, lenient, elapsed)
+        assert v.decision == "rollback" and "1 inference call(s) stuck past the 0.5 s deadline" in v.reason
+
+
+def test_wrong_shape_requests_are_counted_apart_and_never_judged():
+    watcher = ProbationWatcher(POLICY)
+    x = np.zeros((1, 4), np.int8)
+    for _ in range(5):
+        watcher(x, None, 0.0001, InputError("expected shape [1, 32, 32, 3], got [1, 4]"))
+    watcher(x, np.array([[0.8, 0.1, 0.1]]), 0.001, None)
+    c = watcher.counters()
+    assert (c.input_errors, c.errors, c.calls) == (5, 0, 1)
+    assert judge(replace(c, calls=50), POLICY, 1.0).decision == "commit"

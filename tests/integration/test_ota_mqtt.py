@@ -53,7 +53,7 @@ def test_signed_update_then_rollback_over_mqtt(broker, tmp_path: Path):
             obs.publish(device_cmd_topic("ota-1", "rollback"), command("rollback", to=None, rollout_id="rb-0"))
             refused = wait_for(lambda: [e for e in ota("rb-0") if e["state"] == "failed"], 20, what="refusal")
             assert "signed rollback statement" in refused[-1]["reason"]
-            statement, signature = make_statement("rollback", key, group="default", version="1")
+            statement, signature = make_statement("rollback", key, group="g1", version="1")  # agent_config's group
             obs.publish(device_cmd_topic("ota-1", "rollback"), command("rollback", to=None, rollout_id="rb-1",
                                                                        statement=statement,
                                                                        statement_signature=signature))
