@@ -11,8 +11,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from edgefleet import __version__
-from edgefleet.cli import run_main
+from edgefleet.cli import add_common_options, run_main
+from edgefleet.errors import ExitCode
 
 __all__ = ["build_parser", "main"]
 
@@ -28,8 +28,7 @@ HANDLERS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    add_common_options(parser, exit_codes={ExitCode.FAILED: "validate: the model does not load or run"})
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the device service until SIGTERM/SIGINT")
@@ -60,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof = sub.add_parser("profile", help="validate a device profile and print its summary")
     prof.add_argument("profile", help="profile name or path")
     for p in (run, infer, validate, bench, prof):
-        p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+        add_common_options(p, subcommand=True)
     return parser
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+import edgefleet
 from converter.data import SampleSet
 from converter.fidelity import SIGNATURE, classification_output
 from converter.tflite_inspect import make_interpreter
@@ -50,12 +51,7 @@ __all__ = [
 
 
 def converter_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return f"edgefleet-{version('edgefleet')}"
-    except PackageNotFoundError:  # running from a checkout that was never installed
-        return "edgefleet-0.1.0"
+    return f"edgefleet-{edgefleet.__version__}"
 
 
 def utc_now() -> str:

@@ -2,7 +2,7 @@
 
 Exit codes: 0 deployable artifact written; 3 artifact written but NOT deployable (misses the
 profile's fidelity target, or would not run on its accelerator); 2 bad input (one ``error:`` line);
-1 a bug (one line, ``--debug`` for the traceback).
+70 a bug (one line, ``--debug`` for the traceback); the full list in ``--help``.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from converter.options import PRUNE_ALLOCATIONS, ConvertOptions
-from edgefleet.cli import run_main
-from edgefleet.errors import ConfigError
+from edgefleet.cli import add_common_options, run_main
+from edgefleet.errors import ConfigError, ExitCode
 
 __all__ = ["build_parser", "main"]
 
@@ -35,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", help="samples: .npz (x or one array per input, optional y), .npy, or an image folder")
     p.add_argument("--eval", dest="eval_data", help="held-out samples for the fidelity check (default: 20%% of --calibration)")
     p.add_argument("--input-range", help="float range the model expects, e.g. 0,1 or -1,1 (images are scaled to it)")
+    p.add_argument("--signature", help="SavedModel signature to convert (default serving_default, or the only one)")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME=1,D,...",
+                   help="fix an input's dynamic dimensions, e.g. image=1,224,224,3 (repeat per input)")
+    p.add_argument("--custom-objects", metavar="MODULE.py",
+                   help="Python file defining the Keras model's custom layers/functions (also lets Lambda "
+                        "layers' stored code run: only for files you trust)")
     p.add_argument("--prune-channels", type=float, default=0.0, metavar="FRACTION",
                    help="remove this fraction of the prunable filters (Keras models)")
     p.add_argument("--prune-allocation", choices=sorted(PRUNE_ALLOCATIONS), default="cost",
@@ -43,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=float, default=0.0, metavar="FRACTION",
                    help="zero this fraction of each kernel's smallest weights (smaller compressed artifact)")
     p.add_argument("--finetune-epochs", type=int, default=3, metavar="N", help="distillation epochs after pruning")
-    p.add_argument("--version", default="1", help="artifact version, dotted numbers (default 1)")
+    p.add_argument("--artifact-version", "--model-version", dest="artifact_version", default="1", metavar="V",
+                   help="the artifact's version, dotted numbers (default 1)")
     p.add_argument("--name", help="artifact name (default: the model file name)")
     p.add_argument("--sign-key", help="Ed25519 PEM private key; writes manifest.json.sig")
     p.add_argument("--keep-tensor-names", action="store_true",
@@ -53,23 +60,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-profiles", action="store_true", help="print the shipped device profiles and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary line")
     p.add_argument("--json", action="store_true", help="print the report summary as JSON on stdout")
-    p.add_argument("--debug", action="store_true", help="show tracebacks and TensorFlow's own logs")
+    add_common_options(p, debug_help="show tracebacks and TensorFlow's own logs",
+                       value_hint="the artifact's version is --artifact-version V",
+                       exit_codes={ExitCode.NOT_DEPLOYABLE: "artifact written but NOT deployable (misses the "
+                                   "profile's fidelity target, or would not run on its accelerator)"})
     return p
 
 
 def _options(args: argparse.Namespace) -> ConvertOptions:
     """The flags as validated options (fractions, version, name, ... are checked here, before TensorFlow)."""
     from converter.data import parse_range
+    from converter.options import parse_input_shape
 
-    return ConvertOptions(version=args.version, name=args.name, input_range=parse_range(args.input_range),
+    return ConvertOptions(version=args.artifact_version, name=args.name, input_range=parse_range(args.input_range),
+                          signature=args.signature,
+                          input_shapes=tuple(parse_input_shape(text) for text in args.input_shape),
+                          custom_objects=Path(args.custom_objects) if args.custom_objects else None,
                           prune_channels=args.prune_channels, prune_allocation=args.prune_allocation,
                           sparsity=args.sparsity, finetune_epochs=args.finetune_epochs,
                           keep_tensor_names=args.keep_tensor_names,
                           sign_key=Path(args.sign_key) if args.sign_key else None, progress=not args.quiet)
 
 
+def _glue_ranges(argv: list[str]) -> list[str]:
+    """``--input-range -1,1`` as ``--input-range=-1,1``: argparse takes "-1,1" for a flag."""
+    out = list(argv)
+    for i, arg in enumerate(out[:-1]):
+        if arg == "--input-range" and out[i + 1].startswith("-"):
+            out[i:i + 2] = [f"--input-range={out[i + 1]}", ""]
+    return [a for a in out if a != ""]
+
+
 def _main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_glue_ranges(argv))
     if args.list_profiles:
         from edgefleet.profiles import list_profiles
         for profile in list_profiles():

@@ -13,7 +13,7 @@ from pathlib import Path
 from edgefleet.errors import ArtifactError, ConfigError
 from edgefleet.manifest import parse_version
 
-__all__ = ["PRUNE_ALLOCATIONS", "ConvertOptions"]
+__all__ = ["PRUNE_ALLOCATIONS", "ConvertOptions", "parse_input_shape"]
 
 PRUNE_ALLOCATIONS = ("uniform", "width", "cost")  # see converter.pruning._fractions
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -23,6 +23,23 @@ def _check_name(name: str) -> str:
     if not _NAME.match(name):
         raise ConfigError(f"--name {name!r}: expected letters, digits, '.', '_' or '-' (at most 64)")
     return name
+
+
+def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """``"image=1,224,224,3"`` -> ``("image", (1, 224, 224, 3))``.
+
+    Raises:
+        ConfigError: not NAME=D,D,... with positive integer dimensions.
+    """
+    name, sep, dims = text.partition("=")
+    try:
+        shape = tuple(int(d) for d in dims.split(","))
+    except ValueError:
+        shape = ()
+    if not sep or not name.strip() or not shape or any(d < 1 for d in shape):
+        raise ConfigError(f"--input-shape {text!r}: expected NAME=1,D,D,... with positive integers, "
+                          "e.g. image=1,224,224,3")
+    return name.strip(), shape
 
 
 @dataclass(frozen=True)
@@ -45,12 +62,15 @@ class ConvertOptions:
     keep_tensor_names: bool = False  # keep intermediate tensor names in model.tflite (bytes, for Netron)
     sign_key: Path | None = None  # Ed25519 PEM private key file; None: unsigned
     progress: bool = False  # tqdm bars on stderr
+    signature: str | None = None  # SavedModel signature to convert; None: serving_default (or the only one)
+    input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (input name, full shape) for dynamic dims
+    custom_objects: Path | None = None  # Python file whose classes/functions Keras may deserialize
 
     def __post_init__(self) -> None:
         try:
             parse_version(self.version)
         except ArtifactError as exc:
-            raise ConfigError(f"--version {self.version!r}: expected dotted numbers such as 3 or 1.4.2") from exc
+            raise ConfigError(f"--artifact-version {self.version!r}: expected dotted numbers such as 3 or 1.4.2") from exc
         if self.name is not None:
             _check_name(self.name)
         for flag, value in (("--prune-channels", self.prune_channels), ("--sparsity", self.sparsity)):
@@ -65,8 +85,20 @@ class ConvertOptions:
             raise ConfigError(f"eval_fraction {self.eval_fraction}: expected a fraction in (0, 1)")
         if self.latency_runs < 1:
             raise ConfigError(f"latency_runs {self.latency_runs}: expected 1 or more")
-        if self.sign_key is not None and not isinstance(self.sign_key, Path):
-            object.__setattr__(self, "sign_key", Path(self.sign_key))
+        for attr in ("sign_key", "custom_objects"):
+            value = getattr(self, attr)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, attr, Path(value))
+        if isinstance(self.input_shapes, dict):
+            object.__setattr__(self, "input_shapes", tuple(self.input_shapes.items()))
+        names = [name for name, _ in self.input_shapes]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"--input-shape: input named twice in {names}")
+        for name, shape in self.input_shapes:
+            if not shape or any(int(d) < 1 for d in shape):
+                raise ConfigError(f"--input-shape {name}: expected positive dimensions, got {shape}")
+        if self.signature is not None and not self.signature.strip():
+            raise ConfigError("--signature: expected a signature name")
 
     @property
     def prunes(self) -> bool:

@@ -1,7 +1,8 @@
 """The CLI's side of the controller API (``--controller URL``): urllib, errors as one line each.
 
 A controller that does not answer is a TransportError naming the URL; an error the controller
-reports (bad token, busy group, unknown rollout, database away) is a ConfigError with its message.
+reports is a ConfigError with its message (bad token, busy group, unknown rollout), or a
+TransportError when it is a 503 (its database is away).
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ class ControllerClient:
         except urllib.error.HTTPError as exc:
             if ok_missing and exc.code == 404:
                 return None
-            raise ConfigError(f"controller {self.url}: {_error_text(exc)}") from exc
+            # 503: the controller answers but cannot reach what it needs (its database): a server fault
+            error = TransportError if exc.code == 503 else ConfigError
+            raise error(f"controller {self.url}: {_error_text(exc)}") from exc
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise TransportError(f"controller {self.url} does not answer: {reason}") from exc

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from edgefleet.errors import ConfigError
+from edgefleet.errors import TransportError
 
 __all__ = ["StoreUnavailable"]
 
 
-class StoreUnavailable(ConfigError):
-    """The database cannot be reached (or dropped the connection); retrying later may work."""
+class StoreUnavailable(TransportError):
+    """The database cannot be reached (or dropped the connection); retrying later may work (exit 4)."""

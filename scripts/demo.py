@@ -151,16 +151,16 @@ def main() -> int:
         run([fleet, "keygen", "--out", out / "keys"])
         common = ["--calibration", out / "models/calibration.npz", "--eval", out / "models/eval.npz",
                   "--sign-key", out / "keys/signing.key", "--name", "digits"]
-        run([convert, out / "models/digits_v1.keras", "--profile", "rpi4", *common, "--version", "1",
+        run([convert, out / "models/digits_v1.keras", "--profile", "rpi4", *common, "--artifact-version", "1",
              "--out", out / "artifacts/v1"])
         print("\n-- the same model for a Coral USB Accelerator (Edge TPU) --")
-        run([convert, out / "models/digits_v1.keras", "--profile", "coral-usb", *common, "--version", "1",
+        run([convert, out / "models/digits_v1.keras", "--profile", "coral-usb", *common, "--artifact-version", "1",
              "--out", out / "artifacts/v1-coral", "--quiet"], expect=None)
         report = (out / "artifacts/v1-coral/report.md").read_text()
         print("\n".join(report.splitlines()[:40]))
         for version in ("2", "3"):
             run([convert, out / f"models/digits_v{version}.keras", "--profile", "rpi4", *common,
-                 "--version", version, "--out", out / f"artifacts/v{version}", "--quiet"], expect=None)
+                 "--artifact-version", version, "--out", out / f"artifacts/v{version}", "--quiet"], expect=None)
 
         heading("2. Start a private Mosquitto and three agents (separate processes, own state dirs)")
         broker = MosquittoBroker(out / "broker").start()

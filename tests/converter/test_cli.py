@@ -22,7 +22,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_end_to_end_h5_signed_json_summary_and_no_tensorflow_noise(digits, signing_keys, tmp_path: Path) -> None:
     proc = _run(str(digits.h5_path), "--profile", "rpi4", "--calibration", str(digits.calibration),
-                "--eval", str(digits.evaluation), "--sign-key", str(signing_keys[0]), "--version", "3",
+                "--eval", str(digits.evaluation), "--sign-key", str(signing_keys[0]), "--artifact-version", "3",
                 "--out", str(tmp_path / "art"), "--json", "--quiet")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)

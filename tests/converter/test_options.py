@@ -11,7 +11,7 @@ from edgefleet.errors import ConfigError
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [
-    ("version", "v2", "--version"),
+    ("version", "v2", "--artifact-version"),
     ("name", "-bad name", "--name"),
     ("prune_channels", 1.0, "--prune-channels"),
     ("sparsity", -0.1, "--sparsity"),

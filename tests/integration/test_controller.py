@@ -232,7 +232,7 @@ def test_bad_input_is_one_line_and_the_controller_keeps_serving(broker, token_fi
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "bad or missing token" in r.stderr, r.stderr
     dead = f"http://127.0.0.1:{free_port()}"
     r = run_cli("status", "--controller", dead, "--token-file", token_file)
-    assert r.returncode == 2 and r.stderr.startswith(f"error: controller {dead} does not answer"), r.stderr
+    assert r.returncode == 4 and r.stderr.startswith(f"error: controller {dead} does not answer"), r.stderr
     req = urllib.request.Request(ctl.url + "/v1/nothing", headers={"Authorization": f"Bearer {TOKEN}"})
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req, timeout=5)
@@ -255,7 +255,7 @@ def test_a_database_that_is_unreachable_or_older_stops_serve_with_one_line(broke
     url = f"postgresql://postgres@127.0.0.1:{free_port()}/x"
     r = run_cli("serve", "--state", url, "--broker", broker.url, "--token-file", token_file, "--listen", "127.0.0.1:0",
                 "--metrics", "off")
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "unreachable" in r.stderr, r.stderr
+    assert r.returncode == 4 and r.stderr.count("\n") == 1 and "unreachable" in r.stderr, r.stderr
     fresh = postgres_server.create_database("never_migrated")
     r = run_cli("status", "--state", fresh)
     assert r.returncode == 2 and "run `edge-fleet migrate --state URL`" in r.stderr, r.stderr
@@ -279,7 +279,7 @@ def test_a_database_outage_pauses_the_rollout_and_it_resumes(broker, postgres_se
             time.sleep(2.0)
             assert sim.commands_received == sent_while_down == 2, "nothing is sent that is not recorded first"
             r = _client(ctl, token_file, "status", rollout_id)
-            assert r.returncode == 2 and "state database" in r.stderr, r.stderr
+            assert r.returncode == 4 and "state database" in r.stderr, r.stderr
         finally:
             postgres_server.start()
         final = wait_for(lambda: (s := _status(ctl, token_file, rollout_id))["state"] != "IN_PROGRESS" and s, 60,
