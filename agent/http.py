@@ -188,7 +188,11 @@ def _numeric(value: Any, info: TensorInfo | None, what: str) -> np.ndarray:
         limits = np.iinfo(info.dtype)
         if limits.min <= arr.min() and arr.max() <= limits.max:
             return arr.astype(info.dtype)
-    return arr.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = arr.astype(np.float32)
+    if out.size and not np.isfinite(out).all():
+        raise InputError(f"{what}: every value must be a finite number within float32 range")
+    return out
 
 
 def _is_b64(value: Any) -> bool:
