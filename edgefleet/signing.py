@@ -67,30 +67,30 @@ def generate_keypair(out_dir: Path) -> tuple[Path, Path]:
     return key_path, pub_path
 
 
-def load_private_key(path: Path | str) -> Ed25519PrivateKey:
+def _load_pem(path: Path | str, kind: type[Any], load: Any, expected: str, missing: str) -> Any:
+    """Read one PEM key of ``kind``: the one place key files become keys, and errors one line."""
     path = Path(path)
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        key = load(path.read_bytes())
     except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: signing key not found") from exc
+        raise ConfigError(f"{path}: {missing} not found") from exc
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{path}: not an unencrypted PEM Ed25519 private key ({exc})") from exc
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ConfigError(f"{path}: expected an Ed25519 private key, got {type(key).__name__}")
+        raise ConfigError(f"{path}: not {expected} ({exc})") from exc
+    if not isinstance(key, kind):
+        raise ConfigError(f"{path}: expected {expected}, got {type(key).__name__}")
     return key
+
+
+def load_private_key(path: Path | str) -> Ed25519PrivateKey:
+    """Raises ConfigError: missing, encrypted or not an Ed25519 PEM private key."""
+    return _load_pem(path, Ed25519PrivateKey, lambda data: serialization.load_pem_private_key(data, password=None),
+                     "an unencrypted PEM Ed25519 private key", "signing key")
 
 
 def load_public_key(path: Path | str) -> Ed25519PublicKey:
-    path = Path(path)
-    try:
-        key = serialization.load_pem_public_key(path.read_bytes())
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: public key not found") from exc
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{path}: not a PEM Ed25519 public key ({exc})") from exc
-    if not isinstance(key, Ed25519PublicKey):
-        raise ConfigError(f"{path}: expected an Ed25519 public key, got {type(key).__name__}")
-    return key
+    """Raises ConfigError: missing or not an Ed25519 PEM public key."""
+    return _load_pem(path, Ed25519PublicKey, serialization.load_pem_public_key, "a PEM Ed25519 public key",
+                     "public key")
 
 
 def load_trusted_keys(paths: Iterable[Path | str]) -> list[Ed25519PublicKey]:

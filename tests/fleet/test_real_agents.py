@@ -10,7 +10,6 @@ takes all 20 back to the first version.
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 
 import pytest
@@ -20,7 +19,7 @@ from edgefleet.signing import generate_keypair
 from edgefleet.testing.artifacts import build_artifact
 from edgefleet.testing.waiting import wait_for
 from tests.fleet.conftest import run_cli
-from tests.integration.service_support import AgentProcess, agent_config
+from tests.integration.service_support import AgentProcess, agent_config, stop_all
 from tests.support.models import OTA_MODELS
 
 pytestmark = [pytest.mark.agents, pytest.mark.timeout(240)]
@@ -56,14 +55,7 @@ def fleet(fleet_broker, tmp_path_factory):
                  what=f"{N_AGENTS} agents online")
         yield {"base": base, "key_path": key_path, "agents": agents}
     finally:
-        for a in agents:
-            if a.proc and a.proc.poll() is None:
-                a.proc.terminate()
-        for a in agents:
-            try:
-                a.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                a.stop_quietly()
+        stop_all(agents)
 
 
 def test_rollout_to_20_real_agents_then_a_broken_model_aborts_after_the_canary(fleet, fleet_broker, tmp_path):

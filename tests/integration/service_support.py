@@ -103,6 +103,19 @@ class AgentProcess:
             self.proc.wait(5)
 
 
+def stop_all(agents: list[AgentProcess], timeout: float = 15.0) -> None:
+    """SIGTERM every agent at once, then wait for each (kill the ones that do not stop)."""
+    for a in agents:
+        if a.proc and a.proc.poll() is None:
+            a.proc.terminate()
+    for a in agents:
+        try:
+            if a.proc:
+                a.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            a.stop_quietly()
+
+
 class Observer:
     """A plain MQTT 5 client that records everything under ``edgefleet/#``.
 

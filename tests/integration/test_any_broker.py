@@ -27,7 +27,7 @@ from edgefleet.testing.nats import NatsServer, find_nats_server
 from edgefleet.testing.waiting import wait_for
 from edgefleet.topics import all_devices
 from tests.fleet.conftest import REPO, run_cli
-from tests.integration.service_support import AgentProcess, agent_config, broker_files_access
+from tests.integration.service_support import AgentProcess, agent_config, broker_files_access, stop_all
 from tests.support.models import OTA_MODELS
 
 pytestmark = [pytest.mark.agents, pytest.mark.timeout(300)]
@@ -180,14 +180,7 @@ def test_canary_rollout_abort_and_operator_rollback_on_10_real_agents(engine: En
                  what="every agent back on version 1")
     finally:
         obs.close()
-        for a in agents:
-            if a.proc and a.proc.poll() is None:
-                a.proc.terminate()
-        for a in agents:
-            try:
-                a.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                a.stop_quietly()
+        stop_all(agents)
 
 
 def test_a_subscription_the_broker_refuses_is_retried_and_reported_never_silently_missing(tmp_path: Path) -> None:
