@@ -1,6 +1,8 @@
 """The contract on any MQTT engine: Mosquitto (MQTT 5) and NATS's MQTT gateway (3.1.1 only).
 
 Real agents, the real fleet tool and real brokers started by the test on free loopback ports.
+Nothing is simulated: each agent runs the real OTA path (download from the fleet tool's HTTP
+server, signature check, validation in a child process, install, probation).
 NATS has no MQTT 5 properties (no Response Topic, no Correlation Data, no session expiry), so
 these show that request/reply, retained state, Last Will, persistent sessions and QoS 1 work
 through what both versions define: the reply routing travels in the payload.
@@ -154,6 +156,12 @@ def test_canary_rollout_abort_and_operator_rollback_on_10_real_agents(engine: En
     try:
         wait_for(lambda: len(_versions(engine.url, group)) == N_AGENTS, 120, interval=1.0,
                  what=f"{N_AGENTS} agents online on {engine.kind}")
+
+        # devices with trusted keys advertise signed_updates: an unsigned artifact never leaves the laptop
+        unsigned = build_artifact(OTA_MODELS / "clf_a2.tflite", tmp_path / "unsigned", version="9", golden_samples=1)
+        refused = run_cli("deploy", str(unsigned.dir), "--broker", engine.url, "--group", group, "--serve",
+                          "127.0.0.1:0", "--data-dir", str(tmp_path / "refused"), timeout=60)
+        assert refused.returncode == 2 and refused.stderr.startswith("error: ") and "sign" in refused.stderr
 
         good = run_cli("deploy", str(v2.dir), *common, timeout=200)
         assert good.returncode == 0, good.stdout + good.stderr + agents[0].log()[-3000:]
