@@ -43,6 +43,20 @@ class SampleSet:
         n_eval = max(1, round(len(self) * eval_fraction))
         return self.take(order[n_eval:]), self.take(order[:n_eval])
 
+    def fingerprints(self) -> list[bytes]:
+        """One digest per sample (all its inputs), to tell calibration and evaluation samples apart."""
+        import hashlib
+
+        names = sorted(self.inputs)
+        return [hashlib.sha256(b"".join(np.ascontiguousarray(self.inputs[k][i]).tobytes() for k in names)).digest()
+                for i in range(len(self))]
+
+    def without(self, other: SampleSet) -> SampleSet:
+        """This set minus every sample identical to one in ``other``."""
+        seen = set(other.fingerprints())
+        keep = np.array([f not in seen for f in self.fingerprints()], bool)
+        return self if keep.all() else self.take(np.flatnonzero(keep))
+
     def sample(self, i: int) -> dict[str, np.ndarray]:
         """One sample with a batch axis of 1, as the interpreter wants it."""
         return {k: v[i:i + 1] for k, v in self.inputs.items()}

@@ -22,7 +22,7 @@ from converter.data import SampleSet, check_array, load_samples
 from converter.loading import LoadedModel, export_keras, load_model
 from converter.options import ConvertOptions
 from converter.progress import Bars
-from converter.search import Candidate, Sources, search
+from converter.search import SearchResult, Sources, search
 from converter.tflite_inspect import Inspection, inspect_tflite
 from edgefleet.errors import ConfigError, ConversionError
 from edgefleet.manifest import Manifest
@@ -31,7 +31,6 @@ from edgefleet.profiles import Profile, load_profile
 __all__ = ["EXIT_NOT_DEPLOYABLE", "ConvertOptions", "ConvertResult", "convert"]
 
 EXIT_NOT_DEPLOYABLE = 3
-_LATENCY_THREADS = 1  # the report's host latencies: one interpreter thread, as report.md labels them
 _OPTION_NAMES = frozenset(f.name for f in fields(ConvertOptions))
 
 Samples = str | Path | SampleSet | np.ndarray
@@ -72,17 +71,38 @@ def _as_samples(data: Samples, loaded: LoadedModel, input_range: tuple[float, fl
     raise ConfigError(f"samples: expected a path, a SampleSet or one array, got {type(data).__name__}")
 
 
+_MIN_SPLIT = 10  # calibration samples below which none can be held out for the fidelity check
+
+
 def _samples(loaded: LoadedModel, calibration: Samples, eval_data: Samples | None,
              opts: ConvertOptions) -> tuple[SampleSet, SampleSet, str]:
-    """(calibration, evaluation, where the evaluation samples come from, for the report)."""
+    """(calibration, evaluation, where the evaluation samples come from, for the report).
+
+    The two never share a sample: a model calibrated on its test samples would be judged on data
+    its ranges were fitted to. Calibration samples identical to an evaluation sample are dropped.
+
+    Raises:
+        ConfigError: too few samples to hold any out, or nothing left to calibrate on.
+    """
     cal = _as_samples(calibration, loaded, opts.input_range)
     if eval_data is not None:
         ev = _as_samples(eval_data, loaded, opts.input_range)
-        return cal, ev, ev.source
-    if len(cal) >= 10:
+        source = ev.source
+        kept = cal.without(ev)
+        if len(kept) == 0:
+            raise ConfigError(f"{cal.source}: every calibration sample is also an evaluation sample; "
+                              "expected separate calibration and --eval data")
+        if len(kept) < len(cal):
+            source += f" ({len(cal) - len(kept)} calibration samples identical to evaluation samples dropped)"
+        cal = kept
+    elif len(cal) >= _MIN_SPLIT:
         cal, ev = cal.split(opts.eval_fraction)
-        return cal, ev, f"{opts.eval_fraction:.0%} of the calibration samples held out"
-    return cal, cal, "the calibration samples (too few to hold any out)"
+        source = f"{opts.eval_fraction:.0%} of the calibration samples held out"
+    else:
+        raise ConfigError(f"{cal.source}: {len(cal)} samples, expected at least {_MIN_SPLIT} to hold some out "
+                          "for the fidelity check, or separate --eval data")
+    assert not set(cal.fingerprints()) & set(ev.fingerprints()), "calibration and evaluation samples overlap"
+    return cal, ev, source
 
 
 def _io_names(loaded: LoadedModel) -> tuple[list[str], list[str]]:
@@ -122,11 +142,12 @@ def _prune(loaded: LoadedModel, calibration: SampleSet, opts: ConvertOptions, wo
     return out_dir, student, summary
 
 
-def _gate(chosen: Candidate, profile: Profile) -> tuple[Inspection, edgetpu.EdgeTpuCheck | None, tuple[str, ...]]:
-    """Why the chosen model may not ship: its misses, plus ops that would leave the Edge TPU."""
+def _gate(found: SearchResult, profile: Profile) -> tuple[Inspection, edgetpu.EdgeTpuCheck | None, tuple[str, ...]]:
+    """Why the chosen model may not ship: its misses (fidelity, speed), plus ops that would leave the Edge TPU."""
+    chosen = found.chosen
     assert chosen.model is not None
     inspection = inspect_tflite(chosen.model)
-    reasons = list(chosen.misses)
+    reasons = list(found.reasons)
     tpu = edgetpu.check_edgetpu(inspection, chosen.model) if profile.runtime.accelerator == "edgetpu" else None
     if tpu and not tpu.static_ok:
         reasons.append("ops would run on the CPU instead of the Edge TPU: " + ", ".join(tpu.cpu_ops[:10]))
@@ -163,11 +184,14 @@ def convert(model: str | Path, profile: str | Path | Profile, calibration: Sampl
     name = opts.artifact_name(model_path)
     if opts.sign_key is not None and not opts.sign_key.is_file():
         raise ConfigError(f"--sign-key {opts.sign_key}: signing key not found")
+    if opts.custom_objects is not None and not opts.custom_objects.is_file():
+        raise ConfigError(f"--custom-objects {opts.custom_objects}: file not found; expected a Python module")
     artifact.check_out_dir(out)
     bars = Bars(opts.progress)
     workdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.edge-convert-", dir=out.parent))
     try:
-        loaded = load_model(model_path, workdir)
+        loaded = load_model(model_path, workdir, signature=opts.signature, input_shapes=dict(opts.input_shapes),
+                            custom_objects=opts.custom_objects)
         cal, ev, eval_source = _samples(loaded, calibration, eval_data, opts)
         source_dir, source_keras, pruned = loaded.saved_model_dir, loaded.keras_model, None
         if opts.prunes:
@@ -175,16 +199,17 @@ def convert(model: str | Path, profile: str | Path | Profile, calibration: Sampl
         sources = Sources(source_dir, source_keras, _io_names(loaded), cal, workdir, opts.keep_tensor_names)
         float_model = quantize.convert_float(loaded.saved_model_dir, opts.keep_tensor_names)
         reference = fidelity.run_model(float_model, ev)
-        found = search(sources, ev, reference, prof, bars)
+        found = search(sources, ev, reference, prof, bars, opts.latency_runs)
         chosen = found.chosen
         assert chosen.model is not None and chosen.outputs is not None
-        inspection, tpu, reasons = _gate(chosen, prof)
+        inspection, tpu, reasons = _gate(found, prof)
+        latency = fidelity.interleaved_latency_ms({"float": float_model, "chosen": chosen.model}, ev.sample(0),
+                                                  opts.latency_runs, found.threads)
         conversion = writer.Conversion(
             out=out, name=name, options=opts, profile=prof, loaded=loaded, search=found, inspection=inspection,
             reference=reference, eval_source=eval_source, calibration_samples=min(len(cal), quantize.MAX_CALIBRATION),
-            float_model=float_model,
-            float_latency_ms=fidelity.host_latency_ms(float_model, ev, opts.latency_runs, _LATENCY_THREADS),
-            chosen_latency_ms=fidelity.host_latency_ms(chosen.model, ev, opts.latency_runs, _LATENCY_THREADS),
+            float_model=float_model, float_latency_ms=latency["float"], chosen_latency_ms=latency["chosen"],
+            robustness=fidelity.robustness(float_model, chosen.model, ev),
             preprocessing_range=_preprocessing_range(calibration, opts), reasons=reasons, edgetpu=tpu,
             pruning=pruned, equalization=sources.equalization,
             golden=artifact.choose_golden(chosen.model, ev, reference, chosen.outputs))

@@ -37,6 +37,7 @@ class Recipe:
     int16_activations: bool = False
     float_tensors: tuple[str, ...] = field(default=())
     equalized: bool = False  # quantize the cross-layer-equalized model (see converter.equalize)
+    bias_corrected: bool = False  # per-channel: quantize a twin whose offsets absorb the weights' rounding bias
 
     @property
     def full_integer(self) -> bool:

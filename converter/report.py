@@ -19,6 +19,17 @@ def _kb(v: Any) -> str:
     return "-" if v is None else f"{v / 1024:.1f} KB"
 
 
+def _interval(iv: dict[str, Any] | None) -> str:
+    if not iv:
+        return "-"
+    return f"{iv['pct']:.2f}% [{iv['low']:.2f}, {iv['high']:.2f}]"
+
+
+def _worst(m: dict[str, Any]) -> str:
+    w = m.get("worst_class")
+    return "-" if not w else f"class {w['class']}: {w['pct']:.1f}% ({w['successes']}/{w['trials']})"
+
+
 def summary(report: dict[str, Any]) -> dict[str, Any]:
     """The few numbers a script wants: where the artifact is, whether it may ship, and why not."""
     chosen = report.get("chosen") or {}
@@ -29,7 +40,9 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
             "float_size": report["float"]["size"], "top1_agreement_pct": metrics.get("top1_agreement_pct"),
             "accuracy_pct": metrics.get("accuracy_pct"), "float_accuracy_pct": metrics.get("float_accuracy_pct"),
             "min_cosine": min((metrics.get("cosine") or {"-": None}).values(), default=None),
-            "host_latency_ms": chosen.get("host_latency_ms"), "signed": report["signed"]}
+            "top1_agreement_interval": metrics.get("top1_agreement_interval"), "kernel": chosen.get("kernel"),
+            "slowdown": chosen.get("slowdown"), "host_latency_ms": chosen.get("host_latency_ms"),
+            "signed": report["signed"]}
 
 
 def _breakdown_rows(fl: dict[str, Any] | None, ch: dict[str, Any] | None) -> list[str]:
@@ -46,6 +59,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     fl, ch = report["float"], report.get("chosen") or {}
     m = ch.get("metrics") or {}
     verdict = "**deployable**" if report["deployable"] else "**NOT deployable**: " + "; ".join(report["reasons"])
+    t = report["target"]
+    threads = report.get("host_threads", 1)
+    fid = report.get("fidelity") or {}
+    rob = fid.get("robustness") or {}
     lines = [
         f"# {report['name']} {report['version']} for profile `{report['profile']}`",
         "",
@@ -58,29 +75,46 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"| gzip size | {_kb(fl['gzip_size'])} | {_kb(ch.get('gzip_size'))} |",
         *_breakdown_rows(fl.get("size_breakdown"), ch.get("size_breakdown")),
         f"| top-1 accuracy | {_pct(m.get('float_accuracy_pct'))} | {_pct(m.get('accuracy_pct'))} |",
-        f"| top-1 agreement with float | 100% | {_pct(m.get('top1_agreement_pct'))} |",
+        f"| top-1 agreement with float [95% interval] | 100% | {_interval(m.get('top1_agreement_interval'))} |",
+        f"| worst class agreement | 100% | {_worst(m)} |",
+        f"| expected calibration error (labels) | {_num(m.get('float_ece_pct'), '.2f')} | {_num(m.get('ece_pct'), '.2f')} |",
+        *[f"| agreement under {kind} (float vs chosen, both perturbed) | 100% | {_interval(iv)} |"
+          for kind, iv in rob.items()],
         "| min output cosine | 1 | " + _num(min((m.get("cosine") or {"-": None}).values(), default=None)) + " |",
-        (f"| host latency (this machine, 1 thread, not the device) | {_num(fl.get('host_latency_ms'), '.3f')} ms "
-         f"| {_num(ch.get('host_latency_ms'), '.3f')} ms |"),
+        f"| kernels on the device | float | {ch.get('kernel') or '-'} |",
+        (f"| host latency (this machine, {threads} thread(s), XNNPACK, not the device) | "
+         f"{_num(fl.get('host_latency_ms'), '.3f')} ms | {_num(ch.get('host_latency_ms'), '.3f')} ms |"),
         "",
-        (f"Fidelity target ({report['profile']}): top-1 drop <= {report['target']['max_top1_drop_pct']} points, "
-         f"agreement >= {report['target']['min_top1_agreement_pct']}%, cosine >= {report['target']['min_cosine']}. "
-         f"Measured on {m.get('samples', '-')} held-out samples ({report['eval_source']})."),
+        (f"Fidelity target ({report['profile']}): top-1 agreement's 95% lower bound >= {t['min_top1_agreement_pct']}%, "
+         f"top-1 drop <= {t['max_top1_drop_pct']} points, cosine >= {t['min_cosine']}"
+         + (f", no class's agreement below 100% by more than {t['max_class_drop_pct']} points"
+            if t.get("max_class_drop_pct") is not None else "")
+         + (f", host latency <= {t['max_slowdown']}x the fastest full-int8 candidate"
+            if t.get("max_slowdown") is not None else "")
+         + f". Measured on {m.get('samples', '-')} held-out samples ({report['eval_source']}), never calibrated on."),
         "",
+    ]
+    if fid.get("fastest_faithful"):
+        lines += [(f"Speed and fidelity could not be had together: the fastest faithful candidate is "
+                   f"`{fid['fastest_faithful']}`, the most faithful one within the speed limit "
+                   f"`{fid.get('most_faithful_fast')}` (written here, not deployable)."), ""]
+    lines += [
         "## Recipes tried",
         "",
-        "| recipe | size | gzip | agreement | accuracy | cosine | SNR dB | integer only | host ms | result |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        ("| recipe | size | gzip | agreement [95% interval] | worst class | accuracy | cosine | SNR dB | kernels | "
+         "host ms | x fastest int8 | result |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["recipes"]:
         rm = r.get("metrics") or {}
         cos = min((rm.get("cosine") or {"-": None}).values(), default=None)
         snr = min((rm.get("snr_db") or {"-": None}).values(), default=None)
-        result = r.get("error") or ("meets target" if not r.get("misses") else "; ".join(r["misses"]))
+        result = r.get("error") or ("meets target" if r.get("meets_target") else
+                                    "; ".join(r["misses"] + ([r["too_slow"]] if r.get("too_slow") else [])))
         lines.append(f"| {r['name']} | {_kb(r.get('size'))} | {_kb(r.get('gzip_size'))} | "
-                     f"{_pct(rm.get('top1_agreement_pct'))} | {_pct(rm.get('accuracy_pct'))} | {_num(cos)} | "
-                     f"{_num(snr, '.1f')} | {'yes' if r.get('full_integer') else 'no'} | "
-                     f"{_num(r.get('host_latency_ms'), '.3f')} | {result} |")
+                     f"{_interval(rm.get('top1_agreement_interval'))} | {_worst(rm)} | "
+                     f"{_pct(rm.get('accuracy_pct'))} | {_num(cos)} | {_num(snr, '.1f')} | {r.get('kernel') or '-'} | "
+                     f"{_num(r.get('host_latency_ms'), '.3f')} | {_num(r.get('slowdown'), '.2f')} | {result} |")
     eq = report.get("equalization")
     if eq:
         lines += ["", (f"Cross-layer equalization (per-tensor recipes): {eq['pairs']} layer pairs, {eq['channels']} "

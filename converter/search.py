@@ -9,14 +9,19 @@ Order (each remedy only if the profile allows it):
 3. if the baseline misses it, remedies until one meets it: the other granularity; 16x8 (int16
    activations); float fallback of the 1, 3, 6 most sensitive tensors.
 
-:func:`pick` ships the smallest candidate that meets the target, else the most faithful one
-(the artifact is then written as not deployable).
+Speed is part of the target: every candidate is timed on the host in the device's runtime
+(XNNPACK on, the profile's threads) and classed by its kernels (:mod:`converter.kernels`); one
+slower than ``fidelity.max_slowdown`` times the fastest full-int8 candidate does not meet it, however
+faithful. :func:`pick` ships the smallest candidate that meets the whole target; when none does it
+writes the most faithful fast one as not deployable and names the fastest faithful one, so a slow
+model never ships silently.
 """
 
 from __future__ import annotations
 
 import gzip
-from dataclasses import dataclass, replace
+import os
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +29,15 @@ import numpy as np
 
 from converter import equalize, fidelity, quantize
 from converter.data import SampleSet
+from converter.edgetpu import check_edgetpu
+from converter.kernels import FAST_CLASSES, kernel_class
 from converter.loading import export_keras
 from converter.progress import Bars
 from converter.tflite_inspect import inspect_tflite
 from edgefleet.errors import ConversionError
 from edgefleet.profiles import Profile
 
-__all__ = ["Candidate", "SearchResult", "Sources", "evaluate", "pick", "search"]
+__all__ = ["Candidate", "SearchResult", "Sources", "evaluate", "host_threads", "judge_speed", "pick", "search"]
 
 _FALLBACK_COUNTS = (1, 3, 6)  # tensors kept in float, most sensitive first
 
@@ -47,11 +54,27 @@ class Candidate:
     non_integer_ops: tuple[str, ...] = ()
     op_counts: dict[str, int] | None = None
     error: str | None = None
-    host_latency_ms: float | None = None
+    host_latency_ms: float | None = None  # the profile's threads, XNNPACK on (see SearchResult.threads)
+    kernel: str | None = None  # converter.kernels.KernelClass
+    slowdown: float | None = None  # host latency / the fastest full-int8 candidate's
+    too_slow: str | None = None  # why it misses the speed limit; None when within it
+
+    @property
+    def faithful(self) -> bool:
+        """Meets the fidelity, size and integer targets (speed aside)."""
+        return self.model is not None and not self.misses and self.error is None
 
     @property
     def ok(self) -> bool:
-        return self.model is not None and not self.misses and self.error is None
+        return self.faithful and self.too_slow is None
+
+    @property
+    def rank(self) -> tuple[float, float]:
+        """How faithful: the agreement's 95 % lower bound, then the cosine (higher is better)."""
+        m = self.metrics
+        if m is None:
+            return (-1.0, -2.0)
+        return (m.agreement.low if m.agreement else 100.0, m.min_cosine)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.recipe.name, "size": len(self.model) if self.model else None,
@@ -59,7 +82,8 @@ class Candidate:
                 "metrics": self.metrics.to_dict() if self.metrics else None, "misses": list(self.misses),
                 "full_integer": self.model is not None and not self.non_integer_ops,
                 "non_integer_ops": list(self.non_integer_ops), "op_counts": self.op_counts, "error": self.error,
-                "host_latency_ms": self.host_latency_ms,
+                "host_latency_ms": self.host_latency_ms, "kernel": self.kernel, "slowdown": self.slowdown,
+                "too_slow": self.too_slow, "faithful": self.faithful, "meets_target": self.ok,
                 "float_tensors": list(self.recipe.float_tensors)}
 
 
@@ -76,7 +100,9 @@ class Sources:
     workdir: Path
     keep_names: bool
     equalization: equalize.EqualizeSummary | None = None
-    _equalized: Path | None = None
+    per_channel_bias_corrected: int | None = None  # layers corrected in the per-channel twin, once built
+    cleared_channels: int | None = None  # channels of the per-channel twin whose int32 bias would overflow
+    _twins: dict[str, Path] = field(default_factory=dict)
 
     @property
     def can_equalize(self) -> bool:
@@ -86,35 +112,77 @@ class Sources:
         """The SavedModel ``recipe`` quantizes from.
 
         Raises:
-            ConversionError: equalization failed on this graph (fails that recipe only).
+            ConversionError: equalization or bias correction failed on this graph (fails that recipe only).
         """
-        if not recipe.equalized:
+        kind = "equalized" if recipe.equalized else "bias_corrected" if recipe.bias_corrected else None
+        if kind is None:
             return self.plain
-        if self._equalized is None:
+        if kind not in self._twins:
             from converter._tf import keras
             twin = keras.models.clone_model(self.keras_model)
             twin.set_weights(self.keras_model.get_weights())
             inputs = [self.calibration.inputs[n] for n in self.io_names[0]]
             try:
-                summary = equalize.equalize(twin, inputs)
-                summary = replace(summary, bias_corrected=equalize.correct_bias(twin, inputs))
+                if kind == "equalized":
+                    summary = equalize.equalize(twin, inputs)
+                    self.equalization = replace(summary, bias_corrected=equalize.correct_bias(twin, inputs))
+                else:
+                    self.cleared_channels = equalize.clear_overflowing_channels(twin, inputs)
+                    self.per_channel_bias_corrected = equalize.correct_bias(twin, inputs, per_channel=True)
             except Exception as exc:  # an optimization: a graph it cannot handle fails this recipe only
-                raise ConversionError(f"equalization failed: {type(exc).__name__}: {exc}"[:300]) from exc
-            self.equalization = summary
-            self._equalized = self.workdir / "equalized_saved_model"
-            export_keras(twin, self._equalized, self.io_names)
-        return self._equalized
+                raise ConversionError(f"{kind.replace('_', ' ')} failed: {type(exc).__name__}: {exc}"[:300]) from exc
+            self._twins[kind] = self.workdir / f"{kind}_saved_model"
+            export_keras(twin, self._twins[kind], self.io_names)
+        return self._twins[kind]
 
 
 @dataclass(frozen=True)
 class SearchResult:
-    tried: tuple[Candidate, ...]  # in the order they were tried
+    tried: tuple[Candidate, ...]  # in the order they were tried, judged for speed against each other
     chosen: Candidate  # what ships (see pick)
+    threads: int = 1  # interpreter threads of every host latency: the profile's, at most this host's cores
+    fastest_faithful: Candidate | None = None  # when nothing meets the whole target: faithful but too slow
+    most_faithful_fast: Candidate | None = None  # ... and the best of those within the speed limit
+
+    @property
+    def reasons(self) -> tuple[str, ...]:
+        """Why the chosen candidate may not ship: its own misses, and both facts when speed and
+        fidelity could not be had together."""
+        chosen = self.chosen
+        out = list(chosen.misses) + ([chosen.too_slow] if chosen.too_slow else [])
+        fast, faithful = self.most_faithful_fast, self.fastest_faithful
+        if faithful is not None and not chosen.ok:
+            fast_text = (f"most faithful fast candidate {fast.recipe.name!r}: {_agreement_text(fast)}"
+                         if fast is not None else "no candidate within the speed limit ran")
+            out.append(f"nothing within the speed limit meets the fidelity target: fastest faithful candidate "
+                       f"{faithful.recipe.name!r} ({faithful.kernel}) is {faithful.slowdown or 0:.1f}x the fastest "
+                       f"full-int8 candidate; {fast_text}")
+        return tuple(out)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"threads": self.threads,
+                "fastest_faithful": self.fastest_faithful.recipe.name if self.fastest_faithful else None,
+                "most_faithful_fast": self.most_faithful_fast.recipe.name if self.most_faithful_fast else None}
+
+
+def _agreement_text(c: Candidate) -> str:
+    m = c.metrics
+    if m is None:
+        return "did not run"
+    if m.agreement is not None:
+        return f"top-1 agreement {m.agreement.text()}"
+    return f"cosine {m.min_cosine:.4f}"
+
+
+def host_threads(profile: Profile) -> int:
+    """The profile's interpreter threads, at most this host's cores (more would only time contention)."""
+    return max(1, min(profile.runtime.threads, os.cpu_count() or 1))
 
 
 def evaluate(recipe: quantize.Recipe, sources: Sources, evaluation: SampleSet, reference: dict[str, np.ndarray],
-             profile: Profile, bars: Bars) -> Candidate:
-    """Quantize with ``recipe`` and measure it against the float ``reference`` and the profile."""
+             profile: Profile, bars: Bars, latency_runs: int = 30) -> Candidate:
+    """Quantize with ``recipe``, measure it against the float ``reference`` and the profile, time it
+    on the host with the profile's threads and class its kernels (speed is judged by :func:`judge_speed`)."""
     q = profile.quantization
     calibration = sources.calibration
     try:
@@ -131,8 +199,44 @@ def evaluate(recipe: quantize.Recipe, sources: Sources, evaluation: SampleSet, r
         misses.append("profile requires full integer; non-integer ops: " + ", ".join(inspection.non_integer_ops))
     if len(model) > profile.limits.max_model_mb * 1024 * 1024:
         misses.append(f"size {len(model) / 1e6:.2f} MB > limit {profile.limits.max_model_mb} MB")
+    accelerator = profile.runtime.accelerator
+    tpu_ok = accelerator == "edgetpu" and check_edgetpu(inspection).static_ok
     return Candidate(recipe, model, metrics, tuple(misses), outputs, inspection.non_integer_ops,
-                     inspection.op_counts(), host_latency_ms=fidelity.host_latency_ms(model, evaluation, runs=10))
+                     inspection.op_counts(),
+                     host_latency_ms=fidelity.host_latency_ms(model, evaluation, latency_runs, host_threads(profile)),
+                     kernel=kernel_class(inspection, accelerator, tpu_ok))
+
+
+def judge_speed(tried: list[Candidate], profile: Profile, evaluation: SampleSet,
+                runs: int = 30) -> list[Candidate]:
+    """Each candidate with its slowdown against the fastest full-int8 one and, past the profile's
+    ``max_slowdown``, why it is too slow. A full-int8 candidate that looks too slow is timed again
+    interleaved with the reference on one thread (thread scheduling on a busy host made per-tensor
+    MobileNetV2 look 1.7x slower than per-channel at 2 threads; same kernels, same latency alone),
+    and its slowdown is that ratio."""
+    limit = profile.fidelity.max_slowdown
+    fast = [c for c in tried if c.model is not None and c.kernel in FAST_CLASSES and c.host_latency_ms]
+    if not fast:
+        return tried
+    ref = min(fast, key=lambda c: c.host_latency_ms or 0.0)
+    ref_ms = ref.host_latency_ms or 0.0
+    out = []
+    for c in tried:
+        if c.model is None or not c.host_latency_ms or ref_ms <= 0:
+            out.append(c)
+            continue
+        lat = c.host_latency_ms
+        slowdown = lat / ref_ms
+        if limit is not None and slowdown > limit and c.kernel in FAST_CLASSES:
+            again = fidelity.interleaved_latency_ms({"c": c.model, "ref": ref.model or b""}, evaluation.sample(0),
+                                                    max(runs, 50), threads=1)
+            slowdown = again["c"] / again["ref"]
+        too_slow = None
+        if limit is not None and slowdown > limit:
+            too_slow = (f"host latency {lat:.3f} ms is {slowdown:.1f}x the fastest full-int8 candidate "
+                        f"{ref.recipe.name!r} ({ref_ms:.3f} ms; {c.kernel} kernels) > max_slowdown {limit:g}")
+        out.append(replace(c, slowdown=slowdown, too_slow=too_slow))
+    return out
 
 
 def _per_channel() -> quantize.Recipe:
@@ -146,10 +250,13 @@ def _per_tensor(sources: Sources) -> quantize.Recipe:
 
 
 def _remedies(sources: Sources, profile: Profile) -> list[quantize.Recipe | str]:
-    """What to try after a baseline that misses the target, in order; "fallback" is expanded later
-    (it needs the sensitivity ranking, which costs a debugger run)."""
+    """What to try after a baseline that misses the target, in order of cost to the device (all
+    full-int8 remedies first); "fallback" is expanded later (it needs the sensitivity ranking,
+    which costs a debugger run)."""
     q = profile.quantization
     remedies: list[quantize.Recipe | str] = [_per_tensor(sources) if q.per_channel else _per_channel()]
+    if sources.can_equalize:
+        remedies.append(quantize.Recipe("int8 per-channel + bias correction", per_channel=True, bias_corrected=True))
     if q.allow_16bit_activations and not q.require_full_integer:
         remedies.append(quantize.Recipe("16x8 (int16 activations)", per_channel=True, int16_activations=True))
     if q.allow_float_fallback and not q.require_full_integer:
@@ -158,26 +265,28 @@ def _remedies(sources: Sources, profile: Profile) -> list[quantize.Recipe | str]
 
 
 def search(sources: Sources, evaluation: SampleSet, reference: dict[str, np.ndarray], profile: Profile,
-           bars: Bars) -> SearchResult:
+           bars: Bars, latency_runs: int = 30) -> SearchResult:
     """Try recipes in the order of the module docstring and pick the one that ships.
 
     Raises:
         ConversionError: every recipe failed to convert.
     """
     q = profile.quantization
+    tried: list[Candidate] = []
 
-    def run(recipe: quantize.Recipe) -> Candidate:
-        return evaluate(recipe, sources, evaluation, reference, profile, bars)
+    def run(recipe: quantize.Recipe) -> None:
+        tried.append(evaluate(recipe, sources, evaluation, reference, profile, bars, latency_runs))
+        tried[:] = judge_speed(tried, profile, evaluation, latency_runs)
 
-    tried = [run(_per_channel() if q.per_channel else _per_tensor(sources))]
+    run(_per_channel() if q.per_channel else _per_tensor(sources))
     if tried[0].ok:
         if q.per_channel:
-            tried.append(run(_per_tensor(sources)))
-        return SearchResult(tuple(tried), pick(tried))
+            run(_per_tensor(sources))
+        return _result(tried, profile)
     with bars.bar("fidelity search", None) as tick:
         for remedy in _remedies(sources, profile):
             if isinstance(remedy, quantize.Recipe):
-                tried.append(run(remedy))
+                run(remedy)
                 if tick:
                     tick(1)
             else:
@@ -191,19 +300,30 @@ def search(sources: Sources, evaluation: SampleSet, reference: dict[str, np.ndar
                     if k > len(ranked):
                         break
                     names = tuple(name for name, _ in ranked[:k])
-                    tried.append(run(quantize.Recipe(f"int8 + float fallback of {k} layer(s)",
-                                                     per_channel=q.per_channel, float_tensors=names)))
+                    run(quantize.Recipe(f"int8 + float fallback of {k} layer(s)", per_channel=q.per_channel,
+                                        float_tensors=names))
                     if tick:
                         tick(1)
                     if tried[-1].ok:
                         break
             if any(c.ok for c in tried):
                 break
-    return SearchResult(tuple(tried), pick(tried))
+    return _result(tried, profile)
+
+
+def _result(tried: list[Candidate], profile: Profile) -> SearchResult:
+    chosen = pick(tried)
+    faithful = [c for c in tried if c.faithful]
+    fast = [c for c in tried if c.metrics is not None and c.too_slow is None]
+    stuck = not chosen.ok and bool(faithful)
+    return SearchResult(tuple(tried), chosen, host_threads(profile),
+                        min(faithful, key=lambda c: c.host_latency_ms or 0.0) if stuck else None,
+                        max(fast, key=lambda c: c.rank) if stuck and fast else None)
 
 
 def pick(tried: list[Candidate] | tuple[Candidate, ...]) -> Candidate:
-    """The smallest candidate that meets the target, else the most faithful one that ran.
+    """The smallest candidate that meets the whole target (fidelity and speed), else the most
+    faithful one within the speed limit, else the most faithful one that ran.
 
     Raises:
         ConversionError: no candidate converted at all.
@@ -214,4 +334,5 @@ def pick(tried: list[Candidate] | tuple[Candidate, ...]) -> Candidate:
     ran = [c for c in tried if c.metrics is not None]
     if not ran:
         raise ConversionError("every quantization recipe failed: " + "; ".join(c.error or "" for c in tried))
-    return max(ran, key=lambda c: (c.metrics.top1_agreement_pct or 0, c.metrics.min_cosine))  # type: ignore[union-attr]
+    fast = [c for c in ran if c.too_slow is None]
+    return max(fast or ran, key=lambda c: c.rank)

@@ -28,12 +28,14 @@ if TYPE_CHECKING:
     from converter.options import ConvertOptions
     from converter.pruning import PruneSummary
     from converter.search import SearchResult
+    from converter.stats import Interval
     from converter.tflite_inspect import Inspection
     from edgefleet.profiles import Profile
 
 __all__ = ["Conversion", "build_manifest", "build_report", "write"]
 
-_LATENCY_NOTE = "host figures on this machine with 1 interpreter thread, not device figures"
+_LATENCY_NOTE = ("host figures on this machine (ai-edge-litert, XNNPACK on, {threads} interpreter thread(s): the "
+                 "profile's, at most this host's cores), not device figures; the ratios and kernel classes carry over")
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ class Conversion:
     eval_source: str
     calibration_samples: int
     float_model: bytes
-    float_latency_ms: float  # host, 1 thread, median of options.latency_runs
+    float_latency_ms: float  # host, search.threads threads, median of options.latency_runs, interleaved
     chosen_latency_ms: float  # likewise
     preprocessing_range: tuple[float, float] | None
     reasons: tuple[str, ...]  # why it is not deployable; empty when it is
@@ -59,6 +61,7 @@ class Conversion:
     pruning: PruneSummary | None
     equalization: EqualizeSummary | None
     golden: artifact.GoldenChoice
+    robustness: dict[str, Interval]  # chosen vs float agreement on perturbed held-out inputs, by perturbation
 
     @property
     def deployable(self) -> bool:
@@ -69,14 +72,25 @@ def _layout(shape: list[int]) -> str:
     return {4: "NHWC", 2: "NC"}.get(len(shape), "other")
 
 
+def _fidelity_block(c: Conversion) -> dict[str, Any]:
+    """The manifest's fidelity block: the chosen model's figures with their intervals, its speed, and
+    why it may not ship."""
+    chosen = c.search.chosen
+    assert chosen.metrics is not None
+    return {**chosen.metrics.to_dict(), "recipe": chosen.recipe.name, "target": c.profile.fidelity.model_dump(),
+            "misses": list(c.reasons), "non_integer_ops": list(c.inspection.non_integer_ops),
+            "recipes_tried": [t.recipe.name for t in c.search.tried],
+            "robustness": {k: v.to_dict() for k, v in c.robustness.items()},
+            "kernel": chosen.kernel, "host_latency_ms": chosen.host_latency_ms, "slowdown": chosen.slowdown,
+            "host_threads": c.search.threads, **c.search.to_dict()}
+
+
 def build_manifest(c: Conversion, created: str) -> Manifest:
     """The manifest the agent verifies (validated again against the schema when written)."""
     chosen = c.search.chosen
     assert chosen.model is not None and chosen.metrics is not None and chosen.outputs is not None
     inputs, outputs = artifact.tensor_specs(chosen.model)
-    fidelity_info = {**chosen.metrics.to_dict(), "recipe": chosen.recipe.name, "target": c.profile.fidelity.model_dump(),
-                     "misses": list(c.reasons), "non_integer_ops": list(c.inspection.non_integer_ops),
-                     "recipes_tried": [t.recipe.name for t in c.search.tried]}
+    fidelity_info = _fidelity_block(c)
     return Manifest(
         name=c.name, version=c.options.version, created=created, converter_version=artifact.converter_version(),
         profile=c.profile.name, task="classification" if classification_output(c.reference) else "other",
@@ -103,13 +117,14 @@ def build_report(c: Conversion, manifest: Manifest, seconds: float) -> dict[str,
         "recipes": [t.to_dict() for t in c.search.tried],
         "chosen": {**chosen.to_dict(), "size_breakdown": size_breakdown(chosen.model),
                    "host_latency_ms": c.chosen_latency_ms},
+        "fidelity": _fidelity_block(c),
         "pruning": c.pruning.to_dict() if c.pruning else None,
         "equalization": c.equalization.to_dict() if c.equalization else None,
         "tensor_names": "kept" if opts.keep_tensor_names else "intermediate names dropped",
         "edgetpu": c.edgetpu.to_dict() if c.edgetpu else None,
         "golden": {"count": len(c.golden.golden.samples), "atol": c.golden.golden.atol,
                    "measured_error": c.golden.measured_error},
-        "latency_note": _LATENCY_NOTE,
+        "latency_note": _LATENCY_NOTE.format(threads=c.search.threads), "host_threads": c.search.threads,
         "signed": opts.sign_key is not None,
         "seconds": seconds,
     }

@@ -17,6 +17,7 @@ __all__ = [
     "build_digits_cnn",
     "build_mobilenet_digits",
     "digits_data",
+    "face_crops",
     "train_digits_model",
     "write_samples",
 ]
@@ -34,6 +35,41 @@ def digits_data(size: int = 8, channels: int = 1) -> tuple[np.ndarray, np.ndarra
     if channels != 1:
         x = np.repeat(x, channels, axis=-1)
     return np.clip(x, 0.0, 1.0), digits.target.astype(np.int64)
+
+
+_CROP_IMAGES = ("astronaut", "camera", "coffee", "chelsea", "coins", "moon", "page", "text", "rocket", "grass",
+                "gravel", "brick", "horse", "cell", "hubble_deep_field", "retina", "immunohistochemistry")
+
+
+def face_crops(count: int = 1500, size: int = 64, value_range: tuple[float, float] = (-1.0, 1.0),
+               seed: int = 0) -> np.ndarray:
+    """Grayscale (count, size, size, 1) inputs for an image classifier, all from files scikit-image ships:
+    its 200 LFW crops (100 faces, 100 not), then random square crops (any scale, flipped at random)
+    of its sample photographs, so no two samples are the same picture resized twice."""
+    import skimage.data
+    from skimage.color import rgb2gray
+    from skimage.transform import resize
+
+    rng = np.random.default_rng(seed)
+    lfw = skimage.data.lfw_subset()
+    photos = []
+    for name in _CROP_IMAGES:
+        image = np.asarray(getattr(skimage.data, name)(), np.float64)
+        image = rgb2gray(image[..., :3]) if image.ndim == 3 else image / max(float(image.max()), 1.0)
+        photos.append(image)
+    out = np.empty((count, size, size, 1), np.float32)
+    for i in range(count):
+        if i < len(lfw):
+            tile = lfw[i]
+        else:
+            image = photos[int(rng.integers(len(photos)))]
+            side = int(rng.integers(24, min(image.shape) + 1))
+            top, left = (int(rng.integers(0, d - side + 1)) for d in image.shape)
+            tile = image[top:top + side, left:left + side]
+            tile = tile[:, ::-1] if rng.random() < 0.5 else tile
+        out[i, ..., 0] = resize(tile, (size, size), anti_aliasing=True)
+    lo, hi = value_range
+    return np.clip(out, 0.0, 1.0) * (hi - lo) + lo
 
 
 def build_digits_cnn(size: int = 8) -> Any:

@@ -84,10 +84,14 @@ def test_strict_profile_tries_remedies_and_cli_exits_3_with_a_not_deployable_art
     code = main([str(digits.keras_path), "--profile", str(strict), "--calibration", str(digits.calibration),
                  "--eval", str(digits.evaluation), "--out", str(tmp_path / "out"), "--quiet"])
     assert code == 3
-    assert "NOT deployable: cosine" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # 360/360 agreeing is not proof of 100 %: no held-out set can show that, and the report says so
+    assert "NOT deployable: held-out set too small to show top-1 agreement >= 100%" in err
+    assert "no held-out set can show it at this rate" in err and "cosine" in err
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     names = [r["name"] for r in report["recipes"]]
-    assert names[:3] == ["int8 per-channel", "int8 per-tensor + equalization", "16x8 (int16 activations)"]
+    assert names[:4] == ["int8 per-channel", "int8 per-tensor + equalization", "int8 per-channel + bias correction",
+                         "16x8 (int16 activations)"]
     assert any("float fallback" in n for n in names)
     assert all(r["size"] and r["metrics"] for r in report["recipes"])
     manifest, _, _ = load_manifest(tmp_path / "out")
@@ -192,3 +196,40 @@ def test_coral_profile_gets_uint8_io_full_integer_and_a_pending_compile_note(dig
     assert [t.dtype for t in result.manifest.inputs + result.manifest.outputs] == ["uint8", "uint8"]
     assert result.report["chosen"]["full_integer"] and result.report["edgetpu"]["static_ok"]
     assert "edgetpu_compiler" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_calibration_samples_that_are_also_evaluation_samples_are_dropped_from_calibration(digits,
+                                                                                          tmp_path: Path) -> None:
+    from scripts.sample_models import write_samples
+
+    n = digits.n_train
+    both = write_samples(tmp_path / "both.npz", digits.x[n - 100:], digits.y[n - 100:])  # 100 train + all held out
+    result = convert(digits.keras_path, "x86-dev", both, tmp_path / "out", eval_data=digits.evaluation, latency_runs=2)
+    assert result.report["calibration_samples"] == 100
+    assert f"{len(digits.x) - n} calibration samples identical to evaluation samples dropped" in \
+        result.report["eval_source"]
+    with pytest.raises(ConfigError, match="every calibration sample is also an evaluation sample"):
+        convert(digits.keras_path, "x86-dev", digits.evaluation, tmp_path / "o2", eval_data=digits.evaluation)
+
+
+def test_too_few_samples_to_hold_any_out_is_refused_not_evaluated_on_the_calibration_set(digits,
+                                                                                        tmp_path: Path) -> None:
+    few = tmp_path / "few.npy"
+    np.save(few, digits.x[:9])
+    with pytest.raises(ConfigError, match="9 samples, expected at least 10 to hold some out"):
+        convert(digits.keras_path, "x86-dev", few, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["few.npy"]
+
+
+def test_fidelity_block_has_intervals_worst_class_calibration_error_and_robustness(digits_result) -> None:
+    manifest, _, _ = load_manifest(digits_result.out_dir)
+    f = manifest.fidelity
+    iv = f["top1_agreement_interval"]
+    assert iv["trials"] == 360 and iv["low"] <= f["top1_agreement_pct"] <= iv["high"] and iv["low"] >= 96
+    assert f["worst_class"]["trials"] >= 20 and f["float_ece_pct"] is not None and f["ece_pct"] is not None
+    assert set(f["robustness"]) == {"noise", "brighter", "darker"}
+    assert all(v["trials"] == 360 for v in f["robustness"].values())
+    assert f["kernel"] == "xnnpack-int8" and f["slowdown"] <= 1.5 and f["host_threads"] >= 1
+    md = (digits_result.out_dir / "report.md").read_text()
+    assert "[95% interval]" in md and "worst class agreement" in md and "agreement under noise" in md
+    assert "expected calibration error" in md
