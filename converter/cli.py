@@ -8,6 +8,7 @@ profile's fidelity target, or would not run on its accelerator); 2 bad input (on
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -52,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifact-version", "--model-version", dest="artifact_version", default="1", metavar="V",
                    help="the artifact's version, dotted numbers (default 1)")
     p.add_argument("--name", help="artifact name (default: the model file name)")
+    p.add_argument("--labels", help="class names, one per line, by output index (predict responses can show them)")
+    p.add_argument("--expires-days", type=float, help="devices refuse the manifest this many days from now")
+    p.add_argument("--fleet", help="the fleet the artifact is meant for: devices of another fleet refuse it")
+    p.add_argument("--group", action="append", dest="groups", help="a group it is meant for (repeatable)")
     p.add_argument("--sign-key", help="Ed25519 PEM private key; writes manifest.json.sig")
     p.add_argument("--keep-tensor-names", action="store_true",
                    help="keep every tensor's debug name in model.tflite (by default only inputs, outputs and "
@@ -79,7 +84,34 @@ def _options(args: argparse.Namespace) -> ConvertOptions:
                           prune_channels=args.prune_channels, prune_allocation=args.prune_allocation,
                           sparsity=args.sparsity, finetune_epochs=args.finetune_epochs,
                           keep_tensor_names=args.keep_tensor_names,
-                          sign_key=Path(args.sign_key) if args.sign_key else None, progress=not args.quiet)
+                          sign_key=Path(args.sign_key) if args.sign_key else None, progress=not args.quiet,
+                          labels=_read_labels(args.labels) if args.labels else None,
+                          expires=_expiry(args.expires_days), fleet=args.fleet,
+                          groups=tuple(args.groups) if args.groups else None)
+
+
+def _read_labels(path: str) -> tuple[str, ...]:
+    """One class name per line (trailing blank lines ignored).
+
+    Raises:
+        ConfigError: the file cannot be read as UTF-8 text.
+    """
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--labels {path}: cannot read it as UTF-8 text ({exc})") from exc
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return tuple(line.strip() for line in lines)
+
+
+def _expiry(days: float | None) -> str | None:
+    if days is None:
+        return None
+    if not 0 < days <= 3650:
+        raise ConfigError(f"--expires-days {days}: expected more than 0 and at most 3650")
+    when = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=days)
+    return when.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _glue_ranges(argv: list[str]) -> list[str]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgefleet.errors import ArtifactError, ConfigError
+from edgefleet.ids import validate_id
 from edgefleet.manifest import parse_version
 
 __all__ = ["PRUNE_ALLOCATIONS", "ConvertOptions", "parse_input_shape"]
@@ -65,6 +66,10 @@ class ConvertOptions:
     signature: str | None = None  # SavedModel signature to convert; None: serving_default (or the only one)
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (input name, full shape) for dynamic dims
     custom_objects: Path | None = None  # Python file whose classes/functions Keras may deserialize
+    labels: tuple[str, ...] | None = None  # class names by output index (--labels FILE, one per line)
+    expires: str | None = None  # ISO 8601 UTC after which devices refuse the manifest (freeze attacks)
+    fleet: str | None = None  # the fleet the artifact is meant for; devices of other fleets refuse it
+    groups: tuple[str, ...] | None = None  # the groups it is meant for; None: any group
 
     def __post_init__(self) -> None:
         try:
@@ -85,6 +90,12 @@ class ConvertOptions:
             raise ConfigError(f"eval_fraction {self.eval_fraction}: expected a fraction in (0, 1)")
         if self.latency_runs < 1:
             raise ConfigError(f"latency_runs {self.latency_runs}: expected 1 or more")
+        if self.labels is not None and (not self.labels or len(self.labels) > 100_000
+                                        or any(not label or len(label) > 256 for label in self.labels)):
+            raise ConfigError("--labels: expected 1-100000 non-empty lines of at most 256 characters")
+        for what, value in (("--fleet", self.fleet), *(("--group", g) for g in self.groups or ())):
+            if value is not None:
+                validate_id(value, what)
         for attr in ("sign_key", "custom_objects"):
             value = getattr(self, attr)
             if value is not None and not isinstance(value, Path):

@@ -17,6 +17,7 @@ from converter import artifact
 from converter.fidelity import classification_output
 from converter.report import render_markdown
 from converter.sizes import size_breakdown
+from edgefleet.errors import ConfigError
 from edgefleet.manifest import Manifest, ModelFile, Preprocessing, Source
 
 if TYPE_CHECKING:
@@ -99,7 +100,26 @@ def build_manifest(c: Conversion, created: str) -> Manifest:
         inputs=inputs, outputs=outputs,
         preprocessing=Preprocessing(input_range=c.preprocessing_range, layout=_layout(inputs[0].shape)),
         fidelity=fidelity_info, golden=c.golden.golden, baseline=artifact.baseline_stats(chosen.outputs),
-        deployable=c.deployable)
+        deployable=c.deployable, labels=_labels(c), expires=c.options.expires, fleet=c.options.fleet,
+        groups=list(c.options.groups) if c.options.groups is not None else None)
+
+
+def _labels(c: Conversion) -> list[str] | None:
+    """The class names, checked against the classifier's output width.
+
+    Raises:
+        ConfigError: not a classifier, or another number of classes than labels.
+    """
+    labels = c.options.labels
+    if labels is None:
+        return None
+    name = classification_output(c.reference)
+    if name is None:
+        raise ConfigError("--labels: the model has no classifier output (a vector of class scores)")
+    classes = int(c.reference[name].shape[1])
+    if classes != len(labels):
+        raise ConfigError(f"--labels: {len(labels)} labels, the output {name!r} has {classes} classes")
+    return list(labels)
 
 
 def build_report(c: Conversion, manifest: Manifest, seconds: float) -> dict[str, Any]:

@@ -212,7 +212,8 @@ class AgentService:
         if address is not None:
             self.http = InferenceServer(address, ServingBackend(
                 infer=self.infer, model_info=self.model_info, input_names=self._input_names,
-                metrics_text=self.metrics_text, health=self.health), cfg.http.max_body_bytes, cfg.http.max_instances,
+                metrics_text=self.metrics_text, health=self.health, tensors=self._tensors,
+                input_range=self._input_range, labels=self._labels), cfg.http.max_body_bytes, cfg.http.max_instances,
                 cfg.http.max_connections)
             self.http.start()
         if cfg.source.type == "directory":
@@ -273,9 +274,21 @@ class AgentService:
             return None
         return tuple(engine.input_details[0].shape)
 
+    def _manifest(self) -> Any:
+        return self.host.manifest if self.host is not None else None
+
     def _input_range(self) -> tuple[float, float] | None:
-        manifest = self.host.manifest if self.host is not None else None
+        manifest = self._manifest()
         return manifest.preprocessing.input_range if manifest is not None else None
+
+    def _tensors(self) -> tuple[Any, Any] | None:
+        """The active model's inputs and outputs (REST metadata, value bounds, image sizes)."""
+        engine = self.engine()
+        return (engine.input_details, engine.output_details) if engine is not None else None
+
+    def _labels(self) -> list[str] | None:
+        manifest = self._manifest()
+        return manifest.labels if manifest is not None else None
 
     # -- state, events, telemetry -------------------------------------------------------------
     def state_payload(self, online: bool) -> dict[str, Any]:

@@ -21,8 +21,11 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_end_to_end_h5_signed_json_summary_and_no_tensorflow_noise(digits, signing_keys, tmp_path: Path) -> None:
+    (tmp_path / "labels.txt").write_text("".join(f"digit {i}\n" for i in range(10)) + "\n")
     proc = _run(str(digits.h5_path), "--profile", "rpi4", "--calibration", str(digits.calibration),
                 "--eval", str(digits.evaluation), "--sign-key", str(signing_keys[0]), "--artifact-version", "3",
+                "--labels", str(tmp_path / "labels.txt"), "--expires-days", "30", "--fleet", "shops",
+                "--group", "canary", "--group", "store-17",
                 "--out", str(tmp_path / "art"), "--json", "--quiet")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
@@ -30,6 +33,10 @@ def test_cli_end_to_end_h5_signed_json_summary_and_no_tensorflow_noise(digits, s
     assert summary["size"] < summary["float_size"]
     assert proc.stderr.strip() == ""
     assert (tmp_path / "art" / "manifest.json.sig").is_file()
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert manifest["labels"] == [f"digit {i}" for i in range(10)]
+    assert manifest["fleet"] == "shops" and manifest["groups"] == ["canary", "store-17"]
+    assert manifest["expires"].endswith("Z") and manifest["expires"] > manifest["created"]
 
 
 def test_keep_tensor_names_flag_ships_the_debug_names(digits, tmp_path: Path) -> None:

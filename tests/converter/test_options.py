@@ -34,3 +34,9 @@ def test_artifact_name_defaults_to_the_model_file_name_made_safe() -> None:
 
 def test_sign_key_given_as_text_becomes_a_path() -> None:
     assert ConvertOptions(sign_key="keys/signing.key").sign_key == Path("keys/signing.key")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("fields", [{"labels": ()}, {"labels": ("a", "")}, {"fleet": "a/b"}, {"groups": ("#",)}])
+def test_bad_labels_fleet_or_groups_are_refused_before_anything_runs(fields) -> None:
+    with pytest.raises(ConfigError):
+        ConvertOptions(**fields)

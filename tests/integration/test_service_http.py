@@ -22,7 +22,8 @@ from tests.support.models import OTA_MODELS
 def service(broker, tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("http-agent")
     art = build_artifact(OTA_MODELS / "clf_a.tflite", tmp / "art", version="3",
-                         baseline={"class_histogram": [0.1] * 10, "mean_confidence": 0.5})
+                         baseline={"class_histogram": [0.1] * 10, "mean_confidence": 0.5},
+                         labels=[f"class-{i}" for i in range(10)])
     cfg = agent_config(tmp, broker.url, device_id="pi-http", model=art.dir,
                        http={"listen": "127.0.0.1:0", "max_body_bytes": 200_000},
                        source={"type": "directory", "path": str(tmp / "frames"), "poll_interval_s": 0.05},
@@ -219,3 +220,17 @@ def test_multi_input_multi_output_model_in_row_and_column_format() -> None:
     finally:
         server.stop()
         engine.close()
+
+
+def test_a_running_agent_serves_its_manifests_labels_and_signature_the_tf_serving_way(service) -> None:
+    svc, reference, _ = service
+    x = np.zeros(reference.input_details[0].shape, np.float32)
+    status, body = request(svc, "POST", "/v1/models/clf:predict",
+                           json.dumps({"instances": x.tolist(), "labels": 2}).encode())
+    assert status == 200 and len(body["results"][0]) == 2, body
+    best = int(np.argmax(reference.infer(x)))
+    assert body["results"][0][0][0] == f"class-{best}"
+    status, meta = request(svc, "GET", "/v1/models/clf/metadata")
+    assert status == 200
+    sig = meta["metadata"]["signature_def"]["signature_def"]["serving_default"]
+    assert set(sig["inputs"]) == {t.name for t in reference.input_details}
