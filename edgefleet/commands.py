@@ -6,6 +6,7 @@ reply; the handlers (status, update, rollback, config) are plain callables given
 with the same ``id`` (``null`` when the request had none):
 
 * malformed JSON, no ``id``, unknown command -> ``ok: false`` and the agent keeps running;
+* ``schema`` (absent: 1) above :data:`~edgefleet.messages.COMMAND_SCHEMA` -> refused: upgrade edge-agent;
 * ``ts`` and ``ttl_s`` must be finite numbers; ``ts`` may not lie more than
   :data:`MAX_CLOCK_SKEW_S` in the future; ``ts + ttl_s`` in the past -> refused as expired (a
   command queued while the device was offline must not fire hours later). ``ttl_s`` is capped at
@@ -33,7 +34,7 @@ from typing import Any
 
 from edgefleet.atomic import atomic_write_json
 from edgefleet.errors import EdgefleetError
-from edgefleet.messages import MAX_COMMAND_TTL_S, decode
+from edgefleet.messages import COMMAND_SCHEMA, MAX_COMMAND_TTL_S, SCHEMA_TOO_NEW, decode
 from edgefleet.topics import is_fleet_reply_topic, response_topic
 
 __all__ = ["MAX_CLOCK_SKEW_S", "CommandProcessor", "CommandRejected", "Handler", "reply_topic"]
@@ -174,6 +175,11 @@ class CommandProcessor:
         if name not in self.handlers:
             return self._reply(cid, False, error=f"unknown command {name!r}: expected one of "
                                                  f"{', '.join(sorted(self.handlers))}")
+        schema = cmd.get("schema", 1)
+        if not isinstance(schema, int) or isinstance(schema, bool) or schema < 1:
+            return self._reply(cid, False, error="malformed command: 'schema' must be a positive integer")
+        if schema > COMMAND_SCHEMA:
+            return self._reply(cid, False, error=SCHEMA_TOO_NEW.format(schema=schema, known=COMMAND_SCHEMA))
         ts, ttl = cmd.get("ts"), cmd.get("ttl_s")
         if not _finite_number(ts):
             return self._reply(cid, False, error="malformed command: expected a finite numeric 'ts' (epoch seconds)")

@@ -22,13 +22,17 @@ from typing import Any, TypeVar
 from edgefleet.errors import ConfigError
 
 __all__ = [
+    "AGENT_UPGRADE_HINT",
     "COMMANDS",
+    "COMMAND_SCHEMA",
     "DEFAULT_COMMAND_TTL_S",
     "EXEC_TRANSITIONS",
+    "MAX_COMMAND_BYTES",
     "MAX_COMMAND_TTL_S",
     "MAX_PAYLOAD_BYTES",
     "OTA_TRANSITIONS",
     "ROLLOUT_TRANSITIONS",
+    "SCHEMA_TOO_NEW",
     "ExecState",
     "OtaState",
     "RolloutState",
@@ -40,9 +44,20 @@ __all__ = [
 ]
 
 MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
-"""Largest payload either side accepts (an update command carries the manifest with golden samples)."""
+"""Largest payload either side accepts (an old-style update command carried the whole manifest)."""
 
 COMMANDS = ("status", "update", "rollback", "config", "cancel")
+
+MAX_COMMAND_BYTES = 8 * 1024
+"""Largest command the fleet tool sends, encoded (bytes). Managed brokers cap a message (AWS IoT
+Core at 128 KB, Azure IoT Hub at 256 KB), so an update names its manifest by URL instead of carrying it."""
+COMMAND_SCHEMA = 2
+"""Highest command schema this code understands. A command's ``schema`` (absent: 1, the update
+carries its manifest inline; 2: the update names it by URL, sha256 and size) above it is refused."""
+SCHEMA_TOO_NEW = "command schema {schema} is newer than this agent understands (1-{known}): upgrade edge-agent"
+"""The refusal of a too-new command (``str.format`` with ``schema`` and ``known``)."""
+AGENT_UPGRADE_HINT = "upgrade edge-agent"
+"""The part of a refusal the fleet tool counts as "this device needs a newer agent"."""
 
 DEFAULT_COMMAND_TTL_S = 300.0
 """Time to live the fleet tool gives a command it sends (seconds)."""

@@ -345,7 +345,7 @@ class MqttConnection:
             self.failure = str(reason_code)
             value = int(getattr(reason_code, "value", 0))
             if value in _UNSUPPORTED_PROTOCOL and self.settings.protocol == "auto" and self._protocol == mqtt.MQTTv5:
-                log.warning("broker refused MQTT 5 (%s); falling back to 3.1.1", reason_code)
+                log.info("broker refused MQTT 5 (%s); falling back to 3.1.1", reason_code)
                 self._switching = True
                 threading.Thread(target=self._fall_back, name="mqtt-fallback", daemon=True).start()
                 return

@@ -1,23 +1,92 @@
-"""A built-in HTTP server for model files, with Range requests so devices resume downloads.
+"""A built-in HTTP server for model files and manifests, with Range requests so devices resume downloads.
 
-Serves only the files it is given (by URL path -> file), never a directory listing or anything
-outside. Single ranges (``bytes=a-b``, ``bytes=a-``, ``bytes=-n``) get 206; unsatisfiable ones 416;
-anything else the whole file. Runs in a daemon thread (ThreadingHTTPServer, one thread per device).
+Serves only the files it is given (by URL path -> file or bytes), never a directory listing or
+anything outside. Single ranges (``bytes=a-b``, ``bytes=a-``, ``bytes=-n``) get 206; unsatisfiable
+ones 416; anything else the whole file. Runs in a daemon thread (ThreadingHTTPServer, one thread
+per device).
+
+An update command names its manifest by URL, sha256 and size (:class:`ManifestRef`), so it stays
+small enough for managed brokers. The fleet serves the manifest's canonical JSON, the bytes its
+signature covers, which any driver of the rollout rebuilds from the stored manifest
+(:func:`serve_manifest`); with ``--artifact-url`` the operator hosts ``manifest.json`` beside the
+model, and :func:`hosted_manifest` checks it is the same manifest before anything is sent.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import socket
 import threading
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from edgefleet.addresses import parse_host_port
-from edgefleet.errors import ConfigError, TransportError
+from edgefleet.errors import ArtifactError, ConfigError, TransportError
+from edgefleet.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES
+from edgefleet.messages import parse_json
+from edgefleet.signing import canonical_bytes
 
-__all__ = ["ArtifactServer", "advertised_host", "parse_range"]
+__all__ = ["ArtifactServer", "ManifestRef", "advertised_host", "hosted_manifest", "manifest_ref",
+           "manifest_url_beside", "parse_range", "serve_manifest"]
+
+
+@dataclass(frozen=True)
+class ManifestRef:
+    """What an update command says about its manifest: where it is and the exact bytes it must be."""
+
+    url: str
+    sha256: str
+    size: int  # bytes
+
+
+def manifest_url_beside(model_url: str) -> str:
+    """``.../v3/model.tflite`` -> ``.../v3/manifest.json``: where ``--artifact-url`` hosts the manifest."""
+    return model_url.rsplit("/", 1)[0] + "/" + MANIFEST_NAME
+
+
+def manifest_ref(url: str, data: bytes) -> ManifestRef:
+    return ManifestRef(url, hashlib.sha256(data).hexdigest(), len(data))
+
+
+def serve_manifest(server: ArtifactServer, raw: Mapping[str, Any]) -> ManifestRef:
+    """Serve the manifest's canonical JSON at ``/{its sha256}/manifest.json`` (content-addressed)."""
+    data = canonical_bytes(raw)
+    return manifest_ref(server.add_bytes(f"/{hashlib.sha256(data).hexdigest()}/{MANIFEST_NAME}", data), data)
+
+
+def hosted_manifest(url: str, raw: Mapping[str, Any], timeout_s: float = 10.0) -> ManifestRef:
+    """The manifest an operator hosts at ``url``, checked to be ``raw`` (the same signed manifest).
+
+    Devices fetch exactly these bytes; any formatting of the same manifest will do, since the
+    signature covers its canonical form.
+
+    Raises:
+        TransportError: ``url`` cannot be fetched.
+        ArtifactError: it is larger than MAX_MANIFEST_BYTES, not strict JSON, or another manifest.
+    """
+    fix = f"host the artifact's {MANIFEST_NAME} beside its model (devices fetch it from {url})"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            data = response.read(MAX_MANIFEST_BYTES + 1)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise TransportError(f"cannot fetch {url}: {getattr(exc, 'reason', exc)}; {fix}") from exc
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ArtifactError(f"{url}: more than {MAX_MANIFEST_BYTES} bytes; {fix}")
+    try:
+        hosted = canonical_bytes(parse_json(data))
+    except (ValueError, UnicodeDecodeError, ArtifactError) as exc:
+        raise ArtifactError(f"{url}: not a manifest ({exc}); {fix}") from exc
+    if hosted != canonical_bytes(raw):
+        raise ArtifactError(f"{url}: another manifest than the one deployed (sha256 of its canonical form "
+                            f"{hashlib.sha256(hosted).hexdigest()[:12]}..., expected "
+                            f"{hashlib.sha256(canonical_bytes(raw)).hexdigest()[:12]}...); {fix}")
+    return manifest_ref(url, data)
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
@@ -65,7 +134,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path is None:
             self.send_error(404, "not found")
             return
-        size = path.stat().st_size
+        size = len(path) if isinstance(path, bytes) else path.stat().st_size
         rng = parse_range(self.headers.get("Range"), size)
         if rng == "416":
             self.send_response(416)
@@ -83,6 +152,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(length))
         self.end_headers()
         if head:
+            return
+        if isinstance(path, bytes):
+            self.wfile.write(path[start:end + 1])
+            self.server.served += 1
             return
         with open(path, "rb") as fh:
             fh.seek(start)
@@ -107,7 +180,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
-    files: dict[str, Path]
+    files: dict[str, Path | bytes]
     served: int
 
 
@@ -143,6 +216,13 @@ class ArtifactServer:
         if not Path(file).is_file():
             raise ConfigError(f"{file}: not a file")
         self._server.files[url_path] = Path(file)
+        return self.base_url + url_path
+
+    def add_bytes(self, url_path: str, data: bytes) -> str:
+        """Serve ``data`` (kept in memory: a manifest) at ``url_path`` and return its full URL."""
+        if not url_path.startswith("/"):
+            url_path = "/" + url_path
+        self._server.files[url_path] = bytes(data)
         return self.base_url + url_path
 
     def close(self) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 from edgefleet.cli import add_common_options, run_main
 from edgefleet.errors import ConfigError, ExitCode
-from edgefleet.messages import ExecState, RolloutState
+from edgefleet.messages import AGENT_UPGRADE_HINT, ExecState, RolloutState
 
 __all__ = ["build_parser", "main"]
 
@@ -236,7 +236,18 @@ def _summary(store: Any, rollout_id: str) -> dict[str, Any]:
     return dict(summary(store, rollout_id))
 
 
+# What an agent too old for a command answers: the schema refusal, and what agents from before the
+# command schema say to an update that names its manifest by URL.
+_TOO_OLD = (AGENT_UPGRADE_HINT, "'manifest' must be the manifest object, got NoneType")
+
+
+def _agents_to_upgrade(summary: dict[str, Any]) -> int:
+    """Devices that refused the command because their agent is too old for it."""
+    return sum(1 for e in summary["executions"] if any(mark in (e["reason"] or "") for mark in _TOO_OLD))
+
+
 def _print_final(summary: dict[str, Any], as_json: bool) -> None:
+    summary = dict(summary, agent_upgrade_needed=_agents_to_upgrade(summary))
     if as_json:
         print(json.dumps(summary, indent=2))
         return
@@ -254,6 +265,9 @@ def _print_final(summary: dict[str, Any], as_json: bool) -> None:
         print(f"  {e['device_id']}: {e['state']}{extra}" + (f" ({e['reason']})" if e["reason"] else ""))
     if len(notable) > LIST_MAX:
         print(f"  ... {len(notable) - LIST_MAX} more: `edge-fleet status {summary['rollout_id']}` lists every device")
+    if summary["agent_upgrade_needed"]:
+        print(f"  {summary['agent_upgrade_needed']} device(s) refused the command as too new for their agent: "
+              "upgrade edge-agent on them, then deploy again")
 
 
 def _sign_key(args: argparse.Namespace) -> Any:
@@ -270,6 +284,19 @@ def _sign_key(args: argparse.Namespace) -> Any:
 
 def _model_url(base: str, file: str) -> str:
     return base if base.endswith(".tflite") else base.rstrip("/") + "/" + file
+
+
+def _manifest_for(model_url: str | None, raw: dict[str, Any], server: Any) -> Any:
+    """Where update commands send devices for the manifest: our server, or the copy hosted beside the model.
+
+    Raises:
+        TransportError / ArtifactError: the hosted ``manifest.json`` is missing or another manifest.
+    """
+    from fleet.artifacts import hosted_manifest, manifest_url_beside, serve_manifest
+
+    if server is not None:
+        return serve_manifest(server, raw)
+    return hosted_manifest(manifest_url_beside(str(model_url)), raw)
 
 
 def _stored_model(rollout: Any) -> Path:
@@ -404,6 +431,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
                     from dataclasses import replace
 
                     rollout = replace(rollout, artifact_url=url)
+            manifest = (_manifest_for(rollout.artifact_url, rollout.manifest or {}, server)
+                        if rollout.kind == "deploy" else None)
         else:
             if not args.artifact:
                 raise ConfigError("deploy needs an ARTIFACT_DIR (or --resume ROLLOUT_ID)")
@@ -425,6 +454,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
                 url = server.add(f"/{artifact.manifest.model.sha256}/model.tflite", artifact.model_path)
                 host = args.serve.rpartition(":")[0] or "0.0.0.0"
                 serve = f"{host}:{server.port}"
+            manifest = _manifest_for(url, artifact.raw, server)  # a hosted one is checked before anything is sent
             store = _open_state(args)  # only now: a refused deploy leaves no trace
             rollout, execs = create_deploy(store, artifact, devices, policy, url, serve, broker, force=args.force,
                                            owner=owner, target=_target_text(args, devices))
@@ -436,7 +466,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         with connect(broker, client_id=f"edge-fleet-{rollout.id}", persistent=True) as client:
             runner = RolloutRunner(store, client, rollout, execs,
                                    progress=_progress_printer(out) if args.wait else None, owner=owner,
-                                   notice=_notice, sign_key=_sign_key(args))
+                                   notice=_notice, sign_key=_sign_key(args), manifest=manifest)
             if args.resume:  # retained states credit devices that finished while we were away
                 from fleet.registry import STATE_TOPICS
 

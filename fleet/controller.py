@@ -34,7 +34,7 @@ from edgefleet.manifest import parse_manifest
 from edgefleet.messages import ExecState
 from edgefleet.mqtt import Message, MqttClient, connect
 from fleet import views
-from fleet.artifacts import ArtifactServer
+from fleet.artifacts import ArtifactServer, hosted_manifest, manifest_url_beside, serve_manifest
 from fleet.exporter import FleetIndex, MetricsServer
 from fleet.registry import STATE_TOPICS, TELEMETRY_TOPICS, Registry, drain_into, select_devices
 from fleet.rollout import Policy, parse_canary
@@ -186,13 +186,17 @@ class Controller:
         try:
             store = open_store(self.settings.state, migrate=False)
             rollout = store.rollout(rollout_id)
+            manifest = None
             if rollout.serve == "controller" and rollout.sha256:
                 url = self.artifacts.add(f"/{rollout.sha256}/model.tflite", self._model_file(store, rollout.sha256))
                 rollout = replace(rollout, artifact_url=url)
+                manifest = serve_manifest(self.artifacts, rollout.manifest or {})
+            elif rollout.kind == "deploy" and rollout.artifact_url:
+                manifest = hosted_manifest(manifest_url_beside(rollout.artifact_url), rollout.manifest or {})
             execs = store.executions(rollout_id)
             client = connect(self.settings.broker, client_id=f"edge-fleet-{rollout_id}", persistent=True)
             runner = RolloutRunner(store, client, rollout, execs, owner=self.controller_id, stop=self._stop,
-                                   notice=lambda text: log.warning("%s", text))
+                                   notice=lambda text: log.warning("%s", text), manifest=manifest)
             if any(e.state is not ExecState.QUEUED for e in execs):
                 client.subscribe(STATE_TOPICS)  # retained states credit devices that finished meanwhile
             final = runner.run()
@@ -273,6 +277,9 @@ class Controller:
         target = (f"group {targets['group']!r}" if targets.get("group") else
                   "all devices" if targets.get("all") else f"{len(devices)} device(s)")
         force = bool(request.get("force"))
+        url, raw = request.get("artifact_url"), request.get("manifest")
+        if kind == "deploy" and url and isinstance(raw, dict):  # devices fetch it there: refuse now, not per device
+            hosted_manifest(manifest_url_beside(str(url)), raw)
         with self._api_lock:
             if kind == "deploy":
                 rollout = self._create_deploy(request, devices, target, force)

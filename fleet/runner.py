@@ -26,11 +26,20 @@ from typing import Any
 
 from edgefleet.errors import ArtifactError, ConfigError, SignatureError
 from edgefleet.manifest import Manifest, check_model_file, load_manifest
-from edgefleet.messages import ExecState, RolloutState, decode, make_command
+from edgefleet.messages import (
+    COMMAND_SCHEMA,
+    MAX_COMMAND_BYTES,
+    ExecState,
+    RolloutState,
+    decode,
+    encode,
+    make_command,
+)
 from edgefleet.mqtt import Message, MqttClient
-from edgefleet.signing import Ed25519PrivateKey, load_private_key, sign_manifest
+from edgefleet.signing import Ed25519PrivateKey, canonical_bytes, load_private_key, sign_manifest
 from edgefleet.statements import make_statement
 from edgefleet.topics import all_devices, device_cmd_topic, fleet_reply_topic, parse_device_topic
+from fleet.artifacts import ManifestRef, manifest_ref, manifest_url_beside
 from fleet.registry import Device
 from fleet.rollout import (
     Policy,
@@ -53,6 +62,7 @@ __all__ = [
     "Artifact",
     "RolloutRunner",
     "Stopped",
+    "check_command_size",
     "check_signing",
     "command_id",
     "create_deploy",
@@ -126,6 +136,19 @@ def check_signing(artifact: Artifact, devices: Sequence[Device]) -> None:
 def command_id(rollout_id: str, device_id: str, kind: str) -> str:
     """The one command id for (rollout, device, kind): the same on every re-send."""
     return hashlib.sha256(f"{rollout_id}/{device_id}/{kind}".encode()).hexdigest()[:32]
+
+
+def check_command_size(cmd: dict[str, Any]) -> dict[str, Any]:
+    """Return ``cmd`` when it fits :data:`MAX_COMMAND_BYTES` encoded (managed brokers cap messages).
+
+    Raises:
+        ConfigError: it does not fit (nothing was sent).
+    """
+    size = len(encode(cmd))
+    if size > MAX_COMMAND_BYTES:
+        raise ConfigError(f"{cmd.get('rollout_id', 'a')} command is {size} bytes, expected at most "
+                          f"{MAX_COMMAND_BYTES} (MAX_COMMAND_BYTES; AWS IoT Core refuses messages over 128 KB)")
+    return cmd
 
 
 def new_rollout_id() -> str:
@@ -202,13 +225,18 @@ class RolloutRunner:
 
     With ``owner`` every write extends that owner's lease (taken before); ``stop`` ends
     :meth:`run` with :class:`Stopped` at the next tick; ``notice`` hears about pauses.
+    ``manifest`` is where the update commands send devices for the manifest (the fleet's server,
+    :func:`fleet.artifacts.serve_manifest`, or a checked hosted copy); without it, the manifest's
+    canonical JSON beside the model (the ``--artifact-url`` layout).
     """
 
     def __init__(self, store: Store, client: MqttClient, rollout: Rollout, executions: Sequence[Execution],
                  progress: Progress | None = None, tick_s: float = 0.2, batch: int = 20000,
                  owner: str | None = None, stop: threading.Event | None = None,
-                 notice: Callable[[str], None] | None = None, sign_key: Ed25519PrivateKey | None = None) -> None:
+                 notice: Callable[[str], None] | None = None, sign_key: Ed25519PrivateKey | None = None,
+                 manifest: ManifestRef | None = None) -> None:
         self.store = store
+        self.manifest = manifest
         self.sign_key = sign_key  # signs the rollback statements that let a device go below its floor
         self.owner = owner
         self.stop = stop or threading.Event()
@@ -239,12 +267,21 @@ class RolloutRunner:
                     "rollback", self.sign_key, device=e.device_id, version=to,
                     lifetime_s=self.policy.device_timeout_s + STATEMENT_MARGIN_S)
         else:
+            ref = self._manifest_ref()
             cmd = make_command("update", ttl_s=self.policy.device_timeout_s, rollout_id=self.rollout.id,
-                               manifest=self.rollout.manifest, signature=self.rollout.signature,
+                               version=self.rollout.version, manifest_url=ref.url, manifest_sha256=ref.sha256,
+                               manifest_size=ref.size, signature=self.rollout.signature,
                                artifact_url=self.rollout.artifact_url)
+        cmd["schema"] = COMMAND_SCHEMA
         cmd["id"] = command_id(self.rollout.id, e.device_id, command)
         cmd["reply_to"] = self.reply_topic  # 3.1.1 brokers carry no Response Topic property
-        return cmd
+        return check_command_size(cmd)
+
+    def _manifest_ref(self) -> ManifestRef:
+        if self.manifest is None:
+            self.manifest = manifest_ref(manifest_url_beside(str(self.rollout.artifact_url)),
+                                         canonical_bytes(self.rollout.manifest or {}))
+        return self.manifest
 
     def _send(self, ids: Sequence[str], rollback: bool, now: float) -> list[Execution]:
         """Persist ids and send times, then publish. Returns the changed executions (already saved)."""
@@ -257,10 +294,10 @@ class RolloutRunner:
             self.execs[did] = e
             changed.append(e)
         event = "send_rollback" if rollback else "send_update"
+        payloads = [self._payload(e, command, rollback) for e in changed]  # one too large: nothing is recorded
         self._save(None, changed, [(self.rollout.id, None, event, {"devices": len(changed)})], now=now)
         infos = []
-        for e in changed:
-            payload = self._payload(e, command, rollback)
+        for e, payload in zip(changed, payloads):
             infos.append(self.client.publish(device_cmd_topic(e.device_id, command), payload,
                                              response_topic=self.reply_topic, correlation=payload["id"].encode()))
         # generous: a cluster that lost a node acknowledges again only once it has a new leader

@@ -1,7 +1,8 @@
 """Fetch a model file into the staging area: bounded, resumable, retried, and never hung.
 
-- Size: the manifest's size is checked against the device limit and the free space *before* the
-  first byte, and a server sending more than the manifest says is cut off.
+- Size: the announced size (the manifest's, for the model; the command's, for a schema-2
+  manifest) is checked against the device limit and the free space *before* the first byte, and
+  a server sending more than announced is cut off.
 - Resume: a ``.part`` file left by a broken transfer (or a crash) is continued with an HTTP
   ``Range`` request; a server that ignores Range (200) restarts the file from zero.
 - Retries: transport failures (5xx, resets, timeouts, a too slow transfer) retry with jittered
@@ -84,8 +85,10 @@ class _Retry(Exception):
 def download(url: str, dest: Path, size: int, policy: DownloadPolicy,
              on_chunk: Callable[[int], None] | None = None,
              sleep: Callable[[float], None] = time.sleep,
-             clock: Callable[[], float] = time.monotonic) -> DownloadResult:
+             clock: Callable[[], float] = time.monotonic, what: str = "artifact") -> DownloadResult:
     """Download ``url`` to ``dest`` (``dest`` is complete on return, exactly ``size`` bytes).
+
+    ``what`` names the file in messages (the model's ``artifact``, or a schema-2 ``manifest``).
 
     The bytes land in ``dest`` + ``.part`` first and are renamed at the end. ``on_chunk(total)``
     is called after each chunk is written (progress, the crash hook, cancellation: whatever it
@@ -93,7 +96,7 @@ def download(url: str, dest: Path, size: int, policy: DownloadPolicy,
 
     Raises:
         ArtifactError: oversize or not enough space (before starting), or the server sent more
-            bytes than the manifest says.
+            bytes than announced (the manifest's model size, the command's manifest size).
         TransportError: a 4xx, an unsupported scheme, the deadline, or transport failures for
             longer than the retry budget.
         StorageError: the local file cannot be written (full disk, I/O error).
@@ -116,7 +119,7 @@ def download(url: str, dest: Path, size: int, policy: DownloadPolicy,
     while True:
         attempts += 1
         try:
-            have = _attempt(url, scheme, part, size, policy, on_chunk, clocks)
+            have = _attempt(url, scheme, part, size, policy, on_chunk, clocks, what)
             if have == size:
                 break
             raise _Retry(f"transfer ended at {have} of {size} bytes")
@@ -145,7 +148,7 @@ class _Clocks:
 
 
 def _attempt(url: str, scheme: str, part: Path, size: int, policy: DownloadPolicy,
-             on_chunk: Callable[[int], None] | None, clocks: _Clocks) -> int:
+             on_chunk: Callable[[int], None] | None, clocks: _Clocks, what: str) -> int:
     have = part.stat().st_size if part.exists() else 0
     if have == size:
         return have
@@ -159,7 +162,7 @@ def _attempt(url: str, scheme: str, part: Path, size: int, policy: DownloadPolic
             raise TransportError(f"cannot read {path}: {exc}") from exc
         with src:
             src.seek(have)
-            got = _copy(src, part, have, size, policy, on_chunk, True, clocks)
+            got = _copy(src, part, have, size, policy, on_chunk, True, clocks, what)
         if got < size:  # a local file does not grow by waiting
             raise TransportError(f"transfer ended at {got} of {size} bytes: {path.name} is shorter than the manifest says")
         return got
@@ -179,11 +182,11 @@ def _attempt(url: str, scheme: str, part: Path, size: int, policy: DownloadPolic
         raise _Retry(f"{type(exc).__name__}: {reason}") from None
     with response:
         append = bool(have) and response.status == 206
-        return _copy(response, part, have if append else 0, size, policy, on_chunk, append, clocks)
+        return _copy(response, part, have if append else 0, size, policy, on_chunk, append, clocks, what)
 
 
 def _copy(src: Any, part: Path, have: int, size: int, policy: DownloadPolicy,
-          on_chunk: Callable[[int], None] | None, append: bool, clocks: _Clocks) -> int:
+          on_chunk: Callable[[int], None] | None, append: bool, clocks: _Clocks, what: str) -> int:
     """Append what ``src`` sends to ``part``; read faults are the network's, write faults the disk's."""
     read = getattr(src, "read1", src.read)  # read1: return what has arrived, so slowness is seen
     start, first = clocks.now(), have
@@ -201,7 +204,7 @@ def _copy(src: Any, part: Path, have: int, size: int, policy: DownloadPolicy,
                 return have
             have += len(block)
             if have > size:
-                raise ArtifactError(f"server sent more than the manifest's {size} bytes; refusing the artifact")
+                raise ArtifactError(f"server sent more than the {size} bytes announced for the {what}; refusing it")
             try:
                 out.write(block)
                 out.flush()

@@ -37,6 +37,7 @@ from agent.ota.commands import (
     parse_rollback,
     parse_update,
     refuse_busy,
+    resolve_manifest,
     rollback_target,
     save_command,
 )
@@ -65,6 +66,7 @@ from edgefleet.errors import (
 )
 from edgefleet.manifest import (
     MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
     Manifest,
     check_model_file,
     load_manifest,
@@ -84,6 +86,8 @@ _SERVING_CHANGED = frozenset({OtaState.COMMITTED, OtaState.ROLLED_BACK})
 NONCES_NAME = "statements.json"
 """Burnt nonces of accepted rollback statements, beside the journal."""
 _SLOT_READ_TRIES = (0.05, 0.2, 0.5)  # waits before re-reading a slot that failed to load at boot, s
+FETCHED_MANIFEST = "manifest.fetched.json"
+"""A schema-2 update's manifest in its staging directory, as fetched (checked again on resume)."""
 
 
 class Canceled(Exception):
@@ -292,7 +296,8 @@ class OtaManager:
             if duplicate is not None:
                 return duplicate
             try:
-                check_manifest(req, self._facts(), _resolve_profile)
+                if req.manifest is not None:  # a manifest by URL is checked once the worker fetched it
+                    check_manifest(req, self._facts(), _resolve_profile)
             except ArtifactError as exc:
                 self._report_rejection(req.rollout_id, req.version, str(exc))
                 raise
@@ -407,9 +412,7 @@ class OtaManager:
             self._abandon(OtaState.FAILED, str(exc))
 
     def _update(self, req: UpdateRequest) -> None:
-        m = req.manifest
         staging = self.store.staging_dir(req.rollout_id)
-        staged = staging / m.model.file
         try:
             staging.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -417,7 +420,13 @@ class OtaManager:
         try:
             # A resumed update restarts at downloading from wherever it was (a move the table allows).
             self._step(OtaState.DOWNLOADING)
-            result = self._download(req, staged)
+            if req.ref is not None:
+                req = self._fetch_manifest(req, staging / FETCHED_MANIFEST)
+                with self._lock:
+                    check_manifest(req, self._facts(), _resolve_profile)  # before a byte of the model
+            m = req.verified
+            staged = staging / m.model.file
+            result = self._download(req.rollout_id, req.url, staged, m.model.size)
             crash_point("downloaded")
             self._step(OtaState.VERIFYING)
             with self._lock:
@@ -428,7 +437,7 @@ class OtaManager:
                 if not result.resumed_from:
                     raise
                 staged.unlink(missing_ok=True)  # the resumed part may be stale: one clean retry
-                self._download(req, staged)
+                self._download(req.rollout_id, req.url, staged, m.model.size)
                 check_model_file(staged, m.model, f"downloaded {m.model.file}")
             crash_point("verified")
             self._check_cancel(req.rollout_id)
@@ -483,7 +492,30 @@ class OtaManager:
             self._finish(OtaState.ROLLED_BACK, verdict.reason, details=details)
         self.store.prune(self._journal.kept)
 
-    def _download(self, req: UpdateRequest, staged: Path) -> DownloadResult:
+    def _fetch_manifest(self, req: UpdateRequest, dest: Path) -> UpdateRequest:
+        """A schema-2 update's manifest: fetched like the model (bounded by its announced size), then verified.
+
+        Raises:
+            TransportError / StorageError: as for the model's download.
+            ArtifactError / SignatureError: not the announced bytes, not strict JSON, not signed.
+        """
+        ref = req.ref
+        assert ref is not None
+        dest.with_name(dest.name + ".part").unlink(missing_ok=True)  # small: fetched whole, never resumed
+        self._download(req.rollout_id, ref.url, dest, ref.size, replace(self.policy, max_bytes=MAX_MANIFEST_BYTES),
+                       what="manifest")
+        try:
+            data = dest.read_bytes()
+        except OSError as exc:
+            raise StorageError(f"cannot read the fetched manifest: {exc.strerror or exc}") from exc
+        try:
+            return resolve_manifest(req, data, self.trusted_keys)
+        except ArtifactError:
+            dest.unlink(missing_ok=True)  # a resume fetches it again rather than trusting it
+            raise
+
+    def _download(self, rollout_id: str, url: str, dest: Path, size: int, policy: DownloadPolicy | None = None,
+                  what: str = "artifact") -> DownloadResult:
         first = [True]
 
         def on_chunk(total: int) -> None:
@@ -491,14 +523,14 @@ class OtaManager:
                 first[0] = False
                 crash_point("download-partial")
             self._worker.check_stop()
-            self._check_cancel(req.rollout_id)
+            self._check_cancel(rollout_id)
 
         def pause(seconds: float) -> None:
             self._wake.wait(seconds)
             self._worker.check_stop()
-            self._check_cancel(req.rollout_id)
+            self._check_cancel(rollout_id)
 
-        return download(req.url, staged, req.manifest.model.size, self.policy, on_chunk=on_chunk, sleep=pause)
+        return download(url, dest, size, policy or self.policy, on_chunk=on_chunk, sleep=pause, what=what)
 
     def _check_cancel(self, rollout_id: str) -> None:
         """Raises Canceled once a cancel command named this update."""

@@ -92,8 +92,8 @@ def check_manifest(req: UpdateRequest, facts: DeviceFacts,
         ArtifactError: expired or meant for another fleet/group, not above the floor, built for
             another kind of device, or larger than this device accepts.
     """
+    m = req.verified  # a schema-2 manifest is checked once fetched (RuntimeError before)
     verify_manifest(req.raw, req.signature, list(facts.trusted_keys))
-    m = req.manifest
     m.check_meant_for(facts.fleet, facts.group, facts.now)
     if facts.floor is not None and m.version_key <= parse_version(facts.floor):
         raise ArtifactError(f"version {m.version} is not newer than {facts.floor}, the highest version ever "

@@ -3,7 +3,10 @@
 No model runs here: a simulated device publishes a retained ``state``, optional ``telemetry``,
 answers ``update`` / ``rollback`` / ``status`` / ``config`` commands (to the MQTT 5 Response Topic
 with Correlation Data, else ``.../cmd/{name}/response``) and walks the OTA states as ``ota``
-events. Each device decides about a command with the agent's own
+events. An update that names its manifest by URL (command schema 2) has it fetched and checked
+at ``downloading`` as an agent does (announced size, sha256 before parsing, strict JSON, the
+signature with ``trusted_keys``), once per manifest for the whole process, so a benchmark of
+thousands of devices costs one fetch. Each device decides about a command with the agent's own
 :class:`~edgefleet.commands.CommandProcessor` (parse, TTL, dedup by id, one reply per request), so
 simulated and real devices cannot drift apart there; only the rate limit is generous, because one
 process plays thousands of devices. What an update ends in is configurable per target version:
@@ -41,7 +44,7 @@ from typing import Any
 
 from edgefleet.commands import CommandProcessor, CommandRejected, Handler, reply_topic
 from edgefleet.errors import ConfigError, EdgefleetError
-from edgefleet.messages import MAX_COMMAND_TTL_S, OtaState, decode
+from edgefleet.messages import MAX_COMMAND_TTL_S, OtaState, decode, parse_json
 from edgefleet.mqtt import Message, MqttClient, parse_broker_url
 from edgefleet.topics import (
     all_devices,
@@ -68,6 +71,8 @@ _REASONS = {_O.REJECTED: "golden outputs differ from the manifest (simulated)",
             _O.FAILED: "download failed (simulated)",
             _O.ROLLED_BACK: "probation: NaN outputs (simulated)"}
 _REMEMBER = 64  # command ids each device remembers
+_FETCH_RETRY_S = 60.0       # how long a manifest fetch that cannot connect is retried, s
+_FETCH_RETRY_EVERY_S = 0.5  # between those attempts, s
 # One process plays thousands of devices, each of which sees a handful of commands per rollout:
 # the agent's limit (60/min, burst 10) would only make benchmarks measure the limiter.
 _RATE_PER_MIN = 60_000.0
@@ -126,6 +131,8 @@ class Simulator:
         self.commands_received = 0
         self.received: dict[str, list[tuple[str, str]]] = {}  # device -> [(command, id)] in arrival order
         self.downloads = 0
+        self.manifest_fetches = 0
+        self._manifests: dict[tuple[str, str], dict[str, Any]] = {}  # (url, sha256) -> verified manifest
         self._client = MqttClient(self.url, client_id=f"sim-{prefix}-{id(self) & 0xffff:x}",
                                    on_message=self._on_message)
         self._inbox: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
@@ -285,8 +292,7 @@ class Simulator:
                 "rollback": functools.partial(self._cmd_rollback, dev), "config": lambda cmd: {}}
 
     def _outcome(self, dev: _Device, cmd: dict[str, Any]) -> str:
-        manifest = cmd.get("manifest")
-        version = str(manifest.get("version") if isinstance(manifest, dict) else None)
+        version = str(_claimed_version(cmd))
         outcome = self.outcomes.get(version, self.outcomes["*"])
         if self.outcome_for is not None:
             outcome = self.outcome_for(dev.device_id, version) or outcome
@@ -302,20 +308,32 @@ class Simulator:
         return self._start_update(dev, cmd, outcome)
 
     def _start_update(self, dev: _Device, cmd: dict[str, Any], outcome: str) -> dict[str, Any]:
-        manifest = cmd.get("manifest")
-        if not isinstance(manifest, dict) or "version" not in manifest:
-            raise CommandRejected("update without a manifest")
+        inline = cmd.get("manifest")
+        claimed = _claimed_version(cmd)
+        if claimed is None:
+            raise CommandRejected("update without a manifest or a version")
         if dev.busy:
             raise CommandRejected("another update is running")
         dev.busy = True
         rollout_id = cmd.get("rollout_id")
-        version = str(manifest["version"])
+        version = str(claimed)
         steps = list(OTA_STEPS[outcome])
+        manifest: dict[str, Any] = inline if isinstance(inline, dict) else {}
+
+        give_up = time.monotonic() + _FETCH_RETRY_S
 
         def step(i: int) -> None:
             state = steps[i]
-            if state is _O.DOWNLOADING and self.download:
-                problem = self._download_and_verify(cmd)
+            if state is _O.DOWNLOADING:
+                try:
+                    problem = self._verified(cmd, manifest)
+                except OSError as exc:  # the fleet's server may be restarting: retried, as an agent does
+                    if time.monotonic() < give_up:
+                        self._later(_FETCH_RETRY_EVERY_S, lambda: step(i))
+                        return
+                    problem = f"manifest download failed: {exc}"
+                if problem is None and self.download:
+                    problem = self._download_and_verify(cmd, manifest)
                 if problem:
                     self._event(dev, rollout_id=rollout_id, version=version, state=state)
                     self._finish(dev, rollout_id, version, _O.REJECTED, problem)
@@ -345,20 +363,72 @@ class Simulator:
         self._event(dev, **fields)
         dev.busy = False
 
-    def _download_and_verify(self, cmd: dict[str, Any]) -> str | None:
-        """Fetch the artifact like a device would; return a rejection reason or None."""
-        manifest = cmd["manifest"]
-        try:
-            if self.trusted:
-                from edgefleet.signing import verify_manifest
+    def _verified(self, cmd: dict[str, Any], manifest: dict[str, Any]) -> str | None:
+        """Check (and for schema 2 first fetch, into ``manifest``) the update's manifest; a rejection reason or None.
 
+        Raises:
+            OSError: the fetch failed (the caller retries it for a while).
+        """
+        from edgefleet.signing import verify_manifest
+
+        try:
+            if not manifest:
+                manifest.update(self._fetched_manifest(cmd))
+            elif self.trusted:
                 verify_manifest(manifest, cmd.get("signature"), self.trusted)
+        except EdgefleetError as exc:
+            return f"manifest: {exc}"
+        except ValueError as exc:
+            return f"manifest download failed: {exc}"
+        return None
+
+    def _fetched_manifest(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """A schema-2 manifest, checked in the agent's order with the contract's checks (cached per manifest).
+
+        Raises:
+            ArtifactError / SignatureError: not the announced bytes, not strict JSON, not signed, not schema v1.
+            OSError / ValueError: the fetch failed.
+        """
+        from edgefleet.errors import ArtifactError
+        from edgefleet.manifest import MAX_MANIFEST_BYTES, parse_manifest
+        from edgefleet.signing import verify_manifest
+
+        url, sha, size = str(cmd.get("manifest_url")), str(cmd.get("manifest_sha256")), cmd.get("manifest_size")
+        with self._lock:
+            cached = self._manifests.get((url, sha))
+        if cached is not None:
+            return cached
+        if not isinstance(size, int) or not 0 < size <= MAX_MANIFEST_BYTES:
+            raise ArtifactError(f"manifest_size {size!r}: expected 1..{MAX_MANIFEST_BYTES} bytes")
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            data = resp.read(size + 1)
+        self.manifest_fetches += 1
+        if len(data) != size:
+            raise ArtifactError(f"fetched manifest: {len(data)}{'+' if len(data) > size else ''} bytes, "
+                                f"the command says {size}")
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise ArtifactError("fetched manifest: sha256 differs from the command's (not parsed)")
+        try:
+            raw = parse_json(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ArtifactError(f"fetched manifest: not valid JSON ({exc})") from exc
+        if not isinstance(raw, dict):
+            raise ArtifactError("fetched manifest: expected a JSON object")
+        if self.trusted:
+            verify_manifest(raw, cmd.get("signature"), self.trusted)  # before any field is used
+        if parse_manifest(raw).version != _claimed_version(cmd):
+            raise ArtifactError(f"fetched manifest is not version {_claimed_version(cmd)}")
+        with self._lock:
+            self._manifests[(url, sha)] = raw
+        return raw
+
+    def _download_and_verify(self, cmd: dict[str, Any], manifest: dict[str, Any]) -> str | None:
+        """Fetch the model like a device would; return a rejection reason or None."""
+        try:
             url = str(cmd.get("artifact_url"))
             with urllib.request.urlopen(url, timeout=10) as resp:
                 data = resp.read(64 << 20)
             self.downloads += 1
-        except EdgefleetError as exc:
-            return f"signature: {exc}"
         except (OSError, ValueError) as exc:
             return f"download failed: {exc}"
         expected = (manifest.get("model") or {}).get("sha256")
@@ -387,6 +457,13 @@ class Simulator:
         self._event(dev, rollout_id=rollout_id, version=target["version"], state=_O.INSTALLING, rollback=True)
         self._later(self.step_delay, done)
         return {"to": target["version"]}
+
+
+def _claimed_version(cmd: dict[str, Any]) -> str | None:
+    """The version an update names: its inline manifest's, or (schema 2) the command's own claim."""
+    inline = cmd.get("manifest")
+    version = inline.get("version") if isinstance(inline, dict) else cmd.get("version")
+    return None if version is None else str(version)
 
 
 def write_placeholder_artifact(directory: Path, version: str, name: str = "demo", deployable: bool = True,

@@ -156,3 +156,12 @@ def test_handler_errors_become_replies(tmp_path: Path) -> None:
 def test_unreadable_memory_file_does_not_stop_the_agent(tmp_path: Path) -> None:
     (tmp_path / "commands.json").write_text("{broken")
     assert processor(tmp_path, Counter()).handle("status", cmd())["ok"] is True
+
+
+def test_a_command_newer_than_this_agent_is_refused_with_the_upgrade_hint(tmp_path: Path) -> None:
+    handler = Counter()
+    proc = processor(tmp_path, handler)
+    reply = proc.handle("status", cmd("s9", schema=99))
+    assert reply["ok"] is False and "upgrade edge-agent" in reply["error"]
+    assert proc.handle("status", cmd("s0", schema="2"))["error"].startswith("malformed command")
+    assert proc.handle("status", cmd("s2", schema=2))["ok"] and handler.calls == 1

@@ -78,11 +78,17 @@ def test_artifact_url_points_devices_at_an_existing_server(fleet_broker, tmp_pat
     art = make_artifact(tmp_path / "v2", "2")
     with ArtifactServer("127.0.0.1:0") as external, _sim(fleet_broker, "ext", n=2, download=True) as sim:
         external.add("/models/demo/2/model.tflite", art / "model.tflite")
-        r = run_cli("deploy", str(art), "--broker", fleet_broker.url, "--group", "ext", "--json",
-                    "--artifact-url", f"{external.base_url}/models/demo/2/", "--data-dir", data)
+        args = ("deploy", str(art), "--broker", fleet_broker.url, "--group", "ext", "--json",
+                "--artifact-url", f"{external.base_url}/models/demo/2/", "--data-dir", data)
+        missing = run_cli(*args)
+        assert missing.returncode == 4 and "host the artifact's manifest.json beside its model" in missing.stderr
+        assert sim.commands_received == 0, "refused before anything was sent"
+        external.add("/models/demo/2/manifest.json", art / "manifest.json")  # the artifact directory as written
+        r = run_cli(*args)
         assert r.returncode == 0, r.stdout + r.stderr
         assert json.loads(r.stdout)["artifact_url"] == f"{external.base_url}/models/demo/2/model.tflite"
-        assert external.served == 2 and sim.downloads == 2
+        assert sim.downloads == 2 and sim.manifest_fetches == 1, "one manifest fetch serves the whole simulator"
+        assert external.served == 4, "the fleet's check, the simulator's manifest, two models"
 
 
 def test_failures_past_the_threshold_abort_and_roll_back_updated_devices(fleet_broker, tmp_path, data):
@@ -280,7 +286,7 @@ def test_a_killed_deploy_resumes_without_resending_to_devices_that_answered(flee
         assert json.loads(r.stdout)["state"] == "IN_PROGRESS"
         r = run_cli("deploy", "--resume", rollout_id, "--broker", fleet_broker.url, "--json", "--data-dir", data,
                     "--serve", "127.0.0.1:0")
-        assert r.returncode == 0, r.stderr
+        assert r.returncode == 0, r.stderr + r.stdout
         assert json.loads(r.stdout)["state"] == "SUCCEEDED"
         assert set(sim.versions().values()) == {"2"}
         for device, received in sim.received.items():
