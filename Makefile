@@ -6,7 +6,7 @@ TFLITE_VENV := .venv-tflite
 PY := $(VENV)/bin/python
 PIP_FLAGS := --disable-pip-version-check --quiet
 
-.PHONY: install install-tflite test test-main test-tflite test-arm64 demo bench lint clean broker fuzz
+.PHONY: install install-tflite test test-main test-tflite test-arm64 demo bench lint clean broker fuzz test-packaging
 
 install: $(VENV)/.installed
 
@@ -49,6 +49,11 @@ test-tflite:
 # artifacts converted here (docs/arm64.md). Root preparation ~5 min once; exit 3: cannot prepare.
 test-arm64: install
 	@PY=$(PY) scripts/test_arm64.sh
+
+# The wheel, and the agent and fleet extras each installed alone into a fresh venv from the
+# registry, their programs run there (about 2 min; `make test` checks only the wheel's contents).
+test-packaging: install
+	EDGEFLEET_PACKAGING=1 $(PY) -m pytest tests/packaging -p no:cacheprovider
 
 # The parsers' fuzz tests with many more examples than `make test` gives them (about 10 min).
 fuzz: install

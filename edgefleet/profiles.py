@@ -204,12 +204,20 @@ class Profile(_Strict):
                 f"{hw.memory_mb} MB{acc}: {self.description}")
 
 
-_DEFAULT_BY_ARCH = {"x86_64": "x86-dev", "amd64": "x86-dev", "aarch64": "generic-aarch64", "armv7l": "rpi3b"}
+_DEFAULT_BY_ARCH = {"x86_64": "x86-dev", "amd64": "x86-dev", "aarch64": "generic-aarch64", "arm64": "generic-aarch64"}
 
 
 def default_profile() -> str:
-    """The profile used when none is given: chosen by this machine's architecture."""
-    return _DEFAULT_BY_ARCH.get(platform.machine().lower(), "generic-aarch64")
+    """The profile used when none is given: chosen by this machine's architecture.
+
+    Raises:
+        ConfigError: a 32-bit ARM OS, where no runtime wheel exists for Python 3.11.
+    """
+    machine = platform.machine().lower()
+    if machine.startswith(("armv7", "armv6")):
+        raise ConfigError(f"{machine}: 32-bit ARM OS is not supported (no runtime wheel for Python 3.11): "
+                          "install 64-bit Raspberry Pi OS (docs/profiles.md)")
+    return _DEFAULT_BY_ARCH.get(machine, "generic-aarch64")
 
 
 def profile_dir() -> Path:

@@ -169,8 +169,9 @@ def _signal_reason(signum: int, limits: SandboxLimits) -> str:
         return ("the validation process was killed (SIGKILL: the kernel's OOM killer, or the CPU-time hard limit "
                 f"of {limits.cpu_s + 5} s) while running the model; it needs more than this device can give it")
     return (f"the runtime died ({name}) while loading or running the model on this platform "
-            f"({platform.machine()}, Python {platform.python_version()}); this model cannot run here "
-            f"(memory limit RLIMIT_AS {limits.address_space_bytes // _MB} MB)")
+            f"({platform.machine()}, Python {platform.python_version()}, memory limit RLIMIT_AS "
+            f"{limits.address_space_bytes // _MB} MB): this model, or this runtime build, cannot run here; "
+            "if every model fails like this, check the runtime install (`edge-agent validate` on a known-good model)")
 
 
 def _profile_arg(profile: Any, tmp: Path) -> str:

@@ -11,6 +11,7 @@ import pytest
 
 from agent import Engine
 from edgefleet.errors import ArtifactError, InputError, ModelError
+from edgefleet.profiles import profile_dir
 from edgefleet.quant import quantize
 from edgefleet.testing.artifacts import build_artifact
 from tests.agent.conftest import run_bare
@@ -259,7 +260,7 @@ def test_throughput_objective_tries_several_instances(models, tmp_path, monkeypa
     import agent.engine as engine_module
 
     monkeypatch.setattr(engine_module.os, "cpu_count", lambda: 2)
-    text = (models.parents[2] / "device_profiles" / "x86-dev.yaml").read_text()
+    text = (profile_dir() / "x86-dev.yaml").read_text()
     profile = tmp_path / "batchy.yaml"
     profile.write_text(text.replace("name: x86-dev", "name: batchy").replace("objective: latency",
                                                                              "objective: throughput"))

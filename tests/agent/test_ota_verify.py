@@ -16,7 +16,7 @@ from agent.ota.verify import DeviceFacts, check_contract, check_manifest, profil
 from edgefleet.errors import ArtifactError, ConfigError, InputError, SignatureError
 from edgefleet.manifest import check_model_bytes, check_model_file
 from edgefleet.messages import OtaState
-from edgefleet.profiles import load_profile
+from edgefleet.profiles import load_profile, profile_dir
 from edgefleet.signing import Ed25519PrivateKey, sign_manifest
 from edgefleet.testing.artifacts import build_artifact
 from tests.support.models import OTA_MODELS
@@ -129,7 +129,7 @@ def test_profile_compatibility_is_accelerator_and_dtypes():
 
 def test_model_larger_than_the_device_limit_is_refused(art, tmp_path: Path):
     small = tmp_path / "small.yaml"
-    small.write_text((Path(__file__).resolve().parents[2] / "device_profiles" / "x86-dev.yaml").read_text()
+    small.write_text((profile_dir() / "x86-dev.yaml").read_text()
                      .replace("limits: {max_model_mb: 256, latency_budget_ms: 200}",
                               "limits: {max_model_mb: 256, latency_budget_ms: 200, max_download_mb: 0.001}"))
     prof = load_profile(small)

@@ -16,7 +16,7 @@ from agent import Engine
 from agent.validation import ValidationReport, validate_model
 from agent.validation.parent import SandboxLimits, sandbox_limits
 from edgefleet.errors import ModelError
-from edgefleet.profiles import load_profile
+from edgefleet.profiles import load_profile, profile_dir
 from edgefleet.testing.artifacts import build_artifact
 
 pytestmark = pytest.mark.runtime
@@ -119,7 +119,7 @@ def test_validation_runs_under_limits_derived_from_the_device_ram(models):
 
 def test_latency_over_the_profile_budget_fails(models, tmp_path):
     profile = tmp_path / "slowpoke.yaml"
-    text = (models.parents[2] / "device_profiles" / "x86-dev.yaml").read_text()
+    text = (profile_dir() / "x86-dev.yaml").read_text()
     profile.write_text(text.replace("name: x86-dev", "name: slowpoke").replace("latency_budget_ms: 200",
                                                                                "latency_budget_ms: 0.000001"))
     report = validate_model(models / "int8.tflite", profile=str(profile))
