@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
@@ -37,6 +37,7 @@ from edgefleet.errors import ConfigError, TransportError
 from edgefleet.messages import encode
 
 __all__ = [
+    "BrokerAccess",
     "BrokerURL",
     "LinkSettings",
     "Message",
@@ -100,6 +101,25 @@ def parse_broker_urls(urls: str | list[str] | tuple[str, ...]) -> tuple[BrokerUR
     if not parsed:
         raise ConfigError("no broker URL: expected mqtt://host[:port], several separated by commas")
     return parsed
+
+
+@dataclass(frozen=True)
+class BrokerAccess:
+    """A broker's address and what proves who we are to it, kept apart from the URL.
+
+    The URL is what may be shown, logged and stored (``str()`` gives it); the password and the
+    TLS files travel beside it, so a password never has to be written into a URL. Inert: the
+    files are read when a client is made.
+    """
+
+    url: str                                          # mqtt[s]://[user@]host[:port], several with commas
+    password: str | None = field(default=None, repr=False)
+    ca_file: str | None = None    # CA bundle that signs the broker's certificate (None: the system store)
+    cert_file: str | None = None  # client certificate (PEM) for mutual TLS
+    key_file: str | None = None   # its private key (PEM); None: in cert_file
+
+    def __str__(self) -> str:
+        return self.url
 
 
 def publish_properties(response_topic: str | None = None, correlation: bytes | None = None) -> Properties | None:
@@ -458,7 +478,13 @@ class MqttClient:
 
     def __init__(self, urls: BrokerURL | tuple[BrokerURL, ...], client_id: str | None = None,
                  persistent: bool = False, on_message: Callable[[Message], None] | None = None,
-                 protocol: Literal["auto", "5", "3.1.1"] = "auto") -> None:
+                 protocol: Literal["auto", "5", "3.1.1"] = "auto", *, password: str | None = None,
+                 ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None) -> None:
+        """``password`` (else the URL's) goes with the URL's user name; the TLS files are for mqtts.
+
+        Raises:
+            ConfigError: a TLS file cannot be read or is not PEM.
+        """
         urls = (urls,) if isinstance(urls, BrokerURL) else tuple(urls)
         self.client_id = client_id or f"edge-fleet-{uuid.uuid4().hex[:10]}"
         self.persistent = persistent
@@ -466,7 +492,9 @@ class MqttClient:
         self._closed = False
         self._acked: set[int] = set()
         self._ack_cond = threading.Condition()
-        settings = LinkSettings(urls=urls, username=urls[0].username, password=urls[0].password, protocol=protocol,
+        settings = LinkSettings(urls=urls, username=urls[0].username,
+                                password=password if password is not None else urls[0].password,
+                                ca_file=ca_file, cert_file=cert_file, key_file=key_file, protocol=protocol,
                                 session_expiry_s=self.SESSION_EXPIRY_S if persistent else 0,
                                 max_inflight=1000)
         self._link = MqttConnection(settings, self.client_id, on_message=on_message or self.messages.put,
@@ -496,8 +524,11 @@ class MqttClient:
         self._link.start(blocking=True)
         try:
             self._link.wait_answer(timeout)
-        except TransportError:
+        except TransportError as exc:
             self._link.stop()
+            if self.url.tls and self._link.settings.cert_file is None and self._link.failure is None:
+                # TLS 1.3: a broker that requires a client certificate closes the link after the handshake
+                raise TransportError(f"{exc} (does it require a client certificate?)") from exc
             raise
         return self
 
@@ -562,10 +593,19 @@ class MqttClient:
         self.close()
 
 
-def connect(urls: str | list[str] | tuple[str, ...], client_id: str | None = None, persistent: bool = False,
-            on_message: Callable[[Message], None] | None = None, timeout: float = 5.0) -> MqttClient:
+def connect(urls: str | list[str] | tuple[str, ...] | BrokerAccess, client_id: str | None = None,
+            persistent: bool = False, on_message: Callable[[Message], None] | None = None,
+            timeout: float = 5.0) -> MqttClient:
     """Parse ``urls`` (one, several, or a comma list) and return a connected :class:`MqttClient`.
 
-    MQTT 5 first, then 3.1.1 when the broker refuses 5; ``client.protocol`` says which.
+    A :class:`BrokerAccess` also brings the password and the TLS files (private CA, client
+    certificate). MQTT 5 first, then 3.1.1 when the broker refuses 5; ``client.protocol`` says which.
+
+    Raises:
+        ConfigError: a bad URL or TLS file; TransportError: the broker cannot be reached or refused us.
     """
+    if isinstance(urls, BrokerAccess):
+        a = urls
+        return MqttClient(parse_broker_urls(a.url), client_id, persistent, on_message, password=a.password,
+                          ca_file=a.ca_file, cert_file=a.cert_file, key_file=a.key_file).connect(timeout)
     return MqttClient(parse_broker_urls(urls), client_id, persistent, on_message).connect(timeout)

@@ -1,7 +1,7 @@
 """Ed25519 signatures over manifests (key files shared by edge-fleet keygen, edge-convert and the agent).
 
-Keys are PEM files: ``signing.key`` (PKCS#8, unencrypted) and ``signing.pub``
-(SubjectPublicKeyInfo). A signature covers the manifest's canonical JSON (sorted keys, no
+Keys are PEM files: ``signing.key`` (PKCS#8, unencrypted or encrypted with a passphrase) and
+``signing.pub`` (SubjectPublicKeyInfo). A signature covers the manifest's canonical JSON (sorted keys, no
 spaces) and is stored base64 in ``manifest.json.sig`` next to the manifest.
 """
 
@@ -12,7 +12,7 @@ import binascii
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,16 +48,23 @@ def canonical_bytes(manifest: Mapping[str, Any]) -> bytes:
         raise ArtifactError(f"cannot be signed or verified: not plain JSON ({exc})") from exc
 
 
-def generate_keypair(out_dir: Path) -> tuple[Path, Path]:
-    """Write ``signing.key`` (mode 0600) and ``signing.pub`` into ``out_dir``; refuse to overwrite."""
+def generate_keypair(out_dir: Path, passphrase: bytes | None = None) -> tuple[Path, Path]:
+    """Write ``signing.key`` (mode 0600; encrypted when a ``passphrase`` is given) and ``signing.pub``.
+
+    Raises:
+        ConfigError: either file already exists (a key is never overwritten), or an empty passphrase.
+    """
+    if passphrase is not None and not passphrase:
+        raise ConfigError("empty passphrase: expected at least one character")
     out_dir.mkdir(parents=True, exist_ok=True)
     key_path, pub_path = out_dir / "signing.key", out_dir / "signing.pub"
     for path in (key_path, pub_path):
         if path.exists():
             raise ConfigError(f"{path}: already exists; refusing to overwrite a key")
     private = Ed25519PrivateKey.generate()
-    key_pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption())
+    encryption = (serialization.BestAvailableEncryption(passphrase) if passphrase
+                  else serialization.NoEncryption())
+    key_pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
     pub_pem = private.public_key().public_bytes(serialization.Encoding.PEM,
                                                 serialization.PublicFormat.SubjectPublicKeyInfo)
     fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -81,10 +88,31 @@ def _load_pem(path: Path | str, kind: type[Any], load: Any, expected: str, missi
     return key
 
 
-def load_private_key(path: Path | str) -> Ed25519PrivateKey:
-    """Raises ConfigError: missing, encrypted or not an Ed25519 PEM private key."""
-    return _load_pem(path, Ed25519PrivateKey, lambda data: serialization.load_pem_private_key(data, password=None),
-                     "an unencrypted PEM Ed25519 private key", "signing key")
+def load_private_key(path: Path | str, passphrase: bytes | None = None,
+                     ask: Callable[[], bytes] | None = None) -> Ed25519PrivateKey:
+    """The Ed25519 private key in ``path``; an encrypted one is opened with ``passphrase``, else ``ask()``.
+
+    ``ask`` (a prompt) is called only when the key is encrypted and no passphrase was given. A
+    passphrase given for an unencrypted key is not needed and not an error.
+
+    Raises:
+        ConfigError: missing, not an Ed25519 PEM private key, encrypted without a passphrase, or
+            the passphrase is wrong.
+    """
+    path = Path(path)
+
+    def load(data: bytes) -> Any:
+        if not data.lstrip().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----"):
+            return serialization.load_pem_private_key(data, password=None)
+        secret = passphrase if passphrase is not None else ask() if ask is not None else None
+        if secret is None:
+            raise ConfigError(f"{path}: the signing key is encrypted and no passphrase was given")
+        try:
+            return serialization.load_pem_private_key(data, password=secret)
+        except ValueError as exc:  # cryptography: "Bad decrypt. Incorrect password?"
+            raise ConfigError(f"{path}: wrong passphrase for the signing key") from exc
+
+    return _load_pem(path, Ed25519PrivateKey, load, "a PEM Ed25519 private key", "signing key")
 
 
 def load_public_key(path: Path | str) -> Ed25519PublicKey:

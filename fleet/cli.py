@@ -8,6 +8,11 @@ Without ``--controller``, ``deploy`` drives the rollout to its end in this proce
 adds live progress lines) and a killed deploy is continued with ``deploy --resume ROLLOUT_ID``.
 With ``--controller URL`` deploy/rollback submit to ``edge-fleet serve`` and return at once
 (``--wait`` follows the outcome); status and watch read from it.
+
+Secrets never travel in arguments a ``ps`` shows or in the store: the broker password comes from
+``--password-file`` or ``$EDGEFLEET_BROKER_PASSWORD`` (a URL holding one is refused), a signing
+key's passphrase from ``--sign-key-passphrase-file`` or a terminal prompt. ``--json`` is accepted
+by every command: the result as JSON on stdout, progress on stderr.
 """
 
 from __future__ import annotations
@@ -32,18 +37,66 @@ LIST_MAX = 20  # devices listed by name in a final summary
 STALE_S = 10.0  # a running rollout saves its state every tick (0.2 s); older than this, nobody drives it
 
 
-def _broker(args: argparse.Namespace, fallback: str | None = None) -> str:
-    url = args.broker or os.environ.get("EDGEFLEET_BROKER") or fallback
+def _read_secret(path: str, what: str) -> str:
+    """The first line of a secret file (a password, a passphrase), without its newline.
+
+    Raises:
+        ConfigError: the file cannot be read or its first line is empty.
+    """
+    try:
+        with open(path, encoding="utf-8") as fh:
+            secret = fh.readline().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{what} {path}: cannot be read ({exc.__class__.__name__}: {exc})") from exc
+    if not secret:
+        raise ConfigError(f"{what} {path}: the first line is empty")
+    return secret
+
+
+def _broker(args: argparse.Namespace, fallback: str | None = None) -> Any:
+    """The broker to connect to, as an :class:`edgefleet.mqtt.BrokerAccess`.
+
+    The password comes from ``--password-file`` or ``$EDGEFLEET_BROKER_PASSWORD``, never the URL:
+    a URL shows in ``ps`` and would be kept in the store. ``fallback`` is a stored rollout's URL.
+
+    Raises:
+        ConfigError: no broker, a password in the URL, a password without a user name, or TLS
+            files for a broker that is not mqtts://.
+    """
+    from urllib.parse import urlsplit
+
+    from edgefleet.mqtt import BrokerAccess, parse_broker_urls
+    from fleet.store import public_broker_url
+
+    given = args.broker or os.environ.get("EDGEFLEET_BROKER")
+    url = given or public_broker_url(fallback)
     if not url:
         raise ConfigError("no broker: pass --broker mqtt://host:port (or set EDGEFLEET_BROKER)")
-    return str(url)
+    if given and any(urlsplit(u.strip()).password is not None for u in given.split(",")):
+        raise ConfigError(f"broker URL {public_broker_url(given)}: remove the password from it (it shows in `ps` "
+                          "and would be stored); pass --password-file FILE or set EDGEFLEET_BROKER_PASSWORD")
+    urls = parse_broker_urls(url)
+    password_file = getattr(args, "password_file", None)
+    password = (_read_secret(password_file, "--password-file") if password_file
+                else os.environ.get("EDGEFLEET_BROKER_PASSWORD") or None)
+    if password is not None and not all(u.username for u in urls):
+        raise ConfigError(f"broker URL {url}: a password needs a user name: mqtt://USER@host")
+    ca_file = getattr(args, "ca_file", None) or os.environ.get("EDGEFLEET_CA")
+    cert, key = getattr(args, "cert", None), getattr(args, "key", None)
+    if (getattr(args, "ca_file", None) or cert or key) and not all(u.tls for u in urls):
+        raise ConfigError(f"broker URL {url}: --ca-file, --cert and --key are for an mqtts:// broker")
+    if key and not cert:
+        raise ConfigError("--key needs --cert: the client certificate it belongs to")
+    return BrokerAccess(url, password=password, ca_file=ca_file, cert_file=cert, key_file=key)
 
 
-def _controller(p: argparse.ArgumentParser) -> None:
+def _controller(p: argparse.ArgumentParser, ca: bool = True) -> None:
+    """``ca=False``: the command's broker options already gave ``--ca-file`` (one CA for either server)."""
     p.add_argument("--controller", metavar="URL", default=os.environ.get("EDGEFLEET_CONTROLLER"),
                    help="submit to / read from `edge-fleet serve` at this URL (env EDGEFLEET_CONTROLLER)")
     p.add_argument("--token-file", help="the controller's API token (env EDGEFLEET_TOKEN_FILE)")
-    p.add_argument("--ca-file", help="CA bundle for an https:// controller (env EDGEFLEET_CA)")
+    if ca:
+        p.add_argument("--ca-file", help="CA bundle for an https:// controller (env EDGEFLEET_CA)")
 
 
 def _state(p: argparse.ArgumentParser) -> None:
@@ -72,10 +125,23 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
         add_common_options(p, subcommand=True)
+        p.add_argument("--json", action="store_true",
+                       help="the result as JSON on stdout (progress and notices go to stderr)")
         return p
 
     def broker(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--broker", help="mqtt://[user:pass@]host[:port] or mqtts://... (env EDGEFLEET_BROKER)")
+        p.add_argument("--broker", help="mqtt://[user@]host[:port] or mqtts://..., several with commas "
+                                        "(env EDGEFLEET_BROKER); never a password in it")
+        p.add_argument("--password-file", help="the broker password: first line of this file "
+                                               "(or env EDGEFLEET_BROKER_PASSWORD)")
+        p.add_argument("--ca-file", help="CA bundle that signs the mqtts:// broker (with --controller: the "
+                                         "https:// controller) instead of the system CAs (env EDGEFLEET_CA)")
+        p.add_argument("--cert", help="client certificate (PEM) for a broker that requires mutual TLS")
+        p.add_argument("--key", help="the client certificate's private key (PEM; default: in --cert)")
+
+    def passphrase(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--sign-key-passphrase-file", metavar="FILE",
+                       help="passphrase of an encrypted --sign-key (default: asked on a terminal)")
 
     def data_dir(p: argparse.ArgumentParser) -> None:
         p.add_argument("--data-dir", help="where rollouts are kept (env EDGEFLEET_DATA, "
@@ -83,10 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("keygen", "create an Ed25519 signing key pair (signing.key, signing.pub)")
     p.add_argument("--out", required=True, help="directory for the key files")
+    p.add_argument("--passphrase-file", metavar="FILE", help="encrypt signing.key with the first line of FILE")
 
     p = add("devices", "list every device from the retained states")
     broker(p)
-    p.add_argument("--json", action="store_true")
     p.add_argument("--settle", type=float, default=0.4, help="seconds without a new retained state before done")
     p.add_argument("--listen", type=float, default=0.0,
                    help="also listen this many seconds for telemetry (telemetry is not retained)")
@@ -96,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     broker(p)
     _targets(p)
     p.add_argument("--sign-key", help="sign (or re-sign) the manifest with this Ed25519 key")
+    passphrase(p)
     p.add_argument("--canary", default="1", help="devices in the canary batch: N or N%% (default 1)")
     p.add_argument("--wave-base", type=int, default=5, help="devices in the first wave after the canary")
     p.add_argument("--wave-factor", type=float, default=2.0, help="growth of each later wave")
@@ -106,19 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--serve", default="0.0.0.0:0", help="HOST:PORT for the built-in artifact server")
     p.add_argument("--advertise", help="host name devices use to reach the built-in server")
     p.add_argument("--wait", action="store_true", help="show live progress")
-    p.add_argument("--json", action="store_true", help="final summary as JSON")
     p.add_argument("--no-rollback-on-abort", action="store_true")
     p.add_argument("--force", action="store_true", help="deploy deployable: false artifacts; resend to "
                                                          "devices already on the version")
     p.add_argument("--resume", metavar="ROLLOUT_ID", help="continue a rollout whose fleet tool was stopped")
     data_dir(p)
     _state(p)
-    _controller(p)
+    _controller(p, ca=False)
 
     p = add("status", "rollouts and per-device execution states (from the data dir)")
     p.add_argument("rollout_id", nargs="?")
     p.add_argument("--device", metavar="ID", help="with ROLLOUT_ID: that device's history in the rollout")
-    p.add_argument("--json", action="store_true")
     data_dir(p)
     _state(p)
     _controller(p)
@@ -129,20 +194,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", help="version to go back to (default: the previous one)")
     p.add_argument("--sign-key", help="Ed25519 key that signs the rollback statements devices need to go "
                                       "below their anti-downgrade floor (needs --to)")
+    passphrase(p)
     p.add_argument("--wait", action="store_true", help="wait for every device's answer")
     p.add_argument("--device-timeout", type=float, default=120.0)
-    p.add_argument("--json", action="store_true")
     p.add_argument("--force", action="store_true", help="cancel a running rollout on these devices")
     data_dir(p)
     _state(p)
-    _controller(p)
+    _controller(p, ca=False)
 
     p = add("watch", "live table of devices and fleet totals")
     broker(p)
     p.add_argument("--group")
     p.add_argument("--frames", type=int, help="print this many frames and exit")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between frames")
-    _controller(p)
+    _controller(p, ca=False)
 
     p = add("serve", "the rollout controller: owns rollouts, serves the API and the fleet metrics")
     broker(p)
@@ -186,8 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_keygen(args: argparse.Namespace) -> int:
     from edgefleet.signing import generate_keypair
 
-    key, pub = generate_keypair(Path(args.out))
-    print(f"wrote {key} (keep it secret) and {pub} (install on devices as a trusted key)")
+    secret = _read_secret(args.passphrase_file, "--passphrase-file") if args.passphrase_file else None
+    key, pub = generate_keypair(Path(args.out), passphrase=secret.encode("utf-8") if secret else None)
+    if args.json:
+        print(json.dumps({"private_key": str(key), "public_key": str(pub), "encrypted": secret is not None}))
+        return 0
+    print(f"wrote {key} (keep it secret{', encrypted' if secret else ''}) and {pub} "
+          "(install on devices as a trusted key)")
     return 0
 
 
@@ -279,7 +349,40 @@ def _sign_key(args: argparse.Namespace) -> Any:
         raise ConfigError("--sign-key needs --to VERSION: a signed rollback statement names its version")
     from edgefleet.signing import load_private_key
 
-    return load_private_key(path)
+    passphrase_file = getattr(args, "sign_key_passphrase_file", None)
+    if passphrase_file:
+        return load_private_key(path, _read_secret(passphrase_file, "--sign-key-passphrase-file").encode("utf-8"))
+    return load_private_key(path, ask=_ask_passphrase)
+
+
+def _ask_passphrase() -> bytes:
+    """The signing key's passphrase from the terminal; never a prompt a script would hang on.
+
+    Raises:
+        ConfigError: stdin is not a terminal.
+    """
+    if not sys.stdin.isatty():
+        raise ConfigError("the signing key is encrypted: pass --sign-key-passphrase-file FILE "
+                          "(or run on a terminal to be asked)")
+    import getpass
+
+    return getpass.getpass("passphrase for the signing key: ").encode("utf-8")
+
+
+def _load_signed_artifact(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The checked artifact, (re-)signed with ``--sign-key``, and that key: the key is opened once.
+
+    Raises:
+        ArtifactError: the artifact; ConfigError: the key or its passphrase.
+    """
+    from edgefleet.signing import sign_manifest
+    from fleet.runner import Artifact, load_artifact
+
+    artifact = load_artifact(args.artifact, None, force=args.force)
+    key = _sign_key(args)
+    if key is not None:
+        artifact = Artifact(artifact.directory, artifact.manifest, artifact.raw, sign_manifest(artifact.raw, key))
+    return artifact, key
 
 
 def _model_url(base: str, file: str) -> str:
@@ -376,13 +479,12 @@ def _follow(client: Any, rollout_id: str, wait: bool, as_json: bool, poll_s: flo
 
 def _deploy_via_controller(args: argparse.Namespace) -> int:
     from fleet.client import client_from_args
-    from fleet.runner import load_artifact
 
     if args.resume:
         raise ConfigError("--resume is for in-process rollouts: a controller resumes its rollouts by itself")
     if not args.artifact:
         raise ConfigError("deploy needs an ARTIFACT_DIR")
-    artifact = load_artifact(args.artifact, args.sign_key, force=args.force)
+    artifact, _ = _load_signed_artifact(args)
     policy = _policy_options(args)
     targets = _target_request(args)
     client = client_from_args(args.controller, args.token_file, args.ca_file)
@@ -404,11 +506,12 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from fleet.artifacts import ArtifactServer
     from fleet.registry import collect, select_devices
     from fleet.rollout import Policy, parse_canary
-    from fleet.runner import RolloutRunner, check_signing, create_deploy, load_artifact, resume_check
+    from fleet.runner import RolloutRunner, check_signing, create_deploy, resume_check
     from fleet.store import make_owner
 
     store = None
     server = None
+    key = None
     owner = make_owner("deploy")
     try:
         if args.resume:
@@ -422,7 +525,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
                 raise ConfigError(f"rollout {rollout.id} is driven by {lease.driver} (its lease runs "
                                   f"{max(0.0, (lease.lease_until or 0) - time.time()):.0f}s more); nothing to resume")
             execs = store.executions(rollout.id)
-            broker = _broker(args, rollout.broker)
+            broker = _broker(args, rollout.broker)  # the password from the file or environment again
+            key = _sign_key(args)
             if rollout.serve:
                 model = _stored_model(rollout)
                 server = _serve_again(rollout.serve, args.advertise)
@@ -437,7 +541,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             if not args.artifact:
                 raise ConfigError("deploy needs an ARTIFACT_DIR (or --resume ROLLOUT_ID)")
             broker = _broker(args)
-            artifact = load_artifact(args.artifact, args.sign_key, force=args.force)
+            artifact, key = _load_signed_artifact(args)
             _policy_options(args)  # options, before the broker
             registry = collect(broker)
             devices = select_devices(registry, args.device, args.group, args.all)
@@ -456,8 +560,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
                 serve = f"{host}:{server.port}"
             manifest = _manifest_for(url, artifact.raw, server)  # a hosted one is checked before anything is sent
             store = _open_state(args)  # only now: a refused deploy leaves no trace
-            rollout, execs = create_deploy(store, artifact, devices, policy, url, serve, broker, force=args.force,
-                                           owner=owner, target=_target_text(args, devices))
+            rollout, execs = create_deploy(store, artifact, devices, policy, url, serve, str(broker),
+                                           force=args.force, owner=owner, target=_target_text(args, devices))
         out = sys.stderr if args.json else sys.stdout
         if args.wait or args.resume:
             out.write(f"rollout {rollout.id}: {len(execs)} device(s) in {rollout.waves} wave(s); "
@@ -466,7 +570,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         with connect(broker, client_id=f"edge-fleet-{rollout.id}", persistent=True) as client:
             runner = RolloutRunner(store, client, rollout, execs,
                                    progress=_progress_printer(out) if args.wait else None, owner=owner,
-                                   notice=_notice, sign_key=_sign_key(args), manifest=manifest)
+                                   notice=_notice, sign_key=key, manifest=manifest)
             if args.resume:  # retained states credit devices that finished while we were away
                 from fleet.registry import STATE_TOPICS
 
@@ -622,23 +726,26 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     from fleet.store import make_owner
 
     broker = _broker(args)
+    key = _sign_key(args)  # before the broker: a wrong passphrase is not worth a connection
     registry = collect(broker)
     devices = select_devices(registry, args.device, args.group, args.all)
     store = _open_state(args)
     owner = make_owner("rollback")
     try:
-        rollout, execs = create_rollback(store, devices, args.to, broker, args.device_timeout, owner=owner,
+        rollout, execs = create_rollback(store, devices, args.to, str(broker), args.device_timeout, owner=owner,
                                          target=_target_text(args, devices), force=args.force)
         with connect(broker, client_id=f"edge-fleet-{rollout.id}", persistent=args.wait) as client:
             runner = RolloutRunner(store, client, rollout, execs,
                                    progress=_progress_printer(sys.stderr if args.json else sys.stdout)
-                                   if args.wait else None, owner=owner, notice=_notice, sign_key=_sign_key(args))
+                                   if args.wait else None, owner=owner, notice=_notice, sign_key=key)
             if args.wait:
                 final = runner.run()
                 client.close(end_session=True)
             else:
                 sent = runner.start()
-                print(f"rollback {rollout.id} sent to {sent} device(s); use --wait to follow it")
+                print(json.dumps({"rollout_id": rollout.id, "kind": "rollback", "sent": sent,
+                                  "devices": len(execs)}) if args.json else
+                      f"rollback {rollout.id} sent to {sent} device(s); use --wait to follow it")
                 return 0
         _print_final(_summary(store, final.id), args.json)
         return 0 if final.state is RolloutState.SUCCEEDED else EXIT_ROLLOUT_FAILED
@@ -657,9 +764,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
         from fleet.client import client_from_args
 
         client = client_from_args(args.controller, args.token_file, args.ca_file)
-        watch_controller(client, group=args.group, frames=args.frames, interval=args.interval)
+        watch_controller(client, group=args.group, frames=args.frames, interval=args.interval, as_json=args.json)
         return 0
-    watch(_broker(args), group=args.group, frames=args.frames, interval=args.interval)
+    watch(_broker(args), group=args.group, frames=args.frames, interval=args.interval, as_json=args.json)
     return 0
 
 
@@ -692,8 +799,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         controller.start()
         metrics = controller.metrics.url if controller.metrics else "off"
-        print(f"ready: controller {controller.controller_id} api {controller.api.url} metrics {metrics} "
-              f"artifacts {controller.artifacts.base_url} state {controller._store.path}", flush=True)
+        if args.json:
+            print(json.dumps({"ready": "controller", "controller_id": controller.controller_id,
+                              "api": controller.api.url, "metrics": metrics,
+                              "artifacts": controller.artifacts.base_url, "state": controller._store.path}),
+                  flush=True)
+        else:
+            print(f"ready: controller {controller.controller_id} api {controller.api.url} metrics {metrics} "
+                  f"artifacts {controller.artifacts.base_url} state {controller._store.path}", flush=True)
         stop.wait()
     finally:
         controller.close()
@@ -724,7 +837,8 @@ def cmd_exporter(args: argparse.Namespace) -> int:
         feeder = threading.Thread(target=consume, args=(index, client.messages, stop), daemon=True)
         feeder.start()
         server = MetricsServer(args.listen, index, rollouts, refresh_s=args.refresh)
-        print(f"ready: exporter {server.url}", flush=True)
+        print(json.dumps({"ready": "exporter", "metrics": server.url}) if args.json else
+              f"ready: exporter {server.url}", flush=True)
         try:
             stop.wait()
         finally:
@@ -739,7 +853,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
     store = open_store(state_url(args.state, args.data_dir), migrate=True)
     try:
-        print(f"{store.path}: schema version {store.schema_version()} (this edge-fleet: {SCHEMA_VERSION})")
+        if args.json:
+            print(json.dumps({"state": store.path, "schema_version": store.schema_version(),
+                              "supported_schema_version": SCHEMA_VERSION}))
+        else:
+            print(f"{store.path}: schema version {store.schema_version()} (this edge-fleet: {SCHEMA_VERSION})")
     finally:
         store.close()
     return 0
@@ -749,13 +867,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     from fleet.export import export
 
     n = export(_broker(args), args.out, args.duration)
-    print(f"wrote {n} record(s) to {args.out}")
+    print(json.dumps({"records": n, "out": str(args.out)}) if args.json else f"wrote {n} record(s) to {args.out}")
     return 0
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from edgefleet.testing.simulator import run_from_args
 
+    if args.json:  # a demo that prints one "ready" line and runs until stopped
+        raise ConfigError("simulate: --json is not supported (it prints only a ready line)")
     return run_from_args(args)
 
 

@@ -72,6 +72,7 @@ __all__ = [
 
 EVENT_TOPICS = (all_devices("events"), all_devices("cmd/+/response"))
 Progress = Callable[[Rollout, dict[str, int]], None]
+IDLE_PLAN_S = 1.0  # longest a driver waits without planning while no answer arrives, s
 LEASE_TTL_S = 10.0  # a driver that stops writing loses its rollout after this long, s
 STATEMENT_MARGIN_S = 300.0  # a rollback statement outlives its command by this much (clock skew), s
 _RETRY_MAX_S = 5.0  # longest pause between writes retried while the database is away, s
@@ -370,12 +371,19 @@ class RolloutRunner:
                 if self.owner is not None:
                     self.store.release(self.rollout.id, self.owner)
                 return self.rollout
+            planned = time.monotonic()
+            # Plan again when answers changed something, or every IDLE_PLAN_S for timeouts and the
+            # lease: an idle pass over a large fleet costs more than the answers do.
+            while not self._receive(clock) and time.monotonic() - planned < IDLE_PLAN_S:
+                if self.stop.is_set():
+                    raise Stopped(self.rollout.id)
             if self.stop.is_set():
                 raise Stopped(self.rollout.id)
-            self._receive(clock)
 
-    def _receive(self, clock: Callable[[], float]) -> None:
+    def _receive(self, clock: Callable[[], float]) -> int:
         """Fold every answer that arrives within one tick, then save them in one transaction.
+
+        Returns how many executions changed.
 
         The planner runs once per tick, not once per message: its O(devices) pass stays at a few
         per second however many answers a large fleet sends.
@@ -405,6 +413,7 @@ class RolloutRunner:
                 break  # the planner can start the next wave now
         if changed:
             self._save(None, list(changed.values()), history, now=now)
+        return len(changed)
 
     def _save(self, rollout: Rollout | None, changed: Sequence[Execution],
               history: Sequence[tuple[str | None, str | None, str, dict[str, Any] | None]], now: float) -> None:

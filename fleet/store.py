@@ -40,6 +40,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 from edgefleet.errors import ConfigError
 from edgefleet.messages import ExecState, RolloutState
@@ -59,6 +60,7 @@ __all__ = [
     "migrations",
     "open_store",
     "owner_is_dead",
+    "public_broker_url",
     "state_url",
 ]
 
@@ -163,7 +165,7 @@ class Rollout:
     signature: str | None = field(default=None, repr=False)
     artifact_url: str | None = None
     serve: str | None = None  # HOST:PORT of the deploy's own server, "controller", or None (--artifact-url)
-    broker: str | None = None
+    broker: str | None = None  # the URL(s) without a password: a resumed rollout is given it again
     target: str | None = None  # what the operator selected, for messages ("group ok", "3 device(s)")
 
     def __post_init__(self) -> None:
@@ -190,6 +192,24 @@ class Lease:
 History = Sequence[tuple[str | None, str | None, str, dict[str, Any] | None]]
 _EXEC_COLS = [f.name for f in fields(Execution)]
 _ROLLOUT_COLS = [f.name for f in fields(Rollout)]
+
+
+def public_broker_url(broker: object) -> str | None:
+    """The broker URL(s) as kept in the store and shown: the user name stays, a password never.
+
+    ``broker`` is a URL string (several with commas) or an :class:`edgefleet.mqtt.BrokerAccess`,
+    whose ``str()`` is its URL. Nothing is validated here: that happened before the rollout began.
+    """
+    if broker is None:
+        return None
+    items = []
+    for item in str(broker).split(","):
+        parts = urlsplit(item.strip())
+        if parts.password is not None:
+            host = parts.netloc.rpartition("@")[2]
+            item = urlunsplit(parts._replace(netloc=f"{parts.username}@{host}" if parts.username else host))
+        items.append(item)
+    return ",".join(items)
 
 
 def _upsert_sql(table: str, cols: list[str], key: tuple[str, ...]) -> str:
@@ -333,6 +353,7 @@ class Store:
         row["state"] = r.state.value
         row["policy"] = json.dumps(r.policy)
         row["manifest"] = json.dumps(r.manifest) if r.manifest is not None else None
+        row["broker"] = public_broker_url(r.broker)
         return [row[c] for c in _ROLLOUT_COLS]
 
     @staticmethod
