@@ -520,7 +520,10 @@ def run_from_args(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     sim.start()
-    print(f"ready: simulating {args.count} devices on {sim.url.display()} (Ctrl-C to stop)", flush=True)
+    if getattr(args, "json", False):
+        print(json.dumps({"ready": True, "devices": args.count, "broker": sim.url.display()}), flush=True)
+    else:
+        print(f"ready: simulating {args.count} devices on {sim.url.display()} (Ctrl-C to stop)", flush=True)
     try:
         stop.wait()
     except KeyboardInterrupt:

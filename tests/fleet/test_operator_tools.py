@@ -260,8 +260,13 @@ def test_every_command_honours_json(fleet_broker, tmp_path):
             finally:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(20)
-    r = run_cli("simulate", *b, "--json")  # a demo: says so instead of ignoring the flag
-    assert r.returncode == 2 and "--json" in r.stderr
+    sim = subprocess.Popen([sys.executable, "-m", "fleet.cli", "simulate", *b, "--count", "2", "--json"],
+                           stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert json.loads(sim.stdout.readline())["ready"] is True
+    finally:
+        sim.send_signal(signal.SIGTERM)
+        sim.wait(20)
     seen.add("simulate")
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     assert seen == set(sub.choices), f"commands without a --json check: {set(sub.choices) - seen}"
