@@ -5,7 +5,7 @@ hangs on an input first seen after its commit leaves an interpreter call stuck i
 runtime, where no thread can stop it. :class:`HangGuard` polls the active engine's
 ``stuck_calls()``; once a call has run longer than ``limit_deadlines`` x its deadline,
 :func:`hung_reason` decides (pure) whether the active slot is to blame and may be given up, and
-the manager writes one journal entry (:meth:`agent.ota.slots.Journal.demoted`): the previous kept
+:func:`give_up_hung` writes one journal entry (:meth:`agent.ota.slots.Journal.demoted`): the previous kept
 slot becomes active, the hung one is dropped. The service then exits so systemd starts a clean
 process on that slot (docs/ota.md, "A model that hangs after its commit", says why a restart
 rather than a swap in this process).
@@ -16,12 +16,18 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
+from agent.ota.crashpoints import crash_point
 from agent.ota.slots import Journal
+from edgefleet.errors import StorageError
 from edgefleet.messages import OtaState
 
-__all__ = ["HANG_LIMIT_DEADLINES", "HangGuard", "hung_reason"]
+if TYPE_CHECKING:
+    from agent.ota.manager import OtaManager
+
+__all__ = ["HANG_LIMIT_DEADLINES", "HangGuard", "give_up_hung", "hung_reason"]
 
 log = logging.getLogger(__name__)
 
@@ -84,3 +90,33 @@ class HangGuard:
                     self._on_stuck(stuck)
                 except Exception:
                     log.exception("hang guard: handling a stuck call failed")
+
+
+def give_up_hung(ota: OtaManager, stuck: Any) -> None:
+    """The hang guard saw a stuck call: give up a hung committed model (one journal write).
+
+    Probation judges its own model; a record that cannot be written is retried at the next
+    poll (restarting without it would serve the hung model again).
+    """
+    ledger = ota._ledger
+    with ledger.lock:
+        if ota._trial is not None or ota.hung is not None:
+            return
+        info = ota.host.model_info
+        reason = hung_reason(ledger.journal, stuck, info.get("sha256") if info else None,
+                             ota.hang_limit_deadlines)
+        o = ledger.journal.outcome
+        if reason is None or o is None:
+            return
+        outcome = replace(o, state=OtaState.ROLLED_BACK, reason=reason, reported=False, hung=True)
+        try:
+            ledger.persist(ledger.journal.demoted(outcome))
+        except StorageError as exc:
+            log.error("cannot record the hung model: %s", exc)
+            return
+        ota.hung = reason
+    crash_point("hung-recorded")
+    log.error("%s", reason)
+    ledger.hand_over({"event": "model_error", "reason": reason})
+    if ota.on_hung is not None:
+        ota.on_hung(reason)
