@@ -17,13 +17,8 @@ from edgefleet.manifest import parse_version
 __all__ = ["PRUNE_ALLOCATIONS", "ConvertOptions", "parse_input_shape"]
 
 PRUNE_ALLOCATIONS = ("uniform", "width", "cost")  # see converter.pruning._fractions
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
 def _check_name(name: str) -> str:
-    if not _NAME.match(name):
-        raise ConfigError(f"--name {name!r}: expected letters, digits, '.', '_' or '-' (at most 64)")
-    return name
+    return validate_id(name, "--name")
 
 
 def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:

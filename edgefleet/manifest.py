@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgefleet.errors import ArtifactError
-from edgefleet.ids import ID_RULE, is_valid_id
+from edgefleet.ids import ID_RULE, is_plain_file_name, is_valid_id
 from edgefleet.messages import parse_json
 from edgefleet.profiles import format_validation_error
 
@@ -49,7 +49,6 @@ MODEL_NAME = "model.tflite"
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 
 _VERSION = re.compile(r"^\d{1,6}(\.\d{1,6}){0,3}$")
-_SAFE_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 DType = Literal["int8", "uint8", "int16", "int32", "int64", "float16", "float32", "bool"]
 
@@ -142,7 +141,7 @@ class ModelFile(_Strict):
     @field_validator("file")
     @classmethod
     def _no_escape(cls, value: str) -> str:
-        if not _SAFE_FILE.match(value) or value in (".", ".."):
+        if not is_plain_file_name(value):
             raise ValueError("expected a plain file name without directories")
         return value
 
@@ -182,7 +181,7 @@ class ProbationOverrides(_Strict):
 
 class Manifest(_Strict):
     schema_version: Literal[1] = SCHEMA_VERSION
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    name: str = Field(description=f"Artifact name: {ID_RULE}")
     version: str
     created: str = Field(description="ISO 8601 UTC")
     converter_version: str
@@ -212,6 +211,13 @@ class Manifest(_Strict):
     def _expires(cls, value: str | None) -> str | None:
         if value is not None:
             _epoch(value)
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not is_valid_id(value):
+            raise ValueError(f"expected {ID_RULE}")
         return value
 
     @field_validator("fleet")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from collections.abc import Set as AbstractSet
 from dataclasses import asdict, dataclass, field, replace
@@ -31,13 +30,13 @@ from typing import Any, Literal, TypeVar
 
 from edgefleet.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
 from edgefleet.errors import ArtifactError, ConfigError, StorageError
+from edgefleet.ids import is_plain_file_name
 from edgefleet.manifest import MANIFEST_NAME, MODEL_NAME, SIGNATURE_NAME, parse_version
 from edgefleet.messages import OtaState, check_transition
 
 __all__ = ["JOURNAL_NAME", "Journal", "Outcome", "Pending", "SlotStore", "highest_version", "slot_name"]
 
 JOURNAL_NAME = "journal.json"
-_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 def highest_version(*versions: str | None) -> str | None:
@@ -49,7 +48,7 @@ def highest_version(*versions: str | None) -> str | None:
 def slot_name(name: str, version: str, sha256: str) -> str:
     """``clf-v3-1a2b3c4d5e6f``: readable, unique per file, and always a plain directory name."""
     candidate = f"{name}-v{version}-{sha256[:12]}"
-    if not _SAFE.match(candidate) or candidate in (".", ".."):
+    if not is_plain_file_name(candidate):
         raise ArtifactError(f"slot name {candidate!r} is not a plain directory name")
     return candidate
 
@@ -216,7 +215,7 @@ class SlotStore:
         self.journal_path = self.root / JOURNAL_NAME
 
     def _inside(self, base: Path, name: str) -> Path:
-        if not _SAFE.match(name) or name in (".", ".."):
+        if not is_plain_file_name(name):
             raise ConfigError(f"{name!r} is not a plain name; refusing a path outside {base}")
         path = (base / name).resolve()
         if path.parent != base:
