@@ -6,7 +6,7 @@ TFLITE_VENV := .venv-tflite
 PY := $(VENV)/bin/python
 PIP_FLAGS := --disable-pip-version-check --quiet
 
-.PHONY: install install-tflite test test-main test-tflite test-arm64 demo bench lint clean broker fuzz test-packaging
+.PHONY: install install-tflite test test-main test-slow test-tflite test-arm64 demo bench lint clean broker fuzz test-packaging
 
 install: $(VENV)/.installed
 
@@ -37,8 +37,13 @@ test: install install-tflite broker
 	@$(MAKE) --no-print-directory test-main
 	@$(MAKE) --no-print-directory test-tflite
 
+# Everything but the suites marked slow (a MobileNetV2 trained and converted, the mini-Xception
+# speed search): those run in `make test-slow`, which CI runs too.
 test-main:
-	$(PY) -m pytest tests
+	$(PY) -m pytest -m "not slow" tests
+
+test-slow: install broker
+	$(PY) -m pytest -m slow tests -p no:cacheprovider
 
 # The runtime tests once more under tflite-runtime + numpy 1.x (no TensorFlow in that venv).
 test-tflite:

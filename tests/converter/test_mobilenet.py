@@ -21,6 +21,9 @@ from converter.equalize import equalize
 from edgefleet.profiles import profile_dir
 from scripts.sample_models import build_mobilenet_digits, digits_data, write_samples
 
+# A real MobileNetV2 trained and converted several ways: minutes on two cores (`make test-slow`).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def mobilenet(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, np.ndarray]:

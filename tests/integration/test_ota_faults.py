@@ -125,7 +125,9 @@ def test_trickling_server_is_cut_off_by_the_download_deadline(tmp_path, arts, ht
         t0 = time.monotonic()
         d.update(arts["v2"], "r-trickle", url)
         final = d.final("r-trickle", timeout=20)
-        assert final["state"] == "rejected" and ("deadline" in final["reason"] or "too slow" in final["reason"])
+        # cut off by the overall deadline, the minimum speed, or (on a loaded machine) the read timeout
+        assert final["state"] == "rejected" and any(
+            why in final["reason"] for why in ("deadline", "too slow", "timed out")), final["reason"]
         assert time.monotonic() - t0 < 3.0 + 2.0 + 2.0, "deadline + one socket timeout, with slack"
         assert d.host.model_info["version"] == "1"
     finally:
