@@ -11,6 +11,9 @@ import pytest
 from converter import convert
 from converter.cli import main
 
+# Three real-world model files converted end to end with TensorFlow (`make test-slow`, run by CI).
+pytestmark = pytest.mark.slow
+
 WILD = Path(__file__).resolve().parents[1] / "data" / "models" / "wild"
 
 

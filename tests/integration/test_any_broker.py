@@ -227,6 +227,7 @@ def test_a_subscription_the_broker_refuses_is_retried_and_reported_never_silentl
         nats.stop()
 
 
+@pytest.mark.slow  # a 3-node cluster and 10 agents: about a minute (`make test-slow`, run by CI)
 def test_killing_the_node_the_agents_are_on_mid_rollout_every_device_still_commits_once(tmp_path: Path) -> None:
     """A 3-node NATS cluster without a load balancer: agents list all nodes (broker.urls) and sit
     on the first; the fleet tool is on another. Mid-rollout the agents' node is killed with -9.
