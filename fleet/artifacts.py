@@ -21,28 +21,18 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from edgefleet.addresses import parse_host_port
 from edgefleet.errors import ArtifactError, ConfigError, TransportError
-from edgefleet.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES
+from edgefleet.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, ManifestRef
 from edgefleet.messages import parse_json
 from edgefleet.signing import canonical_bytes
 
-__all__ = ["ArtifactServer", "ManifestRef", "advertised_host", "hosted_manifest", "manifest_ref",
+__all__ = ["ArtifactServer", "advertised_host", "hosted_manifest",
            "manifest_url_beside", "parse_range", "serve_manifest"]
-
-
-@dataclass(frozen=True)
-class ManifestRef:
-    """What an update command says about its manifest: where it is and the exact bytes it must be."""
-
-    url: str
-    sha256: str
-    size: int  # bytes
 
 
 def manifest_url_beside(model_url: str) -> str:
@@ -50,14 +40,10 @@ def manifest_url_beside(model_url: str) -> str:
     return model_url.rsplit("/", 1)[0] + "/" + MANIFEST_NAME
 
 
-def manifest_ref(url: str, data: bytes) -> ManifestRef:
-    return ManifestRef(url, hashlib.sha256(data).hexdigest(), len(data))
-
-
 def serve_manifest(server: ArtifactServer, raw: Mapping[str, Any]) -> ManifestRef:
     """Serve the manifest's canonical JSON at ``/{its sha256}/manifest.json`` (content-addressed)."""
     data = canonical_bytes(raw)
-    return manifest_ref(server.add_bytes(f"/{hashlib.sha256(data).hexdigest()}/{MANIFEST_NAME}", data), data)
+    return ManifestRef.of(server.add_bytes(f"/{hashlib.sha256(data).hexdigest()}/{MANIFEST_NAME}", data), data)
 
 
 def hosted_manifest(url: str, raw: Mapping[str, Any], timeout_s: float = 10.0) -> ManifestRef:
@@ -86,7 +72,7 @@ def hosted_manifest(url: str, raw: Mapping[str, Any], timeout_s: float = 10.0) -
         raise ArtifactError(f"{url}: another manifest than the one deployed (sha256 of its canonical form "
                             f"{hashlib.sha256(hosted).hexdigest()[:12]}..., expected "
                             f"{hashlib.sha256(canonical_bytes(raw)).hexdigest()[:12]}...); {fix}")
-    return manifest_ref(url, data)
+    return ManifestRef.of(url, data)
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from edgefleet.errors import ArtifactError, ConfigError, SignatureError
-from edgefleet.manifest import Manifest, check_model_file, load_manifest
+from edgefleet.manifest import Manifest, ManifestRef, check_model_file, load_manifest
 from edgefleet.messages import (
     COMMAND_SCHEMA,
     MAX_COMMAND_BYTES,
@@ -39,7 +39,7 @@ from edgefleet.mqtt import Message, MqttClient
 from edgefleet.signing import Ed25519PrivateKey, canonical_bytes, load_private_key, sign_manifest
 from edgefleet.statements import make_statement
 from edgefleet.topics import all_devices, device_cmd_topic, fleet_reply_topic, parse_device_topic
-from fleet.artifacts import ManifestRef, manifest_ref, manifest_url_beside
+from fleet.artifacts import manifest_url_beside
 from fleet.registry import Device
 from fleet.rollout import (
     Policy,
@@ -280,7 +280,7 @@ class RolloutRunner:
 
     def _manifest_ref(self) -> ManifestRef:
         if self.manifest is None:
-            self.manifest = manifest_ref(manifest_url_beside(str(self.rollout.artifact_url)),
+            self.manifest = ManifestRef.of(manifest_url_beside(str(self.rollout.artifact_url)),
                                          canonical_bytes(self.rollout.manifest or {}))
         return self.manifest
 

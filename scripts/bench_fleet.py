@@ -69,7 +69,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from edgefleet.testing.broker import MosquittoBroker, free_port
-from edgefleet.testing.nats import NatsServer
+from edgefleet.testing.nats import NatsCluster, NatsServer
 
 ENGINES = ("mosquitto", "nats-cluster")
 TARGET_CPU_US = 2000
@@ -233,7 +233,7 @@ class MosquittoEngine:
         return self.broker.url
 
     @property
-    def node_urls(self) -> list[str]:
+    def mqtt_urls(self) -> list[str]:
         return [self.broker.url]
 
     def __enter__(self) -> MosquittoEngine:  # noqa: PYI034 (py3.10: no typing.Self)
@@ -295,36 +295,19 @@ class BenchNatsServer(NatsServer):
             return dict(json.loads(resp.read()))
 
 
-class NatsClusterEngine:
-    """Three routed nats-server nodes with JetStream and the MQTT listener (as edgefleet.testing.nats.NatsCluster)."""
+class NatsClusterEngine(NatsCluster):
+    """Three routed nats-server nodes with JetStream and the MQTT listener, with the benchmark's limits."""
 
     name = "nats-cluster"
     counter_label = "NATS /varz in + out bytes, 3 nodes (incl. routes, JetStream replication)"
+    nodes: list[BenchNatsServer]
 
     def __init__(self, workdir: Path, size: int = 3) -> None:
-        ports = [free_port() for _ in range(size)]
-        self.nodes = [BenchNatsServer(workdir / f"n{i + 1}", name=f"n{i + 1}",
-                                      cluster_routes=[p for j, p in enumerate(ports) if j != i], cluster_port=ports[i])
-                      for i in range(size)]
-
-    @property
-    def node_urls(self) -> list[str]:
-        return [n.mqtt_url for n in self.nodes]
+        super().__init__(workdir, size, node_class=BenchNatsServer, ready_timeout_s=90)
 
     @property
     def fleet_url(self) -> str:
-        return ",".join(self.node_urls)
-
-    def __enter__(self) -> NatsClusterEngine:  # noqa: PYI034
-        for node in self.nodes:
-            node.start()
-        for node in self.nodes:
-            node.wait_ready(90)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for node in self.nodes:
-            node.stop()
+        return ",".join(self.mqtt_urls)
 
     def byte_counter(self) -> int | None:
         try:
@@ -349,7 +332,7 @@ def bench_size(engine_name: str, n: int, workdir: Path, telemetry_s: float, step
     with make_engine(engine_name, workdir / f"{engine_name}-{n}") as engine:
         url = engine.fleet_url
         t0 = time.monotonic()
-        sims = SimFleet(engine.node_urls, n, 0, per_process)
+        sims = SimFleet(engine.mqtt_urls, n, 0, per_process)
         row["sim_start_s"] = round(time.monotonic() - t0, 1)
         try:
             if "devices" in steps:
@@ -361,7 +344,7 @@ def bench_size(engine_name: str, n: int, workdir: Path, telemetry_s: float, step
         finally:
             sims.stop()
         if "watch" in steps:
-            sims = SimFleet(engine.node_urls, n, telemetry_s, per_process)
+            sims = SimFleet(engine.mqtt_urls, n, telemetry_s, per_process)
             try:
                 time.sleep(min(telemetry_s, 5))
                 r = timed(fleet + ["watch", "--broker", url, "--frames", "3", "--interval", "1"])

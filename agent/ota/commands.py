@@ -31,13 +31,12 @@ from agent.ota.slots import Journal, SlotStore
 from edgefleet.atomic import atomic_write_json
 from edgefleet.errors import ArtifactError, ConfigError, EdgefleetError, StorageError
 from edgefleet.ids import validate_id
-from edgefleet.manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest, parse_version
+from edgefleet.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestRef, parse_manifest, parse_version
 from edgefleet.messages import COMMAND_SCHEMA, SCHEMA_TOO_NEW, parse_json
 from edgefleet.signing import canonical_bytes, verify_manifest
 
 __all__ = [
     "COMMAND_FILE",
-    "ManifestRef",
     "RollbackRequest",
     "UpdateRequest",
     "admit_update",
@@ -55,15 +54,6 @@ __all__ = [
 COMMAND_FILE = "command.json"
 _SCHEMES = ("http://", "https://", "file://")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
-
-@dataclass(frozen=True)
-class ManifestRef:
-    """Where a schema-2 update's manifest is fetched, and the exact bytes it must be."""
-
-    url: str
-    sha256: str
-    size: int  # bytes, at most MAX_MANIFEST_BYTES
 
 
 @dataclass(frozen=True)

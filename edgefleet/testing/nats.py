@@ -142,11 +142,13 @@ class NatsServer:
 class NatsCluster:
     """``size`` routed nats-server nodes with JetStream; MQTT sessions live in replicated streams."""
 
-    def __init__(self, workdir: Path, size: int = 3) -> None:
+    def __init__(self, workdir: Path, size: int = 3, node_class: type[NatsServer] = NatsServer,
+                 ready_timeout_s: float = 60.0) -> None:
         ports = [free_port() for _ in range(size)]
-        self.nodes = [NatsServer(Path(workdir) / f"n{i + 1}", name=f"n{i + 1}",
+        self.nodes = [node_class(Path(workdir) / f"n{i + 1}", name=f"n{i + 1}",
                                  cluster_routes=[p for j, p in enumerate(ports) if j != i], cluster_port=ports[i])
                       for i in range(size)]
+        self.ready_timeout_s = ready_timeout_s
 
     @property
     def mqtt_urls(self) -> list[str]:
@@ -156,7 +158,7 @@ class NatsCluster:
         for node in self.nodes:
             node.start()
         for node in self.nodes:
-            node.wait_ready(60)
+            node.wait_ready(self.ready_timeout_s)
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -20,6 +20,7 @@ from agent.host import ModelHost
 from agent.ota import OtaManager
 from edgefleet.commands import CommandProcessor
 from edgefleet.errors import ConfigError
+from edgefleet.manifest import ManifestRef
 from edgefleet.messages import MAX_COMMAND_BYTES, encode, make_command
 from edgefleet.mqtt import Message
 from edgefleet.profiles import load_profile
@@ -28,7 +29,7 @@ from edgefleet.testing import http_server
 from edgefleet.testing.artifacts import build_artifact
 from edgefleet.testing.waiting import wait_for
 from edgefleet.topics import events_topic
-from fleet.artifacts import ArtifactServer, ManifestRef, serve_manifest
+from fleet.artifacts import ArtifactServer, serve_manifest
 from fleet.registry import Device as FleetDevice
 from fleet.rollout import Policy
 from fleet.runner import Artifact, RolloutRunner, create_deploy
