@@ -12,7 +12,9 @@ Three layers (see ``docs/cache.md``):
    other models: the input distance at which the outputs were last seen to move by a whole
    tolerance), giving a *score*: confident answers get small scores, fragile ones large or
    infinite. Reuse happens only below the score limit that the evidence supports, within
-   ``near_threshold``, ``max_age_s`` and ``max_consecutive``.
+   ``near_threshold`` (a ceiling), 3x the mean distance of agreeing verdicts (the envelope),
+   ``max_age_s`` and ``max_consecutive``. A manifest's ``output_roles`` make the verdict judge a
+   detector on its detections (scores after their activation, boxes only where one is detected).
 3. **Evidence**: every computed frame that had a reference is a free verdict (would reusing the
    reference have changed the answer?), and a share of near hits is recomputed on purpose (more
    where a band's evidence is thin). Verdicts are counted per band of score. Disagreement only
@@ -31,7 +33,7 @@ import random
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any, NamedTuple
 
@@ -44,8 +46,9 @@ from edgefleet.errors import ConfigError
 from edgefleet.profiles import CacheSettings, format_validation_error
 from edgefleet.quant import dequantize, top1
 
-__all__ = ["CacheSpec", "InferenceCache", "Lookup", "binomial_upper", "input_signature", "output_change",
-           "resolve_cache", "signature_distance"]
+__all__ = ["CacheSpec", "InferenceCache", "Lookup", "OutputJudge", "binomial_upper", "input_signature",
+           "output_change", "output_judges", "output_ranges", "output_tolerances", "resolve_cache",
+           "signature_distance"]
 
 _ENTRY_OVERHEAD = 128  # bytes per entry for the key, tuple and OrderedDict node
 _SIGNATURE_CELLS = 32  # samples per spatial axis
@@ -62,10 +65,18 @@ _FLIP = 2.0  # output_change of a classifier whose top-1 changed (anything > 1 d
 # While no band is proven under the target, bands whose bound is under _RAMP_FACTOR x target may be
 # reused on a budget: every answer earns ``target`` and a reuse spends its bound, so the expected
 # disagreement over all answers stays under the target. Savings are capped at _BUDGET_ANSWERS answers'
-# worth, so a long clean run cannot fund a burst of risky reuse later.
+# worth, so a long clean run cannot fund a burst of risky reuse later. (10x, tried for a faster
+# warm-up, let the fer classifier's scene cuts overrun their bound: 4x it stays.)
 _RAMP_FACTOR = 4.0
 _POOL_SPAN = 8  # a band borrows evidence from at most this many bands at and above it (16x its score)
 _BUDGET_ANSWERS = 200
+# The distance envelope: reuse only within _ENVELOPE_FACTOR x the typical distance at which verdicts
+# agree (a running mean over agreeing verdicts, weight _ENVELOPE_WEIGHT each). Frames farther away
+# are still candidates up to near_threshold, so their verdicts can move it; a scene cut ten times
+# farther than the stream's noise is computed even where a band's pooled evidence would allow it,
+# and one cut whose answer happened to agree moves the envelope a little, not to the cut.
+_ENVELOPE_FACTOR = 3.0
+_ENVELOPE_WEIGHT = 0.05
 
 
 CacheSpec = bool | CacheSettings | Mapping[str, Any] | None
@@ -301,23 +312,140 @@ def signature_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean()) / 255.0
 
 
-def output_change(reused: Sequence[np.ndarray], fresh: Sequence[np.ndarray], *, classifier: bool,
+class OutputJudge(NamedTuple):
+    """How one output is judged when a reuse is compared with a fresh result (docs/cache.md, "Output roles").
+
+    ``role``: ``logits`` (top-1), ``regression`` (within tolerance x range, the default),
+    ``scores`` (after ``activation``, only where either result has a score >= ``threshold``),
+    ``boxes`` / ``landmarks`` (per-anchor values, only at the anchors output ``scores`` detects).
+    """
+
+    role: str = "regression"
+    activation: str = "none"
+    threshold: float = 0.5
+    scores: int = -1
+
+
+def output_judges(resolved: Mapping[int, tuple[Any, int]], outputs: int) -> tuple[OutputJudge, ...]:
+    """One judge per output from :func:`edgefleet.manifest.resolve_output_roles`; undeclared: regression."""
+    judges = [OutputJudge()] * outputs
+    for i, (role, link) in resolved.items():
+        judges[i] = OutputJudge(role.role, role.activation or "none",
+                                role.score_threshold if role.role == "scores" else 0.5, link)
+    return tuple(judges)
+
+
+def _activate(arr: np.ndarray, judge: OutputJudge) -> np.ndarray:
+    if judge.activation == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-np.clip(arr, -80.0, 80.0)))
+    if judge.activation == "softmax":
+        shifted = np.exp(arr - arr.max(axis=-1, keepdims=True))
+        return shifted / shifted.sum(axis=-1, keepdims=True)
+    return arr
+
+
+def _anchor_rows(arr: np.ndarray) -> np.ndarray:
+    """Per-anchor values ``[anchors, values]`` of a boxes/landmarks output ``[1, ..., anchors, values]``."""
+    return arr.reshape(-1, arr.shape[-1] if arr.ndim >= 2 else 1)
+
+
+def _anchor_mask(detected: np.ndarray, anchors: int) -> np.ndarray:
+    """Which anchors have a detection, from a scores output's element mask (any class counts)."""
+    return detected.reshape(anchors, -1).any(axis=1)
+
+
+def _roles_change(reused: Sequence[np.ndarray], fresh: Sequence[np.ndarray], judges: Sequence[OutputJudge],
                   tolerances: Sequence[float]) -> float:
+    worst = 0.0
+    detected: dict[int, np.ndarray] = {}  # scores output -> element mask: a detection in either result
+    for k, judge in enumerate(judges):
+        if judge.role == "scores":
+            old, new = _activate(reused[k], judge), _activate(fresh[k], judge)
+            either = (old >= judge.threshold) | (new >= judge.threshold)
+            detected[k] = either
+            if either.any():
+                diff = float(np.abs(old - new)[either].max())
+                worst = max(worst, _in_tolerances(diff, tolerances[k]))
+    for k, judge in enumerate(judges):
+        if judge.role == "logits":
+            if not np.array_equal(top1(reused[k]), top1(fresh[k])):
+                return _FLIP
+        elif judge.role in ("boxes", "landmarks"):
+            old, new = _anchor_rows(reused[k]), _anchor_rows(fresh[k])
+            mask = _anchor_mask(detected[judge.scores], old.shape[0])
+            if mask.any():
+                worst = max(worst, _in_tolerances(float(np.abs(old[mask] - new[mask]).max()), tolerances[k]))
+        elif judge.role == "regression":
+            worst = max(worst, _in_tolerances(float(np.abs(reused[k] - fresh[k]).max(initial=0.0)), tolerances[k]))
+    return worst
+
+
+def _in_tolerances(diff: float, tol: float) -> float:
+    return diff / tol if tol > 0 else (_INF if diff > 0 else 0.0)
+
+
+def output_change(reused: Sequence[np.ndarray], fresh: Sequence[np.ndarray], *, classifier: bool,
+                  tolerances: Sequence[float], judges: Sequence[OutputJudge] | None = None) -> float:
     """How far reusing ``reused`` would be from ``fresh``, in tolerances: <= 1 agrees.
 
-    Classifiers: 0 when every output keeps its top-1, else 2. Other models: the largest absolute
-    difference of any output, divided by that output's tolerance (``tolerances``, one per
-    output, in the outputs' own units: a fraction of each output's range). Arrays are float.
+    With ``judges`` (the manifest's ``output_roles``), each output is judged by its role: logits
+    on their top-1, detection scores after their activation where some result detects, boxes and
+    landmarks only at detected anchors, regression outputs everywhere. Without: classifiers give
+    0 when every output keeps its top-1, else 2; other models the largest absolute difference of
+    any output divided by that output's tolerance. ``tolerances``: one per output, in the
+    outputs' own units (see :func:`output_tolerances`). Arrays are float.
     """
+    if judges is not None:
+        return _roles_change(reused, fresh, judges, tolerances)
     worst = 0.0
     for old, new, tol in zip(reused, fresh, tolerances):
         if classifier:
             if not np.array_equal(top1(old), top1(new)):
                 return _FLIP
             continue
-        diff = float(np.abs(old - new).max(initial=0.0))
-        worst = max(worst, diff / tol if tol > 0 else (_INF if diff > 0 else 0.0))
+        worst = max(worst, _in_tolerances(float(np.abs(old - new).max(initial=0.0)), tol))
     return worst
+
+
+def output_ranges(fresh: Sequence[np.ndarray], judges: Sequence[OutputJudge] | None) -> list[tuple[float, float]]:
+    """The value range each output of one result spans, as its tolerance measures it.
+
+    Activated scores span 0..1; boxes and landmarks count only at the anchors this result
+    detects (none: an empty range, ``(inf, -inf)``); anything else its whole array.
+    """
+    ranges = []
+    for k, arr in enumerate(fresh):
+        judge = judges[k] if judges is not None else None
+        if arr.size == 0:
+            ranges.append((_INF, -_INF))
+        elif judge is not None and judge.role == "scores" and judge.activation != "none":
+            ranges.append((0.0, 1.0))
+        elif judge is not None and judge.role in ("boxes", "landmarks"):
+            rows = _anchor_rows(arr)
+            scores = _activate(fresh[judge.scores], judges[judge.scores])  # type: ignore[index]
+            chosen = rows[_anchor_mask(scores >= judges[judge.scores].threshold, rows.shape[0])]  # type: ignore[index]
+            ranges.append((float(chosen.min()), float(chosen.max())) if chosen.size else (_INF, -_INF))
+        else:
+            ranges.append((float(arr.min()), float(arr.max())))
+    return ranges
+
+
+def output_tolerances(results: Iterable[Sequence[np.ndarray]], judges: Sequence[OutputJudge] | None,
+                      output_tolerance: float) -> list[float]:
+    """Each output's tolerance over ``results``: ``output_tolerance`` x the range its values took there."""
+    lo: list[float] = []
+    hi: list[float] = []
+    for fresh in results:
+        for k, (a, b) in enumerate(output_ranges(fresh, judges)):
+            if k == len(lo):
+                lo.append(_INF)
+                hi.append(-_INF)
+            lo[k], hi[k] = min(lo[k], a), max(hi[k], b)
+    return _scaled(lo, hi, output_tolerance)
+
+
+def _scaled(lo: Sequence[float], hi: Sequence[float], tol: float) -> list[float]:
+    return [tol * max(b - a, 1e-6) if b >= a else tol * 1e-6 for a, b in zip(lo, hi)]
 
 
 def _margin(outputs: Sequence[np.ndarray]) -> float:
@@ -337,12 +465,21 @@ class InferenceCache:
 
     def __init__(self, config: CacheSettings, model_sha256: str, inputs: Sequence[TensorInfo],
                  outputs: Sequence[TensorInfo], *, classifier: bool,
-                 input_ranges: Sequence[tuple[float, float]] | None = None) -> None:
+                 input_ranges: Sequence[tuple[float, float]] | None = None,
+                 judges: Sequence[OutputJudge] | None = None) -> None:
         self.config = config
         self._seed = int(model_sha256[:16], 16)
         self._inputs = tuple(inputs)
         self._outputs = tuple(outputs)
-        self._classifier = classifier
+        if judges is not None and len(judges) != len(self._outputs):
+            raise ValueError(f"expected one judge per output ({len(self._outputs)}), got {len(judges)}")
+        self._judges = tuple(judges) if judges is not None else None
+        for judge in self._judges or ():
+            if judge.role in ("boxes", "landmarks") and not (
+                    0 <= judge.scores < len(self._judges) and self._judges[judge.scores].role == "scores"):  # type: ignore[index]
+                raise ValueError(f"a {judge.role} judge must name a scores output, got index {judge.scores}")
+        # A model whose every output is logits keeps the top-1 margin; any other role, the sensitivity.
+        self._classifier = classifier if self._judges is None else all(j.role == "logits" for j in self._judges)
         self._ranges: list[tuple[float, float] | None] = (
             list(input_ranges) if input_ranges is not None else [None] * len(self._inputs))
         self._out_lo = [_INF] * len(self._outputs)  # running value range of each output
@@ -362,6 +499,8 @@ class InferenceCache:
         # (signature, outputs, computed at, 1 / margin): the last input that was actually computed
         self._reference: tuple[np.ndarray, tuple[np.ndarray, ...], float, float] | None = None
         self._consecutive = 0
+        self._envelope = 0.0  # typical distance of agreeing verdicts (running mean; 0: none yet)
+        self._reuse_ceiling = 0.0  # min(near_threshold, _ENVELOPE_FACTOR x envelope)
 
     # ------------------------------------------------------------------ hot path
     def key(self, sample: Sequence[np.ndarray]) -> int:
@@ -411,7 +550,7 @@ class InferenceCache:
                     cost = ev.cost[band]
                     if ev.on_budget[band] and self._budget < cost:
                         cost = -1.0
-                    if cost >= 0.0 and self._consecutive < cfg.max_consecutive:
+                    if cost >= 0.0 and self._consecutive < cfg.max_consecutive and distance <= self._reuse_ceiling:
                         self._consecutive += 1
                         verify = self._rng.random() < ev.share[band]
                         if not verify:
@@ -440,17 +579,20 @@ class InferenceCache:
         for arr in outputs:
             arr.setflags(write=False)
         fresh = self._floats(outputs)
-        if not self._classifier:
+        if not self._classifier or self._judges is not None:
             self._widen_ranges(fresh)
         change = None
         if lookup.candidate is not None:
             change = output_change(self._floats(lookup.candidate), fresh, classifier=self._classifier,
-                                   tolerances=self._tolerances())
+                                   tolerances=self._tolerances(), judges=self._judges)
+        # A score is never below the distance itself (margin at most the whole input range): a
+        # reference whose outputs did not move at all, or a classifier's raw-logit margin of 8, must
+        # not make a frame 0.2 away look as safe as one 0.01 away.
         if self._classifier:
             margin = _margin(fresh)
-            inv_margin = 1.0 / margin if margin > 0 else _INF
+            inv_margin = max(1.0, 1.0 / margin) if margin > 0 else _INF
         elif change is not None:  # the outputs moved by `change` tolerances over `distance`
-            inv_margin = change / max(lookup.distance, _MIN_DISTANCE) if change < _INF else _INF
+            inv_margin = max(1.0, change / max(lookup.distance, _MIN_DISTANCE)) if change < _INF else _INF
         else:
             inv_margin = _INF  # nothing seen yet about how fast these outputs move
         with self._lock:
@@ -460,6 +602,10 @@ class InferenceCache:
                     self.verified += 1
                     self.disagreements += 0 if agree else 1
                 self._evidence.add(lookup.band, agree)
+                if agree:
+                    self._envelope = (lookup.distance if self._envelope == 0.0 else
+                                      self._envelope + _ENVELOPE_WEIGHT * (lookup.distance - self._envelope))
+                self._reuse_ceiling = min(self.config.near_threshold, _ENVELOPE_FACTOR * self._envelope)
             if self.config.max_bytes:
                 self._store(lookup.key, outputs)
             if lookup.signature is not None:
@@ -471,15 +617,15 @@ class InferenceCache:
         return [dequantize(a, info) if info.quantized else a for a, info in zip(outputs, self._outputs)]
 
     def _widen_ranges(self, fresh: Sequence[np.ndarray]) -> None:
-        for i, arr in enumerate(fresh):
-            if arr.size:
-                self._out_lo[i] = min(self._out_lo[i], float(arr.min()))
-                self._out_hi[i] = max(self._out_hi[i], float(arr.max()))
+        # Two threads recording at once may each miss the other's widening: a narrower range
+        # only makes the tolerance stricter, never looser.
+        for i, (lo, hi) in enumerate(output_ranges(fresh, self._judges)):
+            self._out_lo[i] = min(self._out_lo[i], lo)
+            self._out_hi[i] = max(self._out_hi[i], hi)
 
     def _tolerances(self) -> list[float]:
         """Each output's tolerance: ``output_tolerance`` x the range its values have taken so far."""
-        tol = self.config.output_tolerance
-        return [tol * max(hi - lo, 1e-6) if hi >= lo else tol * 1e-6 for lo, hi in zip(self._out_lo, self._out_hi)]
+        return _scaled(self._out_lo, self._out_hi, self.config.output_tolerance)
 
     def _store(self, key: int, outputs: tuple[np.ndarray, ...]) -> None:
         size = sum(a.nbytes for a in outputs) + _ENTRY_OVERHEAD
@@ -529,6 +675,9 @@ class InferenceCache:
                 "verdict_disagreements": ev.total_e,
                 "score_limit": round(ev.free_limit(), 6),
                 "threshold": self.config.near_threshold,
+                "reuse_ceiling": round(self._reuse_ceiling, 5),
+                "judged_by": (("roles: " + ", ".join(j.role for j in self._judges)) if self._judges is not None
+                              else "top-1" if self._classifier else "tolerance per output"),
                 "threshold_changes": ev.changes,
                 "bands": ev.bands(),
                 "hit_rate": round(saved / samples, 4) if samples else 0.0,

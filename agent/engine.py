@@ -36,11 +36,11 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from agent.autotune import Layout, TuneResult, choose_layout
-from agent.cache import CacheSpec, InferenceCache, resolve_cache
+from agent.cache import CacheSpec, InferenceCache, OutputJudge, output_judges, resolve_cache
 from agent.runtime import Runtime, get_runtime, open_interpreter
 from agent.tensors import describe_tensors, split_batch, to_model_dtype
 from edgefleet.errors import ArtifactError, ConfigError, InputError, ModelError
-from edgefleet.manifest import MODEL_NAME, Manifest, load_manifest
+from edgefleet.manifest import MODEL_NAME, Manifest, OutputRole, load_manifest, resolve_output_roles
 from edgefleet.profiles import Profile, load_profile
 from edgefleet.quant import dequantize, first_output, top1
 
@@ -156,6 +156,8 @@ class Engine:
         manifest: the model's manifest when ``model`` is a bare file or bytes (an OTA slot): it
             drives ``task``, ``input_range`` and ``cache_allowed`` for the cache, and wins over
             the manifest of an artifact directory.
+        output_roles: what each output means, for the cache's judgement (see
+            :class:`~edgefleet.manifest.OutputRole`); ``None`` = the manifest's ``output_roles``.
 
     Raises:
         ModelError, ArtifactError, ConfigError: see the module docstring.
@@ -165,7 +167,7 @@ class Engine:
                  threads: int | None = None, cache: CacheSpec = None, *,
                  instances: int | None = None, autotune: bool | None = None, validate: bool = False,
                  validate_timeout_s: float = 30.0, deadline_s: float | None = None,
-                 manifest: Manifest | None = None) -> None:
+                 manifest: Manifest | None = None, output_roles: list[OutputRole] | None = None) -> None:
         self.profile: Profile = profile if isinstance(profile, Profile) else load_profile(profile)
         if deadline_s is not None and not deadline_s > 0:
             raise ConfigError(f"deadline_s must be > 0 seconds, got {deadline_s}")
@@ -214,7 +216,8 @@ class Engine:
             config, self.cache_disabled_reason = None, "manifest says cache_allowed: false"
         if config is not None:
             self._cache = InferenceCache(config, self.sha256, self.input_details, self.output_details,
-                                         classifier=self._is_classifier(), input_ranges=self._input_ranges())
+                                         classifier=self._is_classifier(), input_ranges=self._input_ranges(),
+                                         judges=self._output_judges(output_roles))
         self._latencies = np.zeros(_LATENCY_WINDOW, dtype=np.float64)
         self._calls = 0
         self._samples = 0
@@ -255,6 +258,31 @@ class Engine:
         lo, hi = self.manifest.preprocessing.input_range
         return [(float(lo), float(hi)) if t.dtype.kind == "f" else (float(np.iinfo(t.dtype).min),
                 float(np.iinfo(t.dtype).max)) for t in self.input_details]
+
+    def _output_judges(self, roles: list[OutputRole] | None) -> tuple[OutputJudge, ...] | None:
+        """The cache's judge per output from ``roles`` or the manifest's ``output_roles`` (None: none declared).
+
+        A manifest numbers its outputs in its own ``outputs`` list; they are matched to the
+        interpreter's outputs by name.
+
+        Raises:
+            ConfigError: a role names an output this model does not have, or does not fit it.
+        """
+        if roles is None and self.manifest is not None and self.manifest.output_roles:
+            specs = [t.name for t in self.manifest.outputs]
+
+            def by_name(ref: str | int | None) -> str | int | None:
+                return specs[ref] if isinstance(ref, int) and 0 <= ref < len(specs) else ref
+
+            roles = [r.model_copy(update={"output": by_name(r.output), "scores": by_name(r.scores)})
+                     for r in self.manifest.output_roles]
+        if not roles:
+            return None
+        try:
+            resolved = resolve_output_roles(list(roles), [t.name for t in self.output_details])
+        except ValueError as exc:
+            raise ConfigError(f"output_roles: {exc}") from exc
+        return output_judges(resolved, len(self.output_details))
 
     def _is_classifier(self) -> bool:
         if self.manifest is not None:

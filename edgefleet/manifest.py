@@ -10,12 +10,23 @@ import base64
 import datetime
 import hashlib
 import json
+import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from edgefleet.errors import ArtifactError
 from edgefleet.ids import ID_RULE, is_plain_file_name, is_valid_id
@@ -32,6 +43,8 @@ __all__ = [
     "Golden",
     "GoldenSample",
     "Manifest",
+    "ManifestRef",
+    "OutputRole",
     "Quantization",
     "TensorSpec",
     "check_model_bytes",
@@ -39,6 +52,7 @@ __all__ = [
     "load_manifest",
     "parse_manifest",
     "parse_version",
+    "resolve_output_roles",
     "sha256_file",
 ]
 
@@ -47,6 +61,21 @@ MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.json.sig"
 MODEL_NAME = "model.tflite"
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+
+@dataclass(frozen=True)
+class ManifestRef:
+    """How a schema-2 update command names its manifest: where to fetch it and the exact bytes it
+    must be, so the command stays small and the device checks what it fetched before parsing it."""
+
+    url: str
+    sha256: str
+    size: int  # bytes, at most MAX_MANIFEST_BYTES
+
+    @classmethod
+    def of(cls, url: str, data: bytes) -> ManifestRef:
+        """The reference to ``data`` served at ``url``."""
+        return cls(url, hashlib.sha256(data).hexdigest(), len(data))
+
 
 _VERSION = re.compile(r"^\d{1,6}(\.\d{1,6}){0,3}$")
 
@@ -173,6 +202,96 @@ class Baseline(_Strict):
     output_mean: list[float] | None = Field(default=None, description="Per-output mean of the first output")
 
 
+OutputRoleName = Literal["logits", "scores", "boxes", "landmarks", "regression"]
+_GEOMETRY = ("boxes", "landmarks")
+
+
+class OutputRole(_Strict):
+    """What one output means, so the input-locality cache judges a reused answer in its own terms.
+
+    ``logits``: class scores, judged on their top-1. ``regression``: values judged within
+    ``output_tolerance`` x their range (the default for an output with no role). ``scores``:
+    per-anchor detection scores, judged after ``activation`` and only where some result detects
+    (score >= ``threshold``), so background anchors that swing under noise do not count.
+    ``boxes`` / ``landmarks``: per-anchor geometry (last axis: the values of one anchor), judged
+    only at the anchors the ``scores`` output detects (docs/cache.md, "Output roles").
+    """
+
+    output: StrictStr | StrictInt = Field(description="The output: its name in `outputs`, or its 0-based index there")
+    role: OutputRoleName = Field(description="What the output holds: logits, scores, boxes, landmarks or regression")
+    activation: Literal["none", "sigmoid", "softmax"] | None = Field(
+        default=None, description="scores only: applied before judging (raw logits need sigmoid); default none")
+    threshold: float | None = Field(
+        default=None, description="scores only: a detection is a score >= this after activation "
+                                  "(default 0.5 for sigmoid/softmax; required for none)")
+    scores: StrictStr | StrictInt | None = Field(
+        default=None, description="boxes/landmarks only: the scores output whose detections say which anchors "
+                                  "count (default: the one output with role scores)")
+
+    @model_validator(mode="after")
+    def _fields_fit_the_role(self) -> OutputRole:
+        if self.role != "scores" and (self.activation is not None or self.threshold is not None):
+            raise ValueError(f"role {self.role}: activation and threshold apply to role scores only")
+        if self.role not in _GEOMETRY and self.scores is not None:
+            raise ValueError(f"role {self.role}: scores applies to roles boxes and landmarks only")
+        if self.role == "scores":
+            if (self.activation or "none") == "none" and self.threshold is None:
+                raise ValueError("role scores without an activation needs a threshold in the scores' own units")
+            if self.activation in ("sigmoid", "softmax") and self.threshold is not None \
+                    and not 0.0 < self.threshold < 1.0:
+                raise ValueError(f"threshold {self.threshold}: expected 0 < threshold < 1 after {self.activation}")
+            if self.threshold is not None and not math.isfinite(self.threshold):
+                raise ValueError("threshold must be finite")
+        return self
+
+    @property
+    def score_threshold(self) -> float:
+        """The detection threshold in force (scores only)."""
+        return self.threshold if self.threshold is not None else 0.5
+
+
+def resolve_output_roles(roles: list[OutputRole], names: list[str]) -> dict[int, tuple[OutputRole, int]]:
+    """Map declared roles onto output positions: index -> (role, index of its scores output or -1).
+
+    ``names`` are the outputs in order. Shared by the manifest's own validation and the engine.
+
+    Raises:
+        ValueError: an output named or numbered that does not exist, an output declared twice,
+            boxes/landmarks without exactly one scores output to follow, or one that is not scores.
+    """
+    def index(ref: str | int, what: str) -> int:
+        if isinstance(ref, int):
+            if not 0 <= ref < len(names):
+                raise ValueError(f"{what} {ref}: expected an index 0..{len(names) - 1}")
+            return ref
+        if ref not in names:
+            raise ValueError(f"{what} {ref!r}: expected one of the outputs {names}")
+        return names.index(ref)
+
+    placed: dict[int, OutputRole] = {}
+    for role in roles:
+        i = index(role.output, "output")
+        if i in placed:
+            raise ValueError(f"output {names[i]!r} has two roles; expected one")
+        placed[i] = role
+    scores = [i for i, r in placed.items() if r.role == "scores"]
+    resolved: dict[int, tuple[OutputRole, int]] = {}
+    for i, role in placed.items():
+        link = -1
+        if role.role in _GEOMETRY:
+            if role.scores is not None:
+                link = index(role.scores, "scores")
+                if placed.get(link) is None or placed[link].role != "scores":
+                    raise ValueError(f"output {names[i]!r}: its scores output {names[link]!r} has no role scores")
+            elif len(scores) == 1:
+                link = scores[0]
+            else:
+                raise ValueError(f"output {names[i]!r} ({role.role}): expected exactly one output with role "
+                                 f"scores to follow, found {len(scores)}; name it with `scores`")
+        resolved[i] = (role, link)
+    return resolved
+
+
 class ProbationOverrides(_Strict):
     inferences: int | None = Field(default=None, ge=1)
     seconds: float | None = Field(default=None, gt=0)
@@ -205,6 +324,27 @@ class Manifest(_Strict):
     groups: list[str] | None = Field(default=None, description="Groups it is meant for (None: any group)")
     labels: list[Annotated[str, Field(max_length=256)]] | None = Field(
         default=None, max_length=100_000, description="Class names by output index (classifiers; edge-convert --labels)")
+    output_roles: list[OutputRole] | None = Field(
+        default=None, max_length=64, description="What each output means (logits, scores, boxes, landmarks, "
+                                                  "regression), so a reused answer is judged in its own terms; "
+                                                  "outputs left out are judged as regression")
+
+    @model_validator(mode="after")
+    def _roles_fit_the_outputs(self) -> Manifest:
+        if not self.output_roles:
+            return self
+        resolved = resolve_output_roles(self.output_roles, [t.name for t in self.outputs])
+        for i, (role, link) in resolved.items():
+            if link < 0:
+                continue
+            shape, linked = self.outputs[i].shape, self.outputs[link].shape
+            anchors = math.prod(shape[1:-1]) if len(shape) >= 3 else 0
+            per_anchor, rest = divmod(math.prod(linked[1:]), anchors) if anchors else (0, 1)
+            if rest or not per_anchor:
+                raise ValueError(f"output {self.outputs[i].name!r} ({role.role}) has shape {shape}: expected "
+                                 f"[1, anchors, values] with the anchors of its scores "
+                                 f"{self.outputs[link].name!r} (shape {linked})")
+        return self
 
     @field_validator("expires")
     @classmethod

