@@ -40,7 +40,7 @@ test: install install-tflite broker
 # Everything but the suites marked slow (a MobileNetV2 trained and converted, the mini-Xception
 # speed search): those run in `make test-slow`, which CI runs too.
 test-main:
-	$(PY) -m pytest -m "not slow" tests
+	$(PY) -m pytest -m "not slow" --durations=15 tests
 
 test-slow: install broker
 	$(PY) -m pytest -m slow tests -p no:cacheprovider

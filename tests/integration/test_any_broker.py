@@ -35,6 +35,7 @@ from tests.support.models import OTA_MODELS
 pytestmark = [pytest.mark.agents, pytest.mark.timeout(300)]
 
 N_AGENTS = 10
+N_CLUSTER = 5  # agents in the cluster failover scenario
 PROBATION = {"inferences": 5, "seconds": 1}
 
 
@@ -227,12 +228,12 @@ def test_a_subscription_the_broker_refuses_is_retried_and_reported_never_silentl
         nats.stop()
 
 
-@pytest.mark.slow  # a 3-node cluster and 10 agents: about a minute (`make test-slow`, run by CI)
 def test_killing_the_node_the_agents_are_on_mid_rollout_every_device_still_commits_once(tmp_path: Path) -> None:
     """A 3-node NATS cluster without a load balancer: agents list all nodes (broker.urls) and sit
     on the first; the fleet tool is on another. Mid-rollout the agents' node is killed with -9.
     They move to the next node, resume their sessions, and every device ends on v2, reported by
-    `edge-fleet status`, with exactly one install each (the dedup holds across the reconnect)."""
+    `edge-fleet status`, with exactly one install each (the dedup holds across the reconnect).
+    Five agents (a canary of one, then waves of two) keep it inside `make test`'s budget."""
     from edgefleet.testing.nats import NatsCluster
 
     if find_nats_server() is None:
@@ -251,25 +252,25 @@ def test_killing_the_node_the_agents_are_on_mid_rollout_every_device_still_commi
             tmp_path / f"a{i}", urls[0], device_id=f"{group}-{i:02d}", group=group, model=v1.dir,
             trusted_keys=[str(pub_path)], telemetry={"interval_s": 30},
             broker={"url": None, "urls": urls, "keepalive_s": 2, "reconnect_min_s": 0.5,
-                    "reconnect_max_s": 2})).start() for i in range(N_AGENTS)]
+                    "reconnect_max_s": 2})).start() for i in range(N_CLUSTER)]
         obs = Collector(urls[2], [all_devices("events")], client_id="obs-cluster")
         deploy = None
         try:
-            wait_for(lambda: len(_versions(fleet_urls, group)) == N_AGENTS, 120, interval=1.0,
+            wait_for(lambda: len(_versions(fleet_urls, group)) == N_CLUSTER, 120, interval=1.0,
                      what="agents online on the cluster")
             deploy = subprocess.Popen(
-                [sys.executable, "-m", "fleet.cli", "deploy", str(v2.dir), "--broker", fleet_urls, "--group", group, "--canary", "2",
-                 "--wave-base", "8", "--sign-key", str(key_path), "--serve", "127.0.0.1:0", "--device-timeout",
+                [sys.executable, "-m", "fleet.cli", "deploy", str(v2.dir), "--broker", fleet_urls, "--group", group, "--canary", "1",
+                 "--wave-base", "2", "--sign-key", str(key_path), "--serve", "127.0.0.1:0", "--device-timeout",
                  "120", "--json", "--data-dir", str(tmp_path / "data")],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
             wait_for(lambda: len([b for b in obs.bodies("/events")
-                                  if b.get("state") == "committed" and b.get("version") == "2"]) >= 2, 120,
+                                  if b.get("state") == "committed" and b.get("version") == "2"]) >= 1, 120,
                      what="the canary committed")
             cluster.nodes[0].stop(kill=True)
             out, err = deploy.communicate(timeout=240)
             assert deploy.returncode == 0, out[-3000:] + err[-3000:] + agents[0].log()[-3000:]
             summary = json.loads(out)
-            assert summary["state"] == "SUCCEEDED" and summary["counts"]["SUCCEEDED"] == N_AGENTS
+            assert summary["state"] == "SUCCEEDED" and summary["counts"]["SUCCEEDED"] == N_CLUSTER
             status = run_cli("status", summary["rollout_id"], "--json", "--data-dir", str(tmp_path / "data"))
             assert status.returncode == 0 and json.loads(status.stdout)["state"] == "SUCCEEDED", status.stderr
             wait_for(lambda: set(_versions(fleet_urls, group).values()) == {"2"}, 60, interval=1.0,
@@ -279,7 +280,7 @@ def test_killing_the_node_the_agents_are_on_mid_rollout_every_device_still_commi
                 if body.get("state") == "installing" and body.get("version") == "2":
                     device = topic.split("/")[3]
                     installs[device] = installs.get(device, 0) + 1
-            assert installs == {f"{group}-{i:02d}": 1 for i in range(N_AGENTS)}, installs
+            assert installs == {f"{group}-{i:02d}": 1 for i in range(N_CLUSTER)}, installs
         finally:
             if deploy is not None and deploy.poll() is None:
                 deploy.kill()
