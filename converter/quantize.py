@@ -1,7 +1,8 @@
 """Full-integer quantization recipes on top of ``tf.lite.TFLiteConverter``.
 
 A :class:`Recipe` names one way to quantize (per-channel or per-tensor weights, 16-bit
-activations, some layers kept in float). The plain full-int8 recipe is the baseline the fidelity
+activations, some layers kept in float, int8 activation ranges by min/max, percentile or MSE:
+see :mod:`converter.ranges`). The plain full-int8 recipe is the baseline the fidelity
 search has to beat; :func:`sensitive_tensors` uses TensorFlow's quantization debugger to find
 which layers lose the most, so the remedies touch as little of the model as possible.
 """
@@ -20,6 +21,8 @@ import numpy as np
 from converter._tf import tf
 from converter.compact import strip_tensor_names
 from converter.data import SampleSet
+from converter.ranges import METHODS as RANGE_METHODS
+from converter.ranges import refit_ranges
 from edgefleet.errors import ConversionError
 
 __all__ = ["MAX_CALIBRATION", "Recipe", "convert_float", "quantize", "sensitive_tensors"]
@@ -38,6 +41,13 @@ class Recipe:
     float_tensors: tuple[str, ...] = field(default=())
     equalized: bool = False  # quantize the cross-layer-equalized model (see converter.equalize)
     bias_corrected: bool = False  # per-channel: quantize a twin whose offsets absorb the weights' rounding bias
+    ranges: str = "minmax"  # int8 activation ranges: "minmax" (TFLite's), "percentile" or "mse" (converter.ranges)
+
+    def __post_init__(self) -> None:
+        if self.ranges not in RANGE_METHODS:
+            raise ValueError(f"ranges {self.ranges!r}: expected one of {', '.join(RANGE_METHODS)}")
+        if self.ranges != "minmax" and (self.int16_activations or self.float_tensors):
+            raise ValueError(f"ranges {self.ranges!r} applies to full-int8 recipes only (not 16x8 or float fallback)")
 
     @property
     def full_integer(self) -> bool:
@@ -99,7 +109,44 @@ def _converter(saved_model_dir: Path, recipe: Recipe, calibration: SampleSet, io
         conv.inference_input_type = conv.inference_output_type = tf.as_dtype(io_dtype)
     if not recipe.per_channel:
         conv._experimental_disable_per_channel = True
+    if recipe.ranges != "minmax":
+        _refit_before_quantizing(conv, calibration, recipe.ranges)
     return conv
+
+
+def _refit_before_quantizing(conv: Any, calibration: SampleSet, method: str) -> None:
+    """Make ``conv`` quantize with activation ranges chosen by ``method`` (see :mod:`converter.ranges`).
+
+    TFLiteConverter calibrates, then hands the calibrated float model to the MLIR quantizer in one
+    private step, ``_quantize``. This wraps that step on this instance only: calibrate as TensorFlow
+    would (``_experimental_calibrate_only``), refit the recorded ranges, then call the quantizer with
+    the very arguments TensorFlow's own int8 path passes. Everything after it (buffer
+    deduplication, conversion metadata) is TensorFlow's, so with unchanged ranges the bytes are
+    plain int8's.
+    """
+    from tensorflow.lite.python.convert import mlir_quantize
+
+    original = conv._quantize
+
+    def quantize_with_ranges(result: Any, input_type: Any, output_type: Any, activations_type: Any,
+                             bias_type: Any, allow_float: Any, enable_variable_quantization: Any,
+                             debug_options: Any) -> Any:
+        if not conv.experimental_new_quantizer or activations_type == tf.int16:
+            raise RuntimeError("activation ranges need the MLIR quantizer and int8 activations")
+        conv._experimental_calibrate_only = True
+        try:
+            calibrated = original(result, input_type, output_type, activations_type, bias_type, allow_float,
+                                  enable_variable_quantization, debug_options)
+        finally:
+            conv._experimental_calibrate_only = False
+        refit, _ = refit_ranges(bytes(calibrated), calibration, method, MAX_CALIBRATION)
+        return mlir_quantize(
+            refit, conv._experimental_disable_per_channel, input_data_type=input_type, output_data_type=output_type,
+            enable_variable_quantization=enable_variable_quantization,
+            disable_per_channel_for_dense_layers=conv._experimental_disable_per_channel_quantization_for_dense_layers,
+            debug_options_str=debug_options.SerializeToString())
+
+    conv._quantize = quantize_with_ranges
 
 
 def quantize(saved_model_dir: Path, recipe: Recipe, calibration: SampleSet, io_dtype: str = "int8",

@@ -6,8 +6,11 @@ Order (each remedy only if the profile allows it):
    equalization);
 2. if the baseline meets the target on a per-channel profile, the smaller per-tensor +
    equalization recipe too (it drops 24 bytes of scales and zero points per channel);
-3. if the baseline misses it, remedies until one meets it: the other granularity; 16x8 (int16
-   activations); float fallback of the 1, 3, 6 most sensitive tensors.
+3. if the baseline misses it, remedies until one meets it, full int8 first: the other
+   granularity; per-channel bias correction; the most faithful full-int8 recipe so far with
+   activation ranges by percentile, then by MSE (:mod:`converter.ranges`), so each range method
+   builds on the steps that measured best; then 16x8 (int16 activations); float fallback of the
+   1, 3, 6 most sensitive tensors.
 
 Speed is part of the target: every candidate is timed on the host in the device's runtime
 (XNNPACK on, the profile's threads) and classed by its kernels (:mod:`converter.kernels`); one
@@ -249,14 +252,23 @@ def _per_tensor(sources: Sources) -> quantize.Recipe:
     return quantize.Recipe("int8 per-tensor", per_channel=False)
 
 
+_RANGE_METHODS = ("percentile", "mse")  # in order of cost: one histogram pass each, MSE searches it harder
+
+
+def _with_ranges(recipe: quantize.Recipe, method: str) -> quantize.Recipe:
+    return replace(recipe, name=f"{recipe.name} + {method} ranges", ranges=method)
+
+
 def _remedies(sources: Sources, profile: Profile) -> list[quantize.Recipe | str]:
     """What to try after a baseline that misses the target, in order of cost to the device (all
     full-int8 remedies first); "fallback" is expanded later (it needs the sensitivity ranking,
-    which costs a debugger run)."""
+    which costs a debugger run), and so are the range methods (they build on the most faithful
+    full-int8 recipe measured before them)."""
     q = profile.quantization
     remedies: list[quantize.Recipe | str] = [_per_tensor(sources) if q.per_channel else _per_channel()]
     if sources.can_equalize:
         remedies.append(quantize.Recipe("int8 per-channel + bias correction", per_channel=True, bias_corrected=True))
+    remedies += [f"ranges:{method}" for method in _RANGE_METHODS]
     if q.allow_16bit_activations and not q.require_full_integer:
         remedies.append(quantize.Recipe("16x8 (int16 activations)", per_channel=True, int16_activations=True))
     if q.allow_float_fallback and not q.require_full_integer:
@@ -289,6 +301,12 @@ def search(sources: Sources, evaluation: SampleSet, reference: dict[str, np.ndar
                 run(remedy)
                 if tick:
                     tick(1)
+            elif remedy.startswith("ranges:"):
+                base = _best_min_max_int8(tried)
+                if base is not None:
+                    run(_with_ranges(base.recipe, remedy.removeprefix("ranges:")))
+                    if tick:
+                        tick(1)
             else:
                 try:
                     ranked = quantize.sensitive_tensors(sources.plain, sources.calibration, q.input_dtype,
@@ -309,6 +327,14 @@ def search(sources: Sources, evaluation: SampleSet, reference: dict[str, np.ndar
             if any(c.ok for c in tried):
                 break
     return _result(tried, profile)
+
+
+def _best_min_max_int8(tried: list[Candidate]) -> Candidate | None:
+    """The most faithful full-int8 candidate with TensorFlow's min/max ranges: what a range method
+    is tried on, so it adds to the weight steps that measured best instead of replacing them."""
+    base = [c for c in tried if c.recipe.ranges == "minmax" and c.recipe.full_integer
+            and not c.recipe.int16_activations and c.metrics is not None and c.error is None]
+    return max(base, key=lambda c: c.rank) if base else None
 
 
 def _result(tried: list[Candidate], profile: Profile) -> SearchResult:

@@ -168,6 +168,88 @@ def fer_targets(r: dict) -> list[tuple[str, bool, str]]:
     ]
 
 
+STEP_RECIPES = (  # what each post-training step buys on fer, each measured alone (see fer_steps)
+    ("int8 per-channel", {}),
+    ("+ percentile ranges", {"ranges": "percentile"}),
+    ("+ MSE ranges", {"ranges": "mse"}),
+    ("+ bias correction", {"bias_corrected": True}),
+    ("+ bias correction + percentile ranges", {"bias_corrected": True, "ranges": "percentile"}),
+    ("+ bias correction + MSE ranges", {"bias_corrected": True, "ranges": "mse"}),
+    ("int8 per-tensor + equalization + bias correction", {"per_channel": False, "equalized": True}),
+    ("int8 per-tensor + equalization + bias correction + MSE ranges",
+     {"per_channel": False, "equalized": True, "ranges": "mse"}),
+    ("16x8 (int16 activations)", {"int16_activations": True}),
+)
+
+
+def fer_steps(model_path: Path, cal: Path, ev: Path, work: Path, profile_path: Path,
+              input_range: tuple[float, float], latency_runs: int) -> list[dict]:
+    """Every step of item 2 measured on its own, whatever the search would stop at: size, agreement
+    with its interval, worst class, kernels, and host latency interleaved (1 thread) with plain int8."""
+    from converter import fidelity, quantize
+    from converter.data import load_samples
+    from converter.loading import load_model
+    from converter.progress import Bars
+    from converter.search import Sources, evaluate
+    from edgefleet.profiles import load_profile
+
+    loaded = load_model(model_path, work / "steps-model")
+    cal_set = load_samples(cal, loaded.inputs, input_range)
+    ev_set = load_samples(ev, loaded.inputs, input_range)
+    sources = Sources(loaded.saved_model_dir, loaded.keras_model,
+                      ([t.name for t in loaded.inputs], [t.name for t in loaded.outputs]), cal_set, work, False)
+    reference = fidelity.run_model(quantize.convert_float(loaded.saved_model_dir), ev_set)
+    profile = load_profile(profile_path)
+    rows, models = [], {}
+    for name, fields in STEP_RECIPES:
+        start = time.monotonic()
+        c = evaluate(quantize.Recipe(name, **fields), sources, ev_set, reference, profile,
+                     Bars(False), latency_runs=30)
+        row = {"name": name, "seconds": round(time.monotonic() - start, 1), "error": c.error}
+        if c.model is not None and c.metrics is not None:
+            models[name] = c.model
+            m = c.metrics.to_dict()
+            row.update(size=len(c.model), agreement_pct=m["top1_agreement_pct"],
+                       agreement_interval=m["top1_agreement_interval"], worst_class=m.get("worst_class"),
+                       kernel=c.kernel)
+        rows.append(row)
+    latency = interleaved_latency_ms(models, ev_set.sample(0), latency_runs)
+    for row in rows:
+        row["host_latency_ms"] = latency.get(row["name"])
+    return rows
+
+
+def render_steps(rows: list[dict]) -> None:
+    plain = rows[0]
+    print("\nfer mini-Xception, each step measured alone (host ms: 1 thread, interleaved):\n")
+    print("| recipe | size KB | agreement % [95% interval] | worst class | kernels | host ms | x plain int8 |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        if r.get("size") is None:
+            print(f"| {r['name']} | failed: {r['error']} | | | | | |")
+            continue
+        iv, w = r["agreement_interval"] or {}, r.get("worst_class") or {}
+        worst = f"class {w['class']}: {w['pct']:.1f}%" if w else "-"
+        print(f"| {r['name']} | {r['size'] / 1024:.1f} | {r['agreement_pct']:.2f} [{iv.get('low', 0):.2f}, "
+              f"{iv.get('high', 0):.2f}] | {worst} | {r['kernel']} | {r['host_latency_ms']:.3f} | "
+              f"{r['host_latency_ms'] / plain['host_latency_ms']:.2f} |")
+
+
+def steps_targets(rows: list[dict]) -> list[tuple[str, bool, str]]:
+    """Item 2's rule over the steps measured alone."""
+    ran = [r for r in rows if r.get("size")]
+    plain = ran[0]
+    best = max(ran, key=lambda r: r["agreement_pct"])
+    int8 = [r for r in ran if r["kernel"] == "xnnpack-int8"]
+    good = max(int8, key=lambda r: r["agreement_pct"])
+    ratio = good["host_latency_ms"] / plain["host_latency_ms"]
+    gap = best["agreement_pct"] - good["agreement_pct"]
+    ok = gap <= 1.0 and ratio <= 1.5 and good["size"] <= plain["size"]
+    return [("fer mini-Xception steps: best int8 within 1 point of the best recipe, <= 1.5x latency, <= per-channel size",
+             ok, (f"{good['name']} {good['agreement_pct']:.2f}% vs {best['name']} {best['agreement_pct']:.2f}% "
+                  f"({gap:.2f} points), {ratio:.2f}x latency, {good['size'] / plain['size']:.3f}x size"))]
+
+
 def _plot(all_results: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -245,6 +327,15 @@ def render(all_results: dict, checks: list[tuple[str, bool, str]], seconds: floa
     print(f"\nbenchmark took {seconds} s; latencies are host figures, not Raspberry Pi figures")
 
 
+def _fer_steps_in(work: Path, latency_runs: int) -> list[dict]:
+    xf = face_crops(1500)
+    xf = xf[np.random.default_rng(1).permutation(len(xf))]
+    write_samples(work / "scal.npz", xf[:300])
+    write_samples(work / "seval.npz", xf[300:])
+    return fer_steps(FER, work / "scal.npz", work / "seval.npz", work, bench_profile(work, "rpi4", allow_16bit=True),
+                     (-1.0, 1.0), latency_runs)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "converter.json")
@@ -254,10 +345,24 @@ def main() -> int:
     parser.add_argument("--latency-runs", type=int, default=300)
     parser.add_argument("--skip-mobilenet", action="store_true")
     parser.add_argument("--skip-fer", action="store_true", help="skip the real mini-Xception model")
+    parser.add_argument("--fer-steps-only", action="store_true",
+                        help="only measure item 2's steps on fer's mini-Xception, each alone")
     parser.add_argument("--plot", type=Path, help="also draw size, gzip size and host latency per variant (PNG)")
     args = parser.parse_args()
     started = time.monotonic()
     all_results, checks = {}, []
+    if args.fer_steps_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            rows = _fer_steps_in(work, args.latency_runs)
+        render_steps(rows)
+        checks = steps_targets(rows)
+        for text, ok, measured in checks:
+            print(f"- {'met' if ok else 'MISSED'}: {text} (measured {measured})")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"fer_steps": rows, "seconds": round(time.monotonic() - started, 1)},
+                                       indent=2) + "\n")
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model, x, y = train_digits_model(epochs=8)
@@ -292,12 +397,17 @@ def main() -> int:
                                              profile=bench_profile(work, "rpi4", allow_16bit=True),
                                              input_range=(-1.0, 1.0))
             checks += fer_targets(all_results[label])
+            steps = _fer_steps_in(work, args.latency_runs)
+            checks += steps_targets(steps)
     seconds = round(time.monotonic() - started, 1)
     render(all_results, checks, seconds)
+    if not args.skip_fer:
+        render_steps(steps)
     if args.plot:
         _plot(all_results, args.plot)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"results": all_results, "seconds": seconds,
+    args.out.write_text(json.dumps({"results": all_results, "fer_steps": steps if not args.skip_fer else None,
+                                    "seconds": seconds,
                                     "targets": [{"target": t, "met": ok, "measured": m} for t, ok, m in checks]},
                                    indent=2) + "\n")
     return 0
