@@ -1,7 +1,8 @@
 """The artifact manifest (``manifest.json``): what a model is, how to feed it, how to check it.
 
 Written by the converter, signed by the publisher, verified by the agent before a single byte of
-the model is used. Schema version 1 is documented field by field in ``docs/protocol.md``.
+the model is used. Schema version 1 is the :class:`Manifest` model below, field by field (optional
+``output_roles``: docs/cache.md, "Output roles"); update commands carry it as in ``docs/protocol.md``.
 """
 
 from __future__ import annotations
