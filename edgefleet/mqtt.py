@@ -33,6 +33,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edgefleet.bufsock import ReadBufferedSocket
 from edgefleet.errors import ConfigError, TransportError
 from edgefleet.messages import encode
 
@@ -165,6 +166,17 @@ class LinkSettings:
     will: tuple[str, bytes] | None = None  # retained QoS 1 Last Will (topic, payload)
 
 
+class _BufferedClient(mqtt.Client):
+    """paho's client reading through :class:`~edgefleet.bufsock.ReadBufferedSocket`.
+
+    ``_create_socket`` is paho 2's (private) socket factory; were it renamed, this override would
+    simply not run and paho would read unbuffered, as before.
+    """
+
+    def _create_socket(self) -> Any:
+        return ReadBufferedSocket(super()._create_socket())
+
+
 class MqttConnection:
     """One broker connection that reconnects by itself.
 
@@ -222,7 +234,7 @@ class MqttConnection:
     def _make_client(self) -> mqtt.Client:
         s = self.settings
         v5 = self._protocol == mqtt.MQTTv5
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=self._protocol,
+        client = _BufferedClient(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=self._protocol,
                              clean_session=None if v5 else s.session_expiry_s == 0)
         if s.username is not None:
             client.username_pw_set(s.username, s.password)
@@ -563,17 +575,22 @@ class MqttClient:
         return self._link.send(topic, data, qos=qos, retain=retain,
                                properties=publish_properties(response_topic, correlation))
 
-    def flush(self, infos: Iterable[mqtt.MQTTMessageInfo], timeout: float = 10.0) -> None:
-        """Wait until the given publishes left the client (PUBACK for QoS 1)."""
-        deadline = time.monotonic() + timeout
+    def flush(self, infos: Iterable[mqtt.MQTTMessageInfo], stall_s: float = 10.0) -> None:
+        """Wait until the given publishes left the client (PUBACK for QoS 1).
+
+        However long that takes while acknowledgements keep coming: a replicated broker (JetStream
+        R3) acknowledges a large wave at its own pace. Fails once ``stall_s`` pass without one.
+
+        Raises:
+            TransportError: a publish was refused, or no acknowledgement came for ``stall_s``.
+        """
         for info in infos:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TransportError(f"publishes to {self.url.display()} not acknowledged within {timeout:g}s")
             try:
-                info.wait_for_publish(left)
+                info.wait_for_publish(stall_s)
             except (RuntimeError, ValueError) as exc:
                 raise TransportError(f"publish to {self.url.display()} failed: {exc}") from exc
+            if not info.is_published():
+                raise TransportError(f"publishes to {self.url.display()}: no acknowledgement for {stall_s:g}s")
 
     def close(self, end_session: bool = False) -> None:
         """Disconnect; ``end_session`` also drops a persistent session (nothing is queued for us)."""

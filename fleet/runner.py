@@ -72,6 +72,7 @@ __all__ = [
 
 EVENT_TOPICS = (all_devices("events"), all_devices("cmd/+/response"))
 Progress = Callable[[Rollout, dict[str, int]], None]
+COALESCE_S = 0.02  # once answers flow, read them in batches this often rather than one wake-up each, s
 IDLE_PLAN_S = 1.0  # longest a driver waits without planning while no answer arrives, s
 LEASE_TTL_S = 10.0  # a driver that stops writing loses its rollout after this long, s
 STATEMENT_MARGIN_S = 300.0  # a rollback statement outlives its command by this much (clock skew), s
@@ -302,7 +303,7 @@ class RolloutRunner:
             infos.append(self.client.publish(device_cmd_topic(e.device_id, command), payload,
                                              response_topic=self.reply_topic, correlation=payload["id"].encode()))
         # generous: a cluster that lost a node acknowledges again only once it has a new leader
-        self.client.flush(infos, timeout=max(60.0, len(infos) / 500))
+        self.client.flush(infos, stall_s=60.0)
         if rollback:
             self.sent_rollbacks += len(changed)
         else:
@@ -386,19 +387,30 @@ class RolloutRunner:
         Returns how many executions changed.
 
         The planner runs once per tick, not once per message: its O(devices) pass stays at a few
-        per second however many answers a large fleet sends.
+        per second however many answers a large fleet sends. After the first answer the queue is
+        drained every COALESCE_S: a broker that delivers answers one TCP segment at a time (NATS)
+        would otherwise wake this thread once per message.
         """
         deadline = time.monotonic() + self.tick_s
         changed: dict[str, Execution] = {}
         history: list[tuple[str | None, str | None, str, dict[str, Any] | None]] = []
         n = 0
         now = clock()
+        messages = self.client.messages
         while n < self.batch:
-            left = deadline - time.monotonic()
             try:
-                msg = self.client.messages.get(timeout=left) if left > 0 else self.client.messages.get_nowait()
+                msg = messages.get_nowait()
             except queue.Empty:
-                break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                if n:  # drain in batches: a wake-up per answer costs more CPU than the answer
+                    time.sleep(min(left, COALESCE_S))
+                    continue
+                try:
+                    msg = messages.get(timeout=left)
+                except queue.Empty:
+                    break
             n += 1
             new = self._fold(msg, now)
             if new is None:

@@ -148,7 +148,7 @@ class Simulator:
     def start(self) -> Simulator:
         self._client.connect()
         births = [self._publish_state(dev, online=True) for dev in self.devices.values()]
-        self._client.flush(births, timeout=max(30.0, len(births) / 200))
+        self._client.flush(births, stall_s=30.0)
         self._client.subscribe([all_devices("cmd/+")] + [group_cmd_topic(g, "+") for g in sorted(self._groups)])
         for target in (self._dispatch_loop, self._timer_loop):
             t = threading.Thread(target=target, daemon=True, name=f"sim-{target.__name__}")
@@ -177,7 +177,7 @@ class Simulator:
             else:
                 infos.append(self._publish_state(dev, online=False))
         try:
-            self._client.flush(infos, timeout=30)
+            self._client.flush(infos, stall_s=30.0)
         finally:
             self._client.close()
 

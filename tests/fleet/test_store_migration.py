@@ -83,7 +83,7 @@ class _LoopbackClient:
         self.messages.put(Message(events_topic(device), encode(
             {"event": "ota", "rollout_id": RID, "version": "2", "state": "committed"}), False))
 
-    def flush(self, infos: Any, timeout: float) -> None:
+    def flush(self, infos: Any, stall_s: float) -> None:
         pass
 
 

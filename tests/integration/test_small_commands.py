@@ -76,7 +76,7 @@ class _Loopback:
         reply = self.devices[device].handle(topic.rsplit("/", 1)[1], data)
         self.messages.put(Message(str(response_topic), encode(reply), correlation=correlation))
 
-    def flush(self, infos: Any, timeout: float) -> None:
+    def flush(self, infos: Any, stall_s: float) -> None:
         pass
 
 
