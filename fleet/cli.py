@@ -222,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", default="0.0.0.0:9479", help="HOST:PORT of /metrics, or 'off'")
     p.add_argument("--metrics-refresh", type=float, default=5.0, help="seconds between metric renders")
     p.add_argument("--stale", type=float, default=600.0, help="seconds before a silent device leaves the metrics")
+    p.add_argument("--sign-key", help="Ed25519 key that signs the rollback statements of the rollouts this "
+                                      "controller drives (operator rollbacks with a version, aborted deploys)")
+    passphrase(p)
 
     p = add("exporter", "fleet metrics for Prometheus from the devices' MQTT state and telemetry")
     broker(p)
@@ -793,7 +796,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         state=state_url(args.state, args.data_dir), broker=_broker(args), token=load_token(args.token_file),
         listen=args.listen, tls_cert=args.tls_cert, tls_key=args.tls_key, serve=args.serve,
         advertise=args.advertise, metrics=None if args.metrics == "off" else args.metrics,
-        metrics_refresh_s=args.metrics_refresh, stale_s=args.stale, cache_dir=data / "artifacts")
+        metrics_refresh_s=args.metrics_refresh, stale_s=args.stale, cache_dir=data / "artifacts",
+        sign_key=_sign_key(args))
     stop = _until_signal()
     controller = Controller(settings)
     try:

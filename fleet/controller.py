@@ -33,6 +33,7 @@ from edgefleet.errors import ArtifactError, ConfigError, EdgefleetError
 from edgefleet.manifest import parse_manifest
 from edgefleet.messages import ExecState
 from edgefleet.mqtt import Message, MqttClient, connect
+from edgefleet.signing import Ed25519PrivateKey
 from fleet import views
 from fleet.artifacts import ArtifactServer, hosted_manifest, manifest_url_beside, serve_manifest
 from fleet.exporter import FleetIndex, MetricsServer
@@ -63,6 +64,7 @@ class ControllerSettings:
     stale_s: float = 600.0          # a device silent this long leaves the metrics, s
     scan_s: float = 1.0             # how often leases are looked at, s
     cache_dir: Path = Path(".")     # where uploaded models are written for the artifact server
+    sign_key: Ed25519PrivateKey | None = None  # signs rollback statements (below a device's floor)
 
 
 class Controller:
@@ -196,7 +198,8 @@ class Controller:
             execs = store.executions(rollout_id)
             client = connect(self.settings.broker, client_id=f"edge-fleet-{rollout_id}", persistent=True)
             runner = RolloutRunner(store, client, rollout, execs, owner=self.controller_id, stop=self._stop,
-                                   notice=lambda text: log.warning("%s", text), manifest=manifest)
+                                   notice=lambda text: log.warning("%s", text), manifest=manifest,
+                                   sign_key=self.settings.sign_key)
             if any(e.state is not ExecState.QUEUED for e in execs):
                 client.subscribe(STATE_TOPICS)  # retained states credit devices that finished meanwhile
             final = runner.run()

@@ -18,10 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.messages import ExecState
+from edgefleet.messages import ExecState, decode
+from edgefleet.mqtt import connect
+from edgefleet.signing import generate_keypair, load_public_key
+from edgefleet.statements import verify_statement
 from edgefleet.testing.broker import free_port
 from edgefleet.testing.simulator import Simulator
 from edgefleet.testing.waiting import wait_for
+from edgefleet.topics import all_devices
 from fleet.store import open_store
 from tests.fleet import conftest as fleet_fixtures
 from tests.fleet.conftest import REPO, make_artifact, run_cli
@@ -45,12 +49,12 @@ def token_file(tmp_path) -> str:
 class Controller:
     """One ``edge-fleet serve`` process; ``url`` and ``controller_id`` from its ready line."""
 
-    def __init__(self, state: str, broker_url: str, token_file: str, workdir: Path) -> None:
+    def __init__(self, state: str, broker_url: str, token_file: str, workdir: Path, *extra: str) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.log = workdir / "controller.log"
         self.args = [sys.executable, "-m", "fleet.cli", "serve", "--state", state, "--broker", broker_url,
                      "--token-file", token_file, "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0",
-                     "--serve", "127.0.0.1:0", "--data-dir", str(workdir), "--metrics-refresh", "0.5"]
+                     "--serve", "127.0.0.1:0", "--data-dir", str(workdir), "--metrics-refresh", "0.5", *extra]
         self.start()
 
     def start(self) -> None:
@@ -189,6 +193,35 @@ def test_a_submitted_rollout_completes_after_the_client_exits(broker, token_file
         waited = _client(ctl, token_file, "rollback", "--group", "sub", "--wait", "--json")
         assert waited.returncode == 0, waited.stderr
         assert json.loads(waited.stdout)["state"] == "SUCCEEDED" and set(sim.versions().values()) == {"1"}
+
+
+def test_a_controller_with_a_sign_key_signs_each_devices_rollback_statement(broker, token_file, tmp_path,
+                                                                             controllers):
+    # without the fleet key a device refuses to go below its anti-downgrade floor (docs/security.md)
+    key, pub = generate_keypair(tmp_path / "keys")
+    ctl = Controller(f"sqlite:///{tmp_path / 'fleet.db'}", broker.url, token_file, tmp_path / "ctl",
+                     "--sign-key", str(key))
+    controllers.append(ctl)
+    seen: list[tuple[str, dict]] = []
+    watcher = connect(broker.url, client_id="statement-watcher",
+                      on_message=lambda m: seen.append((m.topic, decode(m.payload))))
+    watcher.subscribe([all_devices("cmd/rollback")])
+    try:
+        with _sim(broker, "sig", n=3) as sim:
+            rollout_id = _submit(ctl, token_file, make_artifact(tmp_path / "v2", "2"), "sig")
+            wait_for(lambda: _status(ctl, token_file, rollout_id)["state"] == "SUCCEEDED", 60, interval=0.3,
+                     what="the deploy of v2")
+            r = _client(ctl, token_file, "rollback", "--group", "sig", "--to", "1", "--wait", "--json")
+            assert r.returncode == 0, r.stderr
+            assert set(sim.versions().values()) == {"1"}
+    finally:
+        watcher.close()
+    assert len(seen) == 3
+    for topic, cmd in seen:
+        device = topic.split("/")[3]
+        st = verify_statement(cmd["statement"], cmd["statement_signature"], [load_public_key(pub)],
+                              kind="rollback", device_id=device, group="sig", now=time.time())
+        assert st.version == "1" and st.device == device
 
 
 def test_two_controllers_on_postgres_the_driver_killed_mid_wave_the_other_finishes(
