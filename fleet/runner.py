@@ -73,6 +73,7 @@ __all__ = [
 EVENT_TOPICS = (all_devices("events"), all_devices("cmd/+/response"))
 Progress = Callable[[Rollout, dict[str, int]], None]
 COALESCE_S = 0.02  # once answers flow, read them in batches this often rather than one wake-up each, s
+PLAN_COST_RATIO = 20.0  # the planner may use at most ~1/20 of the wall time while answers flow
 IDLE_PLAN_S = 1.0  # longest a driver waits without planning while no answer arrives, s
 LEASE_TTL_S = 10.0  # a driver that stops writing loses its rollout after this long, s
 STATEMENT_MARGIN_S = 300.0  # a rollback statement outlives its command by this much (clock skew), s
@@ -354,8 +355,10 @@ class RolloutRunner:
         self.client.subscribe((self.reply_topic,) + EVENT_TOPICS)
         self._resend_unanswered(clock())
         while True:
+            started = time.monotonic()
             now = clock()
             d = decide(self.rollout, list(self.execs.values()), self.policy, now)
+            cost = time.monotonic() - started  # the O(devices) part; sending is paid per device anyway
             for e in d.changed:
                 self.execs[e.device_id] = e
             history: list[tuple[str | None, str | None, str, dict[str, Any] | None]] = [
@@ -367,24 +370,40 @@ class RolloutRunner:
             self._save(self.rollout, d.changed, history, now=now)
             self._send(d.send_update, rollback=False, now=now)
             self._send(d.send_rollback, rollback=True, now=now)
+            mark = time.monotonic()
             self._report()
+            cost += time.monotonic() - mark
             if self.rollout.terminal:
                 if self.owner is not None:
                     self.store.release(self.rollout.id, self.owner)
                 return self.rollout
-            planned = time.monotonic()
-            # Plan again when answers changed something, or every IDLE_PLAN_S for timeouts and the
-            # lease: an idle pass over a large fleet costs more than the answers do.
-            while not self._receive(clock) and time.monotonic() - planned < IDLE_PLAN_S:
-                if self.stop.is_set():
-                    raise Stopped(self.rollout.id)
+            self._await_answers(gap_s=min(IDLE_PLAN_S, cost * PLAN_COST_RATIO), clock=clock)
+
+    def _await_answers(self, gap_s: float, clock: Callable[[], float]) -> None:
+        """Fold answers until the planner should run again.
+
+        That is when a wave just finished; when answers changed something, but not before
+        ``gap_s`` (PLAN_COST_RATIO times the last pass's planning cost: a pass over 50,000
+        devices costs tens of ms, and answers trickling in from a slow broker must not pay one
+        each); and every IDLE_PLAN_S for timeouts and the lease.
+        """
+        planned = time.monotonic()
+        changed = False
+        while True:
+            got, wave_finished = self._receive(clock)
+            changed = changed or got > 0
+            waited = time.monotonic() - planned
+            if wave_finished or waited >= IDLE_PLAN_S or (changed and waited >= gap_s):
+                break
             if self.stop.is_set():
                 raise Stopped(self.rollout.id)
+        if self.stop.is_set():
+            raise Stopped(self.rollout.id)
 
-    def _receive(self, clock: Callable[[], float]) -> int:
+    def _receive(self, clock: Callable[[], float]) -> tuple[int, bool]:
         """Fold every answer that arrives within one tick, then save them in one transaction.
 
-        Returns how many executions changed.
+        Returns how many executions changed, and whether the current wave just finished.
 
         The planner runs once per tick, not once per message: its O(devices) pass stays at a few
         per second however many answers a large fleet sends. After the first answer the queue is
@@ -395,6 +414,7 @@ class RolloutRunner:
         changed: dict[str, Execution] = {}
         history: list[tuple[str | None, str | None, str, dict[str, Any] | None]] = []
         n = 0
+        wave_finished = False
         now = clock()
         messages = self.client.messages
         while n < self.batch:
@@ -422,10 +442,11 @@ class RolloutRunner:
                 history.append((self.rollout.id, new.device_id, event,
                                 {"ota_state": new.ota_state, "reason": new.reason}))
             if new.terminal and not old.terminal and self._wave_done(new.wave):
+                wave_finished = True
                 break  # the planner can start the next wave now
         if changed:
             self._save(None, list(changed.values()), history, now=now)
-        return len(changed)
+        return len(changed), wave_finished
 
     def _save(self, rollout: Rollout | None, changed: Sequence[Execution],
               history: Sequence[tuple[str | None, str | None, str, dict[str, Any] | None]], now: float) -> None:
