@@ -35,7 +35,7 @@ from edgefleet.messages import (
     encode,
     make_command,
 )
-from edgefleet.mqtt import Message, MqttClient
+from edgefleet.mqtt import Message, MqttClient, Outgoing
 from edgefleet.signing import Ed25519PrivateKey, canonical_bytes, load_private_key, sign_manifest
 from edgefleet.statements import make_statement
 from edgefleet.topics import all_devices, device_cmd_topic, fleet_reply_topic, parse_device_topic
@@ -299,12 +299,10 @@ class RolloutRunner:
         event = "send_rollback" if rollback else "send_update"
         payloads = [self._payload(e, command, rollback) for e in changed]  # one too large: nothing is recorded
         self._save(None, changed, [(self.rollout.id, None, event, {"devices": len(changed)})], now=now)
-        infos = []
-        for e, payload in zip(changed, payloads):
-            infos.append(self.client.publish(device_cmd_topic(e.device_id, command), payload,
-                                             response_topic=self.reply_topic, correlation=payload["id"].encode()))
-        # generous: a cluster that lost a node acknowledges again only once it has a new leader
-        self.client.flush(infos, stall_s=60.0)
+        # generous stall: a cluster that lost a node acknowledges again only once it has a new leader
+        self.client.publish_all((Outgoing(device_cmd_topic(e.device_id, command), payload, self.reply_topic,
+                                          payload["id"].encode()) for e, payload in zip(changed, payloads)),
+                                stall_s=60.0)
         if rollback:
             self.sent_rollbacks += len(changed)
         else:

@@ -83,8 +83,9 @@ class _LoopbackClient:
         self.messages.put(Message(events_topic(device), encode(
             {"event": "ota", "rollout_id": RID, "version": "2", "state": "committed"}), False))
 
-    def flush(self, infos: Any, stall_s: float) -> None:
-        pass
+    def publish_all(self, messages: Any, stall_s: float) -> None:
+        for m in messages:
+            self.publish(m.topic, m.payload, response_topic=m.response_topic, correlation=m.correlation)
 
 
 def test_an_old_store_migrates_sent_and_answered_into_states(tmp_path):

@@ -7,12 +7,14 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from edgefleet.errors import TransportError
-from edgefleet.mqtt import connect
+from edgefleet.mqtt import PUBLISH_WINDOW, Outgoing, connect
 from edgefleet.testing.broker import MosquittoBroker
+from edgefleet.testing.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -65,3 +67,31 @@ def test_a_broker_that_pauses_often_is_waited_for_past_the_stall_limit(tmp_path:
             client.close()
     assert all(i.is_published() for i in infos)
     assert took > 0.8  # longer than the stall limit in total, and still acknowledged
+
+
+def test_a_wave_of_20000_commands_is_paced_and_every_one_acknowledged_in_order(tmp_path: Path) -> None:
+    # paho walks every message it holds on each PUBACK: publish_all hands it PUBLISH_WINDOW at a time
+    with MosquittoBroker(tmp_path) as broker:
+        got: list[int] = []
+        listener = connect(broker.url, client_id="wave-listener",
+                           on_message=lambda m: got.append(int(m.payload)))
+        listener.subscribe(["edgefleet/v1/devices/+/cmd/update"])
+        sender = connect(broker.url, client_id="wave-sender")
+        try:
+            held: list[int] = []
+            original = sender._link.send
+
+            def counting_send(*args: Any, **kwargs: Any) -> Any:
+                held.append(len(sender._link._client._out_messages))
+                return original(*args, **kwargs)
+
+            sender._link.send = counting_send  # type: ignore[method-assign]
+            n = sender.publish_all((Outgoing(f"edgefleet/v1/devices/d{i}/cmd/update", str(i).encode())
+                                    for i in range(20_000)), stall_s=10)
+            assert n == 20_000
+            assert max(held) <= PUBLISH_WINDOW
+            wait_for(lambda: len(got) == 20_000, 30, what="every command delivered")
+            assert got == list(range(20_000))
+        finally:
+            sender.close()
+            listener.close()

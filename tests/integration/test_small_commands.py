@@ -76,8 +76,9 @@ class _Loopback:
         reply = self.devices[device].handle(topic.rsplit("/", 1)[1], data)
         self.messages.put(Message(str(response_topic), encode(reply), correlation=correlation))
 
-    def flush(self, infos: Any, stall_s: float) -> None:
-        pass
+    def publish_all(self, messages: Any, stall_s: float) -> None:
+        for m in messages:
+            self.publish(m.topic, m.payload, response_topic=m.response_topic, correlation=m.correlation)
 
 
 def _runner(tmp_path: Path, art: Any, server: ArtifactServer, devices: dict[str, CommandProcessor],
