@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -42,6 +42,8 @@ __all__ = [
     "mark_sent",
     "parse_canary",
     "plan_waves",
+    "resend_due",
+    "resend_interval",
     "summarize",
     "unanswered",
     "wave_command",
@@ -238,6 +240,24 @@ def unanswered(execs: Sequence[Execution]) -> tuple[list[str], list[str]]:
     updates = [e.device_id for e in execs if e.state is _E.SENT]
     rollbacks = [e.device_id for e in execs if e.rollback_state is _E.IN_PROGRESS]
     return updates, rollbacks
+
+
+def resend_due(execs: Sequence[Execution], last_sent: Mapping[str, float], policy: Policy, now: float) -> list[str]:
+    """Devices whose wave command got no answer at all for a quarter of the device timeout.
+
+    A broker can lose a message (a node lost before it replicated, a session dropped): the same
+    command id goes out again, up to three times before the device times out. A device that
+    answered anything is never sent the command again; one that already ran it replies with its
+    stored answer and runs nothing twice.
+    """
+    every = resend_interval(policy)
+    return [e.device_id for e in execs
+            if e.state is _E.SENT and now - last_sent.get(e.device_id, e.sent_ts or now) >= every]
+
+
+def resend_interval(policy: Policy) -> float:
+    """How long a sent command may go unanswered before it is sent again, s."""
+    return max(2.0, policy.device_timeout_s / 4)
 
 
 def summarize(execs: Sequence[Execution]) -> dict[str, int]:

@@ -50,6 +50,8 @@ from fleet.rollout import (
     decide,
     mark_sent,
     plan_waves,
+    resend_due,
+    resend_interval,
     summarize,
     unanswered,
     wave_command,
@@ -257,6 +259,9 @@ class RolloutRunner:
             for command in {wave_command(rollout.kind), "rollback"}:
                 self._cmds[command_id(rollout.id, e.device_id, command)] = (e.device_id, command)
         self._last_summary: dict[str, int] | None = None
+        self._last_sent: dict[str, float] = {}  # device -> when its wave command last went out (clock())
+        self._resend_checked = 0.0
+        self.resent = 0
         self.sent_updates = 0
         self.sent_rollbacks = 0
 
@@ -299,15 +304,37 @@ class RolloutRunner:
         event = "send_rollback" if rollback else "send_update"
         payloads = [self._payload(e, command, rollback) for e in changed]  # one too large: nothing is recorded
         self._save(None, changed, [(self.rollout.id, None, event, {"devices": len(changed)})], now=now)
-        # generous stall: a cluster that lost a node acknowledges again only once it has a new leader
-        self.client.publish_all((Outgoing(device_cmd_topic(e.device_id, command), payload, self.reply_topic,
-                                          payload["id"].encode()) for e, payload in zip(changed, payloads)),
-                                stall_s=60.0)
+        self._publish(changed, payloads, command, now)
         if rollback:
             self.sent_rollbacks += len(changed)
         else:
             self.sent_updates += len(changed)
         return changed
+
+    def _publish(self, execs: Sequence[Execution], payloads: Sequence[dict[str, Any]], command: str,
+                 now: float) -> None:
+        # generous stall: a cluster that lost a node acknowledges again only once it has a new leader
+        self.client.publish_all((Outgoing(device_cmd_topic(e.device_id, command), payload, self.reply_topic,
+                                          payload["id"].encode()) for e, payload in zip(execs, payloads)),
+                                stall_s=60.0)
+        if command == wave_command(self.rollout.kind):
+            self._last_sent.update((e.device_id, now) for e in execs)
+
+    def _resend_silent(self, now: float) -> None:
+        """The same wave command again to devices that never answered it (see :func:`resend_due`)."""
+        if now - self._resend_checked < min(IDLE_PLAN_S * 5, resend_interval(self.policy)):
+            return
+        self._resend_checked = now
+        if self.rollout.state is not RolloutState.IN_PROGRESS:
+            return
+        due = resend_due(list(self.execs.values()), self._last_sent, self.policy, now)
+        if not due:
+            return
+        command = wave_command(self.rollout.kind)
+        execs = [self.execs[did] for did in due]
+        self._save(None, (), [(self.rollout.id, None, "resend_" + command, {"devices": len(due)})], now=now)
+        self._publish(execs, [self._payload(e, command, rollback=False) for e in execs], command, now)
+        self.resent += len(due)
 
     def _resend_unanswered(self, now: float) -> None:
         """On resume: the same command id again to devices that never answered; nobody else."""
@@ -368,6 +395,7 @@ class RolloutRunner:
             self._save(self.rollout, d.changed, history, now=now)
             self._send(d.send_update, rollback=False, now=now)
             self._send(d.send_rollback, rollback=True, now=now)
+            self._resend_silent(now)
             mark = time.monotonic()
             self._report()
             cost += time.monotonic() - mark

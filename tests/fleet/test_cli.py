@@ -322,3 +322,28 @@ def test_a_broker_restart_mid_rollout_is_ridden_out(tmp_path, data):
         assert proc.returncode == 0, out + err
         assert json.loads(out)["state"] == "SUCCEEDED"
         assert set(sim.versions().values()) == {"2"}
+
+
+def test_a_command_the_broker_lost_is_sent_again_and_the_device_installs_once(fleet_broker, tmp_path, data):
+    # The simulator ignores the first delivery of lost-00001's update, as if the broker lost it
+    # (a node that died before replicating it); the runner re-sends the same id after a quarter
+    # of the device timeout, and the device installs it once.
+    art = make_artifact(tmp_path / "v2", "2")
+    ignored: list[str] = []
+
+    def lose_first(device_id: str, version: str) -> str | None:
+        if device_id == "lost-00001" and not ignored:
+            ignored.append(device_id)
+            return "silent"
+        return None
+
+    with _sim(fleet_broker, "lost", n=3, outcome_for=lose_first) as sim:
+        r = run_cli("deploy", str(art), "--broker", fleet_broker.url, "--group", "lost", "--canary", "0",
+                    "--wave-base", "3", "--json", "--data-dir", data, "--serve", "127.0.0.1:0",
+                    "--device-timeout", "12")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["state"] == "SUCCEEDED"
+        assert set(sim.versions().values()) == {"2"}
+        updates = [cid for name, cid in sim.received["lost-00001"] if name == "update"]
+        assert len(updates) == 2 and len(set(updates)) == 1, "sent again with the same id"
+        assert ignored == ["lost-00001"]

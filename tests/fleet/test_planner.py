@@ -225,3 +225,15 @@ def test_store_round_trips_rollouts_and_executions(tmp_path):
     assert again._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     with pytest.raises(ConfigError, match="unknown rollout"):
         again.rollout("nope")
+
+
+def test_a_command_lost_by_the_broker_is_sent_again_with_the_same_id_only_while_unanswered():
+    policy = Policy(device_timeout_s=40)  # re-send every 10 s, at most three times before the timeout
+    execs = _sent(_execs([["a", "b", "c"]]), ["a", "b", "c"])
+    execs = _set(execs, ["b"], state=ExecState.IN_PROGRESS)  # b answered: never re-sent
+    assert rollout.resend_due(execs, {}, policy, T0 + 9.9) == []
+    assert rollout.resend_due(execs, {}, policy, T0 + 10) == ["a", "c"]
+    # c was re-sent at T0 + 10: due again only 10 s later; a not yet re-sent stays due
+    assert rollout.resend_due(execs, {"c": T0 + 10}, policy, T0 + 15) == ["a"]
+    assert rollout.resend_due(execs, {"a": T0 + 15, "c": T0 + 10}, policy, T0 + 20) == ["c"]
+    assert rollout.resend_interval(Policy(device_timeout_s=4)) == 2.0  # never a storm on short timeouts
