@@ -225,6 +225,7 @@ class MqttConnection:
         self._switch_lock = threading.Lock()
         self._switching = False  # a protocol fall-back is replacing the paho client
         self.connects = 0
+        self.receive_maximum: int | None = None  # the broker's MQTT 5 Receive Maximum, once connected
         self._client = self._make_client()
 
     @property
@@ -399,6 +400,7 @@ class MqttConnection:
             return
         self.failure = None
         self._attempts = 0
+        self.receive_maximum = int(getattr(properties, "ReceiveMaximum", 0) or 0) or None
         client.reconnect_delay_set(self.settings.reconnect_min_s, self.settings.reconnect_max_s)  # type: ignore[arg-type]
         if self._subscriptions:
             # every connect: a broker that lost our session must not leave us without commands
@@ -591,7 +593,8 @@ class MqttClient:
     def publish_all(self, messages: Iterable[Outgoing], stall_s: float = 10.0) -> int:
         """Publish QoS 1 messages and wait for every acknowledgement; returns how many were sent.
 
-        At most PUBLISH_WINDOW are outstanding at once: paho walks every message it holds on
+        At most PUBLISH_WINDOW are outstanding at once, fewer if the broker's Receive Maximum
+        says so (MQTT 5 forbids a client to exceed it): paho walks every message it holds on
         each PUBACK, so handing it a whole wave of 20,000 costs a quadratic number of steps
         (tens of CPU seconds) and delays the acknowledgements past any timeout.
 
@@ -601,7 +604,8 @@ class MqttClient:
         outstanding: deque[mqtt.MQTTMessageInfo] = deque()
         sent = 0
         for m in messages:
-            while len(outstanding) >= PUBLISH_WINDOW:
+            # an MQTT 5 broker says how many unacknowledged QoS 1 publishes it takes (Mosquitto: 20)
+            while len(outstanding) >= min(PUBLISH_WINDOW, self._link.receive_maximum or PUBLISH_WINDOW):
                 self._wait_acknowledged(outstanding.popleft(), stall_s)
             outstanding.append(self.publish(m.topic, m.payload, response_topic=m.response_topic,
                                             correlation=m.correlation))
