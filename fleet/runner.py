@@ -313,6 +313,7 @@ class RolloutRunner:
 
     def _publish(self, execs: Sequence[Execution], payloads: Sequence[dict[str, Any]], command: str,
                  now: float) -> None:
+        """Publish (paced, every one acknowledged) and remember when each wave command went out."""
         # generous stall: a cluster that lost a node acknowledges again only once it has a new leader
         self.client.publish_all((Outgoing(device_cmd_topic(e.device_id, command), payload, self.reply_topic,
                                           payload["id"].encode()) for e, payload in zip(execs, payloads)),
