@@ -32,7 +32,7 @@ from edgefleet.atomic import atomic_write_bytes
 from edgefleet.errors import ArtifactError, ConfigError, EdgefleetError
 from edgefleet.manifest import parse_manifest
 from edgefleet.messages import ExecState
-from edgefleet.mqtt import Message, MqttClient, connect
+from edgefleet.mqtt import BrokerAccess, Message, MqttClient, connect
 from edgefleet.signing import Ed25519PrivateKey
 from fleet import views
 from fleet.artifacts import ArtifactServer, hosted_manifest, manifest_url_beside, serve_manifest
@@ -52,7 +52,7 @@ class ControllerSettings:
     """How one controller runs. Inert: :meth:`Controller.start` opens everything."""
 
     state: str                      # sqlite:///... or postgresql://...
-    broker: str                     # mqtt://...
+    broker: str | BrokerAccess      # mqtt://... (several with commas), with its password and TLS files
     token: str                      # the API's bearer token
     listen: str = "127.0.0.1:8470"  # API address
     tls_cert: str | None = None
@@ -290,7 +290,7 @@ class Controller:
                 timeout = float(request.get("device_timeout_s") or 120.0)
                 if timeout <= 0:
                     raise ConfigError("--device-timeout: expected seconds > 0")
-                created, _ = create_rollback(self._store, devices, request.get("to"), self.settings.broker, timeout,
+                created, _ = create_rollback(self._store, devices, request.get("to"), str(self.settings.broker), timeout,
                                              owner=self.controller_id, target=target, force=force)
                 rollout = created.id
             self._start_driver(rollout)
@@ -320,7 +320,7 @@ class Controller:
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"deploy request policy: {exc}") from exc
         rollout, _ = create_deploy(self._store, artifact, devices, policy, url, None if url else "controller",
-                                   self.settings.broker, force=force, owner=self.controller_id, target=target)
+                                   str(self.settings.broker), force=force, owner=self.controller_id, target=target)
         return rollout.id
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from edgefleet.atomic import fsync_dir
 from edgefleet.errors import ConfigError
 from edgefleet.messages import decode
-from edgefleet.mqtt import connect
+from edgefleet.mqtt import BrokerAccess, connect
 from edgefleet.topics import all_devices, parse_device_topic
 from fleet.watch import telemetry_fields
 
@@ -41,7 +41,7 @@ def _csv_row(received: float, device_id: str, t: dict[str, Any]) -> dict[str, An
             "drift": f["drift"], "drift_alert": f["drift_alert"]}
 
 
-def export(broker: str, out: Path | str, duration_s: float = 10.0) -> int:
+def export(broker: str | BrokerAccess, out: Path | str, duration_s: float = 10.0) -> int:
     """Record for ``duration_s`` seconds; returns the number of records written.
 
     Raises:

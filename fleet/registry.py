@@ -15,7 +15,7 @@ from typing import Any
 
 from edgefleet.errors import ConfigError
 from edgefleet.messages import decode
-from edgefleet.mqtt import Message, MqttClient, connect
+from edgefleet.mqtt import BrokerAccess, Message, MqttClient, connect
 from edgefleet.topics import all_devices, parse_device_topic
 
 __all__ = ["STATE_TOPICS", "TELEMETRY_TOPICS", "Device", "Registry", "collect", "select_devices"]
@@ -140,7 +140,7 @@ def drain_into(registry: Registry, client: MqttClient, settle_s: float, max_s: f
         count += 1
 
 
-def collect(broker: str, settle_s: float = 0.4, max_s: float = 30.0, telemetry: bool = False,
+def collect(broker: str | BrokerAccess, settle_s: float = 0.4, max_s: float = 30.0, telemetry: bool = False,
             client: MqttClient | None = None, listen_s: float = 0.0) -> Registry:
     """Read the retained device states from ``broker`` into a new :class:`Registry`.
 
