@@ -242,17 +242,24 @@ def unanswered(execs: Sequence[Execution]) -> tuple[list[str], list[str]]:
     return updates, rollbacks
 
 
-def resend_due(execs: Sequence[Execution], last_sent: Mapping[str, float], policy: Policy, now: float) -> list[str]:
-    """Devices whose wave command got no answer at all for a quarter of the device timeout.
+def resend_due(execs: Sequence[Execution], sent_order: Mapping[str, int], last_sent: Mapping[str, float],
+               policy: Policy, now: float) -> list[str]:
+    """Devices whose wave command looks lost: no answer at all for a quarter of the device timeout,
+    while a device it was sent before has answered.
 
     A broker can lose a message (a node lost before it replicated, a session dropped): the same
-    command id goes out again, up to three times before the device times out. A device that
-    answered anything is never sent the command again; one that already ran it replies with its
-    stored answer and runs nothing twice.
+    command id goes out again, up to three times before the device times out. ``sent_order``
+    numbers the publishes; a command is only sent again once a later one was answered, so a
+    broker that is merely behind (it delivers in order) is not buried under re-sends. A device
+    that answered anything is never sent the command again; one that already ran it replies with
+    its stored answer and runs nothing twice.
     """
     every = resend_interval(policy)
+    answered = max((sent_order.get(e.device_id, -1) for e in execs if e.state not in (_E.SENT, _E.QUEUED)),
+                   default=-1)
     return [e.device_id for e in execs
-            if e.state is _E.SENT and now - last_sent.get(e.device_id, e.sent_ts or now) >= every]
+            if e.state is _E.SENT and sent_order.get(e.device_id, answered) < answered
+            and now - last_sent.get(e.device_id, e.sent_ts or now) >= every]
 
 
 def resend_interval(policy: Policy) -> float:

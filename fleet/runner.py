@@ -15,6 +15,7 @@ succeeds, then goes on where it was.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import queue
 import threading
 import time
@@ -260,6 +261,8 @@ class RolloutRunner:
                 self._cmds[command_id(rollout.id, e.device_id, command)] = (e.device_id, command)
         self._last_summary: dict[str, int] | None = None
         self._last_sent: dict[str, float] = {}  # device -> when its wave command last went out (clock())
+        self._sent_order: dict[str, int] = {}   # device -> number of its wave command's last publish
+        self._publishes = itertools.count()
         self._resend_checked = 0.0
         self.resent = 0
         self.sent_updates = 0
@@ -319,7 +322,9 @@ class RolloutRunner:
                                           payload["id"].encode()) for e, payload in zip(execs, payloads)),
                                 stall_s=60.0)
         if command == wave_command(self.rollout.kind):
-            self._last_sent.update((e.device_id, now) for e in execs)
+            for e in execs:
+                self._last_sent[e.device_id] = now
+                self._sent_order[e.device_id] = next(self._publishes)
 
     def _resend_silent(self, now: float) -> None:
         """The same wave command again to devices that never answered it (see :func:`resend_due`)."""
@@ -328,7 +333,7 @@ class RolloutRunner:
         self._resend_checked = now
         if self.rollout.state is not RolloutState.IN_PROGRESS:
             return
-        due = resend_due(list(self.execs.values()), self._last_sent, self.policy, now)
+        due = resend_due(list(self.execs.values()), self._sent_order, self._last_sent, self.policy, now)
         if not due:
             return
         command = wave_command(self.rollout.kind)
