@@ -249,7 +249,7 @@ class MqttConnection:
         s = self.settings
         v5 = self._protocol == mqtt.MQTTv5
         client = _BufferedClient(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=self._protocol,
-                             clean_session=None if v5 else s.session_expiry_s == 0)
+                                 clean_session=None if v5 else s.session_expiry_s == 0)
         if s.username is not None:
             client.username_pw_set(s.username, s.password)
         if self.url.tls:
@@ -594,9 +594,10 @@ class MqttClient:
         """Publish QoS 1 messages and wait for every acknowledgement; returns how many were sent.
 
         At most PUBLISH_WINDOW are outstanding at once, fewer if the broker's Receive Maximum
-        says so (MQTT 5 forbids a client to exceed it): paho walks every message it holds on
-        each PUBACK, so handing it a whole wave of 20,000 costs a quadratic number of steps
-        (tens of CPU seconds) and delays the acknowledgements past any timeout.
+        says so (MQTT 5 forbids a client to exceed it). On each PUBACK paho walks the messages it
+        holds up to the first one not sent yet: a whole wave handed over at once costs its whole
+        in-flight limit per acknowledgement (20,000 commands on Mosquitto: 3.2 s of CPU, against
+        1.9 s paced).
 
         Raises:
             TransportError: as :meth:`flush`.
