@@ -9,19 +9,23 @@ Three layers (see ``docs/cache.md``):
    256 levels over the input's value range) is compared with the signature of the *last input that
    was actually computed* (the reference; never the previous input, so small drifts cannot pile
    up). The distance is divided by the reference's *margin* (classifiers: top-1 minus top-2 score;
-   other models: the input distance at which the outputs were last seen to move by a whole
-   tolerance), giving a *score*: confident answers get small scores, fragile ones large or
-   infinite. Reuse happens only below the score limit that the evidence supports, within
+   other models: the input distance at which the outputs move by a whole tolerance, a running
+   mean over the computed pairs), giving a *score*: confident answers get small scores, fragile
+   ones large or infinite. Reuse happens only below the score limit that the evidence supports, within
    ``near_threshold`` (a ceiling), 3x the mean distance of agreeing verdicts (the envelope),
    ``max_age_s`` and ``max_consecutive``. A manifest's ``output_roles`` make the verdict judge a
    detector on its detections (scores after their activation, boxes only where one is detected).
 3. **Evidence**: every computed frame that had a reference is a free verdict (would reusing the
    reference have changed the answer?), and a share of near hits is recomputed on purpose (more
-   where a band's evidence is thin). Verdicts are counted per band of score. Disagreement only
-   grows with the score, so a band is bounded by the verdicts at and above it: a one-sided
-   Clopper-Pearson upper bound (at ``confidence``) under ``target_disagreement`` lets it be reused
-   freely; under 4x the target, on a budget that keeps the expected disagreement over all answers
-   under the target. No evidence, no reuse.
+   where a cell's evidence is thin). Verdicts are counted per cell of (context, score band); the
+   context is how many recent verdicts disagreed at or near that score, so a scene whose answers
+   flicker is not judged on the evidence of a calm one at the same scores. Disagreement only grows
+   with the score and the context, so a cell is bounded by the verdicts at and above it: a
+   one-sided Clopper-Pearson upper bound (at ``confidence``) under ``target_disagreement`` lets it
+   be reused freely; under 4x the target, on a budget that keeps the expected disagreement over
+   all answers under the target. Every reuse stays charged at its cell's *current* bound, and the
+   reported upper bound is the Poisson quantile of that expected count: a bound on how many
+   reused answers really differed, not only on how many were expected to. No evidence, no reuse.
 
 All state sits behind one lock: callers on several threads share one cache.
 """
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 import threading
 import time
 from collections import OrderedDict
@@ -47,8 +52,8 @@ from edgefleet.profiles import CacheSettings, format_validation_error
 from edgefleet.quant import dequantize, top1
 
 __all__ = ["CacheSpec", "InferenceCache", "Lookup", "OutputJudge", "binomial_upper", "input_signature",
-           "output_change", "output_judges", "output_ranges", "output_tolerances", "resolve_cache",
-           "signature_distance"]
+           "output_change", "output_judges", "output_ranges", "output_tolerances", "poisson_quantile",
+           "resolve_cache", "signature_distance"]
 
 _ENTRY_OVERHEAD = 128  # bytes per entry for the key, tuple and OrderedDict node
 _SIGNATURE_CELLS = 32  # samples per spatial axis
@@ -69,7 +74,19 @@ _FLIP = 2.0  # output_change of a classifier whose top-1 changed (anything > 1 d
 # warm-up, let the fer classifier's scene cuts overrun their bound: 4x it stays.)
 _RAMP_FACTOR = 4.0
 _POOL_SPAN = 8  # a band borrows evidence from at most this many bands at and above it (16x its score)
+# A cell borrows only once it has verdicts of its own: where frames that fall in it were never seen,
+# a run of calm verdicts above it says little (a hand-held classifier flips at scores below frames
+# that kept their answer across a large shift).
+_OWN_VERDICTS = 10
+_FLOOR_VERDICTS = 30  # a cell's rate counts as a floor for the cells above it from this many verdicts
 _BUDGET_ANSWERS = 200
+# The context of a decision at score band b: how many of the last _RECENT verdicts disagreed at a
+# band <= b + _CONTEXT_REACH, capped at _CONTEXTS - 1. A scene cut or an object crossing disagrees
+# far above the stream's noise and leaves the calm frames' context alone; a flickering answer
+# disagrees at the very scores it would be reused at.
+_RECENT = 16
+_CONTEXT_REACH = 4
+_CONTEXTS = 3
 # The distance envelope: reuse only within _ENVELOPE_FACTOR x the typical distance at which verdicts
 # agree (a running mean over agreeing verdicts, weight _ENVELOPE_WEIGHT each). Frames farther away
 # are still candidates up to near_threshold, so their verdicts can move it; a scene cut ten times
@@ -77,6 +94,7 @@ _BUDGET_ANSWERS = 200
 # and one cut whose answer happened to agree moves the envelope a little, not to the cut.
 _ENVELOPE_FACTOR = 3.0
 _ENVELOPE_WEIGHT = 0.05
+_SENSITIVITY_WEIGHT = 0.2  # non-classifiers: weight of each computed pair in the running sensitivity
 
 
 CacheSpec = bool | CacheSettings | Mapping[str, Any] | None
@@ -117,7 +135,8 @@ class Lookup(NamedTuple):
     """What the cache said about one sample: ``kind`` is exact, near or miss.
 
     ``candidate`` is what reuse would have returned (the reference's outputs) when the sample was
-    close enough to be judged, so computing it yields a verdict; ``band`` is its score band.
+    close enough to be judged, so computing it yields a verdict; ``band`` is its evidence cell
+    (context x 26 + score band, see ``_Evidence``).
     """
 
     kind: str
@@ -180,6 +199,27 @@ def _poisson_upper(x: int, confidence: float) -> float:
     return hi
 
 
+def poisson_quantile(mean: float, confidence: float) -> int:
+    """The smallest ``k`` with P(X <= k) >= ``confidence`` for X ~ Poisson(``mean``).
+
+    A sum of independent Bernoulli events whose probabilities add up to ``mean`` exceeds it no
+    more often than the Poisson count does (Anderson and Samuels), so ``k`` bounds how many of
+    the reuses really disagreed, not only how many were expected to.
+    """
+    if mean <= 0.0:
+        return 0
+    if mean > 500.0:  # the normal approximation, rounded up with a continuity margin
+        z = statistics.NormalDist().inv_cdf(confidence)
+        return math.ceil(mean + z * math.sqrt(mean) + 1.0)
+    k, term = 0, math.exp(-mean)
+    total = term
+    while total < confidence:
+        k += 1
+        term *= mean / k
+        total += term
+    return k
+
+
 def _band(score: float) -> int:
     if score < _BAND_BASE:
         return 0
@@ -193,13 +233,18 @@ def _band_top(band: int) -> float:
 
 
 class _Evidence:
-    """Verdict counts per score band and what each band may do; pure bookkeeping, no clock.
+    """Verdict counts per cell of (context, score band) and what each cell may do; pure bookkeeping, no clock.
 
-    Disagreement can only grow with the score (a larger distance relative to a smaller margin),
-    so a band's rate is at most the pooled rate of any run of bands from it upwards: each band's
-    bound is the best one-sided upper bound over the runs starting at it (up to _POOL_SPAN bands
-    long). Under the target the band is reused freely, under _RAMP_FACTOR x target on the budget.
-    A band whose own verdicts show it worse than the target blocks itself and everything above.
+    The *context* is how many of the last _RECENT verdicts disagreed (0, 1, or 2 and more): a
+    scene whose answers flicker under noise shows it within a few verdicts, and from then on its
+    frames are judged on the evidence of flickering spells, not on that of the calm scene that
+    sat at the same scores before it (the reason a classifier's margin alone undercovered).
+    Disagreement can only grow with the score and with the context, so a cell's rate is at most
+    the pooled rate of any run of bands from it upwards (up to _POOL_SPAN bands long), pooled
+    over any run of contexts from it upwards: its bound is the best one-sided upper bound over
+    those runs. Under the target the cell is reused freely, under _RAMP_FACTOR x target on the
+    budget. A cell whose own verdicts show it worse than the target blocks itself and every cell
+    at a higher band or context.
     """
 
     def __init__(self, config: CacheSettings) -> None:
@@ -209,73 +254,110 @@ class _Evidence:
         self.window = config.evidence_window
         self.floor = config.verify_fraction
         self.thin = max(config.max_verify_fraction, config.verify_fraction)
-        self.n = [0] * _BANDS
-        self.e = [0] * _BANDS
-        self.bad = [False] * _BANDS
+        cells = _CONTEXTS * _BANDS
+        self.n = [0] * cells
+        self.e = [0] * cells
+        self.bad = [False] * cells
+        self.upper = [1.0] * cells  # the best pooled upper bound of each cell
+        self.best = [1.0] * cells  # what a reuse in the cell is charged: upper, or more (below), blocking aside
         # Read on the hot path, one index each: verification share, reuse cost (-1: none), budget?
-        self.share = [self.thin] * _BANDS
-        self.cost = [-1.0] * _BANDS
-        self.on_budget = [False] * _BANDS
-        self.pooled = [(0, 0)] * _BANDS  # verdicts and disagreements behind each band's bound
+        self.share = [self.thin] * cells
+        self.cost = [-1.0] * cells
+        self.on_budget = [False] * cells
+        self.pooled = [(0, 0)] * cells  # verdicts and disagreements behind each cell's bound
+        # Reuses served from each cell, and their risk: sum over cells of reuses x the cell's bound
+        # *now*, so a reuse served on thin evidence is re-charged as its cell's evidence grows (less
+        # once it stays clean, more once it disagrees). ``charged`` collects the changes for the budget.
+        self.reused = [0] * cells
+        self.risk = self.charged = 0.0
         self.changes = self.total_n = self.total_e = 0
 
-    def add(self, band: int, agree: bool) -> None:
-        """Count one verdict in ``band`` and recompute what every band may do."""
+    def add(self, cell: int, agree: bool) -> None:
+        """Count one verdict in ``cell`` and recompute what the cells it bounds may do."""
         self.total_n += 1
         self.total_e += 0 if agree else 1
-        self.n[band] += 1
-        self.e[band] += 0 if agree else 1
-        if self.n[band] >= self.window:  # old evidence fades: a changed stream must show
-            self.n[band] //= 2
-            self.e[band] = (self.e[band] + 1) // 2
-        n, e = self.n[band], self.e[band]
+        self.n[cell] += 1
+        self.e[cell] += 0 if agree else 1
+        if self.n[cell] >= self.window:  # old evidence fades: a changed stream must show
+            self.n[cell] //= 2
+            self.e[cell] = (self.e[cell] + 1) // 2
+        n, e = self.n[cell], self.e[cell]
         # Shown worse than the target on its own: P(X >= e | n, target) < 1 - confidence.
-        self.bad[band] = e > 0 and 1.0 - _binomial_cdf(e - 1, n, self.target) < 1.0 - self.confidence
-        self.share[band] = min(self.thin, max(self.floor, self.thin * _THIN_VERDICTS / (n + _THIN_VERDICTS)))
-        self._refresh()
+        self.bad[cell] = e > 0 and 1.0 - _binomial_cdf(e - 1, n, self.target) < 1.0 - self.confidence
+        self._refresh(cell)
 
-    def _bound(self, x: int, n: int) -> float:
-        return min(1.0, _poisson_upper(x, self.confidence) / n) if n else 1.0
-
-    def _refresh(self) -> None:
+    def _refresh(self, changed: int) -> None:
+        """Re-bound the cells whose runs pass through ``changed``, then apply blocking to all."""
         before = self.free_limit()
-        blocked = False
-        for band in range(_BANDS):
-            blocked = blocked or self.bad[band] or band == _BANDS - 1
-            best, behind = 1.0, (0, 0)
-            n = e = 0
-            for top in range(band, min(band + _POOL_SPAN, _BANDS - 1)):
-                n += self.n[top]
-                e += self.e[top]
-                bound = self._bound(e, n)
-                if bound < best:
-                    best, behind = bound, (n, e)
-            usable = not blocked and best < self.ramp_target
-            self.cost[band] = best if usable else -1.0
-            self.on_budget[band] = usable and best >= self.target
-            self.pooled[band] = behind
+        ctx0, band0 = divmod(changed, _BANDS)
+        counts, events, confidence, upper = self.n, self.e, self.confidence, _poisson_upper
+        for ctx in range(ctx0 + 1):
+            for band in range(max(0, band0 - _POOL_SPAN + 1), min(band0 + 1, _BANDS - 1)):
+                best, behind = 1.0, (0, 0)
+                run_n = [0] * _CONTEXTS  # per last context of the run: verdicts, disagreements so far
+                run_e = [0] * _CONTEXTS
+                for top in range(band, min(band + _POOL_SPAN, _BANDS - 1)):
+                    n = e = 0
+                    for last in range(ctx, _CONTEXTS):
+                        n += counts[last * _BANDS + top]
+                        e += events[last * _BANDS + top]
+                        if n:  # else the run has the counts, and the bound, of the shorter one
+                            run_n[last] += n
+                            run_e[last] += e
+                            bound = min(1.0, upper(run_e[last], confidence) / run_n[last])
+                            if bound < best:
+                                best, behind = bound, (run_n[last], run_e[last])
+                cell = ctx * _BANDS + band
+                self.upper[cell], self.pooled[cell] = best, behind
+                # Verified as often as the evidence behind its bound is thin (its own, or the run it borrows).
+                seen = max(self.n[cell], behind[0])
+                self.share[cell] = min(self.thin, max(self.floor, self.thin * _THIN_VERDICTS / (seen + _THIN_VERDICTS)))
+        blocked_from = _BANDS - 1  # the last band is open-ended and never reused
+        # Disagreement only grows with band and context: a well-evidenced cell below that disagrees
+        # more than a cell's own bound contradicts that bound, and the larger rate is charged.
+        seen_rate = [0.0] * _BANDS  # per band: the highest such rate in the contexts so far
+        for ctx in range(_CONTEXTS):
+            below = 0.0
+            for band in range(_BANDS):
+                cell = ctx * _BANDS + band
+                if self.bad[cell]:
+                    blocked_from = min(blocked_from, band)
+                best = max(self.upper[cell], below, seen_rate[band])
+                if self.reused[cell] and best != self.best[cell]:
+                    delta = self.reused[cell] * (best - self.best[cell])
+                    self.risk += delta
+                    self.charged += delta
+                self.best[cell] = best
+                if counts[cell] >= _FLOOR_VERDICTS:
+                    seen_rate[band] = max(seen_rate[band], events[cell] / counts[cell])
+                below = max(below, seen_rate[band])
+                usable = band < blocked_from and best < self.ramp_target and self.n[cell] >= _OWN_VERDICTS
+                self.cost[cell] = best if usable else -1.0
+                self.on_budget[cell] = usable and best >= self.target
         if self.free_limit() != before:
             self.changes += 1
 
     def free_limit(self) -> float:
-        """The top of the highest band reused freely (0: none yet)."""
-        free = [b for b in range(_BANDS) if self.cost[b] >= 0 and not self.on_budget[b]]
+        """The top of the highest band reused freely in any context (0: none yet)."""
+        free = [c % _BANDS for c in range(len(self.cost)) if self.cost[c] >= 0 and not self.on_budget[c]]
         return _band_top(max(free)) if free else 0.0
 
     def widest(self) -> tuple[int, int, float] | None:
-        """Verdicts, disagreements and bound behind the highest band in use, if any."""
-        used = [b for b in range(_BANDS) if self.cost[b] >= 0]
+        """Verdicts, disagreements and bound behind the highest band in use (calmest context first), if any."""
+        used = [c for c in range(len(self.cost)) if self.cost[c] >= 0]
         if not used:
             return None
-        n, e = self.pooled[used[-1]]
-        return n, e, self.cost[used[-1]]
+        cell = max(used, key=lambda c: (c % _BANDS, -c))
+        n, e = self.pooled[cell]
+        return n, e, self.cost[cell]
 
     def bands(self) -> list[dict[str, Any]]:
-        return [{"band": b, "score_below": round(_band_top(b), 5) if b < _BANDS - 1 else None,
-                 "verdicts": self.n[b], "disagreements": self.e[b], "verify_share": round(self.share[b], 3),
-                 "reuse": ("no" if self.cost[b] < 0 else "budget" if self.on_budget[b] else "free"),
-                 "bound": round(self.cost[b], 4) if self.cost[b] >= 0 else None}
-                for b in range(_BANDS) if self.n[b]]
+        return [{"context": c // _BANDS, "band": c % _BANDS,
+                 "score_below": round(_band_top(c % _BANDS), 5) if c % _BANDS < _BANDS - 1 else None,
+                 "verdicts": self.n[c], "disagreements": self.e[c], "verify_share": round(self.share[c], 3),
+                 "reuse": ("no" if self.cost[c] < 0 else "budget" if self.on_budget[c] else "free"),
+                 "bound": round(self.cost[c], 4) if self.cost[c] >= 0 else None}
+                for c in range(len(self.n)) if self.n[c]]
 
 
 # ---------------------------------------------------------------------------------- signatures
@@ -495,10 +577,13 @@ class InferenceCache:
         self._lookups = 0
         self._budget = 0.0  # expected disagreements the answers so far can still absorb
         self._budget_cap = config.target_disagreement * _BUDGET_ANSWERS
-        self._risk = 0.0  # sum of the bounds in force at each reuse: expected disagreements, upper
         # (signature, outputs, computed at, 1 / margin): the last input that was actually computed
         self._reference: tuple[np.ndarray, tuple[np.ndarray, ...], float, float] | None = None
         self._consecutive = 0
+        self._recent = [-1] * _RECENT  # score band of each of the last _RECENT verdicts that disagreed, else -1
+        self._recent_at = 0
+        self._context = [0] * _BANDS  # per score band: first cell of its context (context x _BANDS)
+        self._sensitivity = 0.0  # non-classifiers: running mean of change / distance (0: none yet)
         self._envelope = 0.0  # typical distance of agreeing verdicts (running mean; 0: none yet)
         self._reuse_ceiling = 0.0  # min(near_threshold, _ENVELOPE_FACTOR x envelope)
 
@@ -546,6 +631,7 @@ class InferenceCache:
                 if distance <= cfg.near_threshold:
                     score = distance * ref[3] if ref[3] < _INF else _INF
                     band = _band(score)
+                    band += self._context[band]
                     ev = self._evidence
                     cost = ev.cost[band]
                     if ev.on_budget[band] and self._budget < cost:
@@ -556,7 +642,8 @@ class InferenceCache:
                         if not verify:
                             self.near_hits += 1
                             self._budget -= cost
-                            self._risk += cost
+                            ev.reused[band] += 1
+                            ev.risk += cost
                         self._lookup_s += time.perf_counter() - start
                         self._lookups += 1
                         return Lookup("near", ref[1], verify, key, signature, ref[1], band, distance)
@@ -601,18 +688,47 @@ class InferenceCache:
                 if lookup.verify:
                     self.verified += 1
                     self.disagreements += 0 if agree else 1
-                self._evidence.add(lookup.band, agree)
+                ev = self._evidence
+                ev.add(lookup.band, agree)
+                if ev.charged:
+                    # Past reuses re-charged (or refunded) at their cells' new bounds. A refund restores
+                    # savings up to the cap; a re-charge takes the budget down to zero at most, so one
+                    # disagreement in a cell with a long history pauses budgeted reuse rather than
+                    # stopping it for hundreds of frames. The reported bound keeps the whole re-charge.
+                    self._budget = min(max(self._budget - ev.charged, min(self._budget, 0.0)), self._budget_cap)
+                    ev.charged = 0.0
+                self._note_recent(lookup.band % _BANDS, agree)
                 if agree:
                     self._envelope = (lookup.distance if self._envelope == 0.0 else
                                       self._envelope + _ENVELOPE_WEIGHT * (lookup.distance - self._envelope))
                 self._reuse_ceiling = min(self.config.near_threshold, _ENVELOPE_FACTOR * self._envelope)
             if self.config.max_bytes:
                 self._store(lookup.key, outputs)
+            if not self._classifier and change is not None and inv_margin < _INF:
+                # One pair's sensitivity is noisy (outputs swing by a fraction of a tolerance under
+                # sensor noise): a running mean ranks frames by their distance, as they should be.
+                self._sensitivity = (inv_margin if self._sensitivity == 0.0 else
+                                     self._sensitivity + _SENSITIVITY_WEIGHT * (inv_margin - self._sensitivity))
+                inv_margin = self._sensitivity
             if lookup.signature is not None:
                 self._reference = (lookup.signature, outputs, now, inv_margin)
                 self._consecutive = 0
 
     # ------------------------------------------------------------------ internals
+    def _note_recent(self, band: int, agree: bool) -> None:
+        """Remember one verdict and recompute every band's context (under the lock, at record time)."""
+        self._recent[self._recent_at] = -1 if agree else band
+        self._recent_at = (self._recent_at + 1) % _RECENT
+        below = [0] * _BANDS  # recent disagreements at each band
+        for b in self._recent:
+            if b >= 0:
+                below[b] += 1
+        seen = sum(below[:_CONTEXT_REACH])
+        for b in range(_BANDS):
+            if b + _CONTEXT_REACH < _BANDS:
+                seen += below[b + _CONTEXT_REACH]
+            self._context[b] = min(seen, _CONTEXTS - 1) * _BANDS
+
     def _floats(self, outputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         return [dequantize(a, info) if info.quantized else a for a, info in zip(outputs, self._outputs)]
 
@@ -656,6 +772,10 @@ class InferenceCache:
             samples = self.exact_hits + self.near_hits + self.misses + self.verified
             saved = self.exact_hits + self.near_hits
             widest = ev.widest()
+            # Each reuse disagreed with probability at most its cell's bound: their sum is the expected
+            # count, and its Poisson quantile bounds the count that really happened, at `confidence`.
+            # (Never below the expected count itself.)
+            worst = min(max(float(poisson_quantile(ev.risk, ev.confidence)), ev.risk), self.near_hits)
             region_n, region_e = (widest[0], widest[1]) if widest else (0, 0)
             return {
                 "enabled": True,
@@ -666,9 +786,10 @@ class InferenceCache:
                 "disagreements": self.disagreements,
                 "disagreement": round(self.disagreements / self.verified, 4) if self.verified else None,
                 "disagreement_rate": round(region_e / region_n, 4) if region_n else 0.0,
-                "disagreement_upper": round(self._risk / self.near_hits, 4) if self.near_hits else None,
+                "disagreement_upper": round(worst / self.near_hits, 4) if self.near_hits else None,
+                "expected_disagreements": round(ev.risk, 3),
                 "verifications": region_n,
-                "answer_disagreement_upper": round(self._risk / samples, 4) if samples else None,
+                "answer_disagreement_upper": round(worst / samples, 4) if samples else None,
                 "bound_in_force": round(widest[2], 4) if widest else None,
                 "confidence": ev.confidence,
                 "verdicts": ev.total_n,

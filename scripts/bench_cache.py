@@ -17,6 +17,10 @@ compared frame by frame. Two references are computed from the cache-off run alon
 output roles: face scores after their sigmoid, and boxes with their keypoints, only where a face
 is detected, each within ``output_tolerance`` x its range); for the detector the decoded faces
 (after non-maximum suppression: count, IoU and score) are reported as well.
+
+"bound_covers" compares the reused answers' true disagreement with the cache's own
+``disagreement_upper``: an upper bound (at the cache's confidence) on the *count* of reused
+answers that differ, so a row with a handful of reuses is judged on what chance allows there.
 """
 
 from __future__ import annotations
@@ -240,6 +244,7 @@ def evaluate(case: ModelCase, stream: str, frames: np.ndarray, settings: CacheSe
         "saved": saved, "disagreement": true_answer, "reuse_disagreement": true_reuse,
         "reported": {"disagreement_upper": upper, "verifications": s["verifications"],
                      "answer_disagreement_upper": s["answer_disagreement_upper"],
+                     "expected_disagreements": s["expected_disagreements"],
                      "verdicts": s["verdicts"], "score_limit": s["score_limit"]},
         "covered": (not reused.any()) or (upper is not None and true_reuse <= upper),
         "oracle_saved": oracle_saved(lambda a, b: not disagree(off[a], off[b]), n),

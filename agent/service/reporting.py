@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 __all__ = ["cache_summary", "metric_families", "metrics_text", "state_payload", "telemetry_payload"]
 
 _CACHE_KEYS = ("enabled", "hit_rate", "exact_hits", "near_hits", "misses", "disagreement_rate",
-               "disagreement_upper", "answer_disagreement_upper", "verifications", "threshold", "reason")
+               "disagreement_upper", "answer_disagreement_upper", "expected_disagreements", "verifications",
+               "threshold", "reason")
 
 
 def cache_summary(stats: dict[str, Any] | None) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from agent import Engine
-from agent.cache import InferenceCache, binomial_upper, input_signature, signature_distance
+from agent.cache import InferenceCache, binomial_upper, input_signature, poisson_quantile, signature_distance
 from agent.tensors import TensorInfo
 from edgefleet.errors import ConfigError
 from edgefleet.profiles import CacheSettings
@@ -108,8 +108,13 @@ def test_noisy_repeat_of_a_computed_frame_is_a_near_hit_returning_its_outputs(mo
     np.testing.assert_array_equal(engine.infer(noisy), computed)
     stats = engine.stats()["cache"]
     assert stats["near_hits"] == before + 1
-    # Reused first on the budget: each reuse may carry up to 4 % risk, the answers as a whole <= 1 %.
-    assert 0 < stats["disagreement_upper"] <= 0.04 and stats["answer_disagreement_upper"] <= 0.01
+    # Reused first on the budget: each reuse may carry up to 4 % risk, the answers as a whole <= 1 %
+    # in expectation; the reported bound is on the count that may really have happened (a whole
+    # disagreement over a handful of reuses, at 95 %), never below the expected one.
+    samples = stats["exact_hits"] + stats["near_hits"] + stats["misses"] + stats["verified_hits"]
+    assert 0 < stats["expected_disagreements"] <= 0.04 * stats["near_hits"]
+    assert stats["expected_disagreements"] <= 0.01 * samples
+    assert stats["disagreement_upper"] * stats["near_hits"] >= max(1.0, stats["expected_disagreements"]) - 1e-3
 
 
 def test_a_different_scene_is_never_a_near_hit(models):
@@ -210,11 +215,13 @@ def test_a_band_is_reused_only_once_its_upper_bound_is_under_the_target():
     _drive(cache, [frame] * 120, lambda f: confident.copy())  # 119 clean verdicts: ramp only
     stats = cache.stats()
     assert stats["score_limit"] == 0.0 and [b["reuse"] for b in stats["bands"]] == ["budget"]
-    _drive(cache, [frame] * 1500, lambda f: confident.copy())  # every 11th frame brings a verdict
+    _drive(cache, [frame] * 1800, lambda f: confident.copy())  # every 11th frame brings a verdict
     stats = cache.stats()
     assert stats["score_limit"] > 0 and stats["near_hits"] > 900
     assert binomial_upper(0, stats["verifications"], 0.95) <= 0.01
-    assert stats["answer_disagreement_upper"] <= 0.01
+    samples = stats["near_hits"] + stats["misses"] + stats["verified_hits"]
+    assert stats["expected_disagreements"] <= 0.01 * samples  # rationed to the target in expectation
+    assert stats["answer_disagreement_upper"] <= 0.015  # the count that may have happened, at 95 %
 
 
 def test_a_tied_answer_is_never_reused_whatever_the_evidence():
@@ -340,3 +347,86 @@ def test_a_frame_far_beyond_the_distances_that_agreed_is_computed_even_where_its
     cache.record(cache.lookup([base]), (confident.copy(),))
     assert cache.lookup([base + np.float32(ceiling / 2)]).kind == "near"
     assert cache.lookup([base + np.float32(ceiling * 2)]).kind == "miss"  # the band is open, the envelope not
+
+
+def _drive_truth(cache, frames, truths):
+    """Like ``_drive``, with each frame's answer fixed in advance; returns (reused, wrong) per frame."""
+    reused, wrong = [], []
+    for frame, truth in zip(frames, truths):
+        lookup = cache.lookup([frame])
+        served = lookup.outputs is not None and not lookup.verify
+        reused.append(served)
+        wrong.append(served and int(np.argmax(lookup.outputs[0])) != int(np.argmax(truth)))
+        if not served:
+            cache.record(lookup, (truth.copy(),))
+    return reused, wrong
+
+
+def test_a_flickering_scene_at_the_scores_of_a_calm_one_is_not_reused_on_the_calm_evidence():
+    """Issue 15 (a): a calm scene proves a band; then a scene whose top-1 flips under noise arrives at
+    the same distance and the same (confident) margins. Its first disagreements move it to a context
+    of its own, where no calm evidence applies: reuse stops within a few verdicts, and what it did
+    reuse stays within the reported bound."""
+    cache = _direct_cache(verify_fraction=0.05, max_consecutive=10, seed=2)
+    rng = np.random.default_rng(0)
+    frames = [np.full((1, 8, 8, 1), 0.5 + 0.01 * (i % 2), np.float32) for i in range(3000)]
+    sure = np.array([[0.05, 0.85, 0.05, 0.05]], np.float32)
+    flipped = sure[:, [1, 0, 2, 3]]  # the same margin, the other class
+    calm, _ = _drive_truth(cache, frames[:2000], [sure] * 2000)
+    assert sum(calm[-200:]) > 150 and cache.stats()["score_limit"] > 0  # reused freely
+    truths = [sure if rng.random() < 0.7 else flipped for _ in range(1000)]
+    reused, wrong = _drive_truth(cache, frames[2000:], truths)
+    # Without contexts (before issue 15's fix): 103 reuses, 53 of them wrong, under a reported 1.2 %.
+    assert sum(reused) <= 60, sum(reused)
+    stats = cache.stats()
+    assert any(b["context"] > 0 for b in stats["bands"])
+    assert sum(wrong) <= stats["disagreement_upper"] * stats["near_hits"]
+
+
+def test_a_scene_cut_far_above_the_noise_leaves_the_calm_frames_context_alone():
+    cache = _direct_cache()
+    cache._note_recent(20, agree=False)  # a cut: a disagreement at a score far above the noise's
+    assert cache._context[5] == 0 and cache._context[16] > 0
+    cache._note_recent(6, agree=False)
+    cache._note_recent(6, agree=False)  # flips at the noise's own scores
+    assert cache._context[5] // 26 == 2 and cache._context[2] // 26 == 2
+    for _ in range(16):  # sixteen calm verdicts later it is forgotten
+        cache._note_recent(6, agree=True)
+    assert cache._context == [0] * 26
+
+
+def test_reported_bound_is_on_the_count_that_may_have_happened_not_only_the_expected_one():
+    assert poisson_quantile(0.0, 0.95) == 0
+    assert poisson_quantile(3.4, 0.95) == 7  # P(X <= 7 | 3.4) = 0.97, P(X <= 6) = 0.94
+    assert poisson_quantile(16.0, 0.95) == 23
+    assert poisson_quantile(499.0, 0.95) <= poisson_quantile(501.0, 0.95) <= 501 + 1.645 * 501 ** 0.5 + 2
+    cache = _direct_cache(verify_fraction=0.0, max_verify_fraction=0.0, max_consecutive=10)
+    frame = np.full((1, 8, 8, 1), 0.5, np.float32)
+    confident = np.array([[0.05, 0.85, 0.05, 0.05]], np.float32)
+    _drive(cache, [frame] * 200, lambda f: confident.copy())
+    stats = cache.stats()
+    expected, reuses = stats["expected_disagreements"], stats["near_hits"]
+    assert 0 < expected and reuses > 0
+    # Reuses at a few % each: a few more disagreements than expected are well within chance.
+    assert stats["disagreement_upper"] * reuses >= poisson_quantile(expected, 0.95) > expected
+
+
+def test_past_reuses_are_recharged_when_their_cell_disagrees_and_refunded_while_it_stays_clean():
+    cache = _direct_cache(verify_fraction=0.0, max_verify_fraction=0.0, max_consecutive=10)
+    frame = np.full((1, 8, 8, 1), 0.5, np.float32)
+    confident = np.array([[0.05, 0.85, 0.05, 0.05]], np.float32)
+    _drive(cache, [frame] * 300, lambda f: confident.copy())
+    ev = cache._evidence
+    cell = cache.lookup([frame]).band
+    first_risk, first_reused = ev.risk, ev.reused[cell]
+    assert first_reused > 0 and first_risk > 0
+    _drive(cache, [frame] * 300, lambda f: confident.copy())
+    assert first_reused * ev.best[cell] < first_risk  # the early reuses now carry today's tighter bound
+    assert ev.risk == pytest.approx(sum(r * b for r, b in zip(ev.reused, ev.best)))
+    lookup = cache.lookup([frame])
+    while lookup.outputs is not None:  # reach a frame that is computed: its verdict lands in the cell
+        lookup = cache.lookup([frame])
+    before = ev.risk
+    cache.record(lookup, (confident[:, [1, 0, 2, 3]].copy(),))  # ... and disagrees
+    assert ev.risk > before  # every past reuse there now carries the wider bound
+    assert ev.risk == pytest.approx(sum(r * b for r, b in zip(ev.reused, ev.best)))

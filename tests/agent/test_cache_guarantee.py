@@ -30,28 +30,40 @@ FACE_ROLES = [OutputRole(output="classificators", role="scores", activation="sig
 def _run(path, inputs, cache, roles=None):
     engine = Engine(path, profile="x86-dev", threads=1, instances=1, autotune=False, cache=cache,
                     output_roles=roles)
-    outs = []
+    outs, reused = [], []
     for x in inputs:
+        before = engine._cache.near_hits if engine._cache is not None else 0
         out = engine.infer(x[None])
+        reused.append(engine._cache is not None and engine._cache.near_hits > before)
         outs.append(tuple(out.values()) if isinstance(out, dict) else (out,))
     judges = engine._cache._judges if engine._cache is not None else None
-    return outs, engine.stats()["cache"], judges
+    stats = engine.stats()["cache"]
+    stats["reused_frames"] = np.asarray(reused)
+    return outs, stats, judges
+
+
+def _wrong(off, on, classifier, judges=None):
+    """Per answer: does it differ, judged as the cache judges (roles, or tolerance x each output's range)?"""
+    tols = output_tolerances(off, judges, SETTINGS.output_tolerance)
+    return np.array([output_change(a, b, classifier=classifier, tolerances=tols, judges=judges) > 1.0
+                     for a, b in zip(on, off)])
 
 
 def _disagreement(off, on, classifier, judges=None):
-    """Fraction of answers that differ, judged as the cache judges (roles, or tolerance x each output's range)."""
-    tols = output_tolerances(off, judges, SETTINGS.output_tolerance)
-    return float(np.mean([output_change(a, b, classifier=classifier, tolerances=tols, judges=judges) > 1.0
-                          for a, b in zip(on, off)]))
+    return float(_wrong(off, on, classifier, judges).mean())
 
 
 def _check(path, frames, classifier, roles=None):
     inputs = frames.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
     off, _, _ = _run(path, inputs, False)
     on, stats, judges = _run(path, inputs, SETTINGS, roles)
-    true = _disagreement(off, on, classifier, judges)
+    wrong = _wrong(off, on, classifier, judges)
+    true = float(wrong.mean())
     reported = stats["answer_disagreement_upper"] or 0.0
     assert true <= max(SETTINGS.target_disagreement, reported), (true, stats)
+    reused = stats["reused_frames"]
+    if reused.any():  # and the reused answers alone stay under the per-reuse bound reported for them
+        assert wrong[reused].mean() <= stats["disagreement_upper"], (wrong[reused].mean(), stats)
     return true, stats
 
 
@@ -89,4 +101,6 @@ def test_answers_that_flicker_are_not_reused_at_the_profile_target(models):
     off, _, _ = _run(models / "fer_emotion.tflite", inputs, False)
     on, stats, _ = _run(models / "fer_emotion.tflite", inputs, CacheSettings(seed=1))
     assert _disagreement(off, on, classifier=True) <= 0.01
-    assert stats["answer_disagreement_upper"] is None or stats["answer_disagreement_upper"] <= 0.01
+    # What it did reuse was rationed to the target in expectation (the reported upper bound adds the
+    # spread of a count of a few events on top).
+    assert stats["expected_disagreements"] <= 0.01 * len(frames) + 1e-9
