@@ -16,7 +16,7 @@ import numpy as np
 from converter.loading import TensorInfo
 from edgefleet.errors import ConfigError
 
-__all__ = ["IMAGE_SUFFIXES", "SampleSet", "load_samples", "parse_range"]
+__all__ = ["IMAGE_SUFFIXES", "SampleSet", "held_out", "load_samples", "parse_range"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 MAX_SAMPLES = 100_000
@@ -57,9 +57,38 @@ class SampleSet:
         keep = np.array([f not in seen for f in self.fingerprints()], bool)
         return self if keep.all() else self.take(np.flatnonzero(keep))
 
+    def unique(self) -> SampleSet:
+        """This set with every sample identical to an earlier one dropped (the first copy is kept)."""
+        seen: set[bytes] = set()
+        keep = []
+        for i, f in enumerate(self.fingerprints()):
+            if f not in seen:
+                seen.add(f)
+                keep.append(i)
+        return self if len(keep) == len(self) else self.take(np.array(keep, np.int64))
+
     def sample(self, i: int) -> dict[str, np.ndarray]:
         """One sample with a batch axis of 1, as the interpreter wants it."""
         return {k: v[i:i + 1] for k, v in self.inputs.items()}
+
+
+def held_out(calibration: SampleSet, evaluation: SampleSet) -> tuple[SampleSet, SampleSet, str]:
+    """(calibration, evaluation, what was dropped) such that no sample counts twice.
+
+    Identical evaluation samples count once: agreement's Wilson interval treats every sample as
+    an independent trial, and 330 copies of one picture (fer's bench set had them) turn one
+    flipped prediction into 28 points. Calibration samples identical to an evaluation sample are
+    dropped: a model whose ranges were fitted to its test samples is judged on data it has seen.
+    The text says what was dropped ("" when nothing was).
+    """
+    ev = evaluation.unique()
+    cal = calibration.without(ev)
+    notes = []
+    if len(cal) < len(calibration):
+        notes.append(f"{len(calibration) - len(cal)} calibration samples identical to evaluation samples dropped")
+    if len(ev) < len(evaluation):
+        notes.append(f"{len(evaluation) - len(ev)} duplicate evaluation samples dropped")
+    return cal, ev, "; ".join(notes)
 
 
 def parse_range(text: str | None) -> tuple[float, float] | None:

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["EqualizeSummary", "clear_overflowing_channels", "correct_bias", "equalize"]
+__all__ = ["EqualizeSummary", "correct_bias", "equalize"]
 
 _MARGIN = 1.25  # headroom between a channel's calibration maximum and the ReLU cap
 
@@ -292,56 +292,3 @@ def correct_bias(model: Any, inputs: list[np.ndarray], max_samples: int = 300, p
         offset = norm.beta if norm is not None else layer.bias
         offset.assign((np.asarray(offset, np.float64) - shift).astype(np.float32))
     return len(targets)
-
-
-_INT32_MAX = 2**31 - 1
-
-
-def _input_spans(model: Any, layers: list[Any], inputs: list[np.ndarray], max_samples: int) -> list[float]:
-    """max - min of each layer's input over the samples: what its int8 input scale is fitted to."""
-    lo: list[float] | None = None
-    hi: list[float] = []
-    for flat in _channel_batches(model, [layer.input for layer in layers], inputs, max_samples):
-        mins, maxs = [float(f.min()) for f in flat], [float(f.max()) for f in flat]
-        lo, hi = (mins, maxs) if lo is None else ([min(a, b) for a, b in zip(lo, mins)],
-                                                    [max(a, b) for a, b in zip(hi, maxs)])
-    assert lo is not None
-    return [h - low for low, h in zip(lo, hi)]
-
-
-def clear_overflowing_channels(model: Any, inputs: list[np.ndarray], max_samples: int = 300) -> int:
-    """Zero the weights of output channels whose per-channel int32 bias would overflow.
-
-    Per-channel int8 stores a layer's bias as ``bias / (input_scale * weight_scale_c)`` in int32. A
-    channel whose folded weights are almost zero (a collapsed batch-norm gamma) but whose offset is
-    not gets a tiny weight scale, and its bias saturates int32: the int8 model then adds a wrong
-    constant to that channel (on fer's mini-Xception, 66 % agreement instead of 94 %). Such a
-    channel is its offset to within rounding, so clearing its weights keeps the float function and
-    lets TFLite store the offset exactly. Changes ``model`` in place; returns the channels cleared.
-    """
-    L = _layers()
-    targets = _bias_targets(model)
-    if not targets:
-        return 0
-    spans = _input_spans(model, [layer for layer, _ in targets], inputs, max_samples)
-    cleared = 0
-    for (layer, norm), span in zip(targets, spans):
-        kernel = np.asarray(layer.kernel, np.float64)
-        n = kernel.shape[-1] if not isinstance(layer, L.DepthwiseConv2D) else kernel.shape[-2]
-        factor = _bn_factor(norm, n)
-        flat = (kernel[..., 0] if isinstance(layer, L.DepthwiseConv2D) else kernel).reshape(-1, n)
-        w_scale = np.abs(flat * factor).max(axis=0) / 127
-        bias = np.asarray(layer.bias, np.float64) if layer.use_bias else np.zeros(n)
-        if norm is not None:
-            beta = np.asarray(norm.beta, np.float64) if norm.center else np.zeros(n)
-            bias = (bias - np.asarray(norm.moving_mean, np.float64)) * factor + beta
-        limit = 0.5 * _INT32_MAX * (max(span, 1e-12) / 255) * w_scale  # half the int32 range: headroom
-        bad = np.abs(bias) > limit
-        if bad.any():
-            if isinstance(layer, L.DepthwiseConv2D):
-                kernel[..., bad, :] = 0.0
-            else:
-                kernel[..., bad] = 0.0
-            layer.kernel.assign(kernel.astype(np.float32))
-            cleared += int(bad.sum())
-    return cleared

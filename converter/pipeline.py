@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from converter import artifact, edgetpu, fidelity, pruning, quantize, writer
-from converter.data import SampleSet, check_array, load_samples
+from converter.data import SampleSet, check_array, held_out, load_samples
 from converter.loading import LoadedModel, export_keras, load_model
 from converter.options import ConvertOptions
 from converter.progress import Bars
@@ -79,7 +79,8 @@ def _samples(loaded: LoadedModel, calibration: Samples, eval_data: Samples | Non
     """(calibration, evaluation, where the evaluation samples come from, for the report).
 
     The two never share a sample: a model calibrated on its test samples would be judged on data
-    its ranges were fitted to. Calibration samples identical to an evaluation sample are dropped.
+    its ranges were fitted to. Calibration samples identical to an evaluation sample are dropped, and
+    identical evaluation samples count once (:func:`converter.data.held_out`).
 
     Raises:
         ConfigError: too few samples to hold any out, or nothing left to calibrate on.
@@ -88,19 +89,19 @@ def _samples(loaded: LoadedModel, calibration: Samples, eval_data: Samples | Non
     if eval_data is not None:
         ev = _as_samples(eval_data, loaded, opts.input_range)
         source = ev.source
-        kept = cal.without(ev)
-        if len(kept) == 0:
-            raise ConfigError(f"{cal.source}: every calibration sample is also an evaluation sample; "
-                              "expected separate calibration and --eval data")
-        if len(kept) < len(cal):
-            source += f" ({len(cal) - len(kept)} calibration samples identical to evaluation samples dropped)"
-        cal = kept
-    elif len(cal) >= _MIN_SPLIT:
-        cal, ev = cal.split(opts.eval_fraction)
+    elif len(cal.unique()) >= _MIN_SPLIT:  # identical samples would land on both sides of the split
+        cal, ev = cal.unique().split(opts.eval_fraction)
         source = f"{opts.eval_fraction:.0%} of the calibration samples held out"
     else:
-        raise ConfigError(f"{cal.source}: {len(cal)} samples, expected at least {_MIN_SPLIT} to hold some out "
+        raise ConfigError(f"{cal.source}: {len(cal.unique())} samples, expected at least {_MIN_SPLIT} to hold some out "
                           "for the fidelity check, or separate --eval data")
+    kept, ev, dropped = held_out(cal, ev)
+    if len(kept) == 0:
+        raise ConfigError(f"{cal.source}: every calibration sample is also an evaluation sample; "
+                          "expected separate calibration and --eval data")
+    cal = kept
+    if dropped:
+        source += f" ({dropped})"
     assert not set(cal.fingerprints()) & set(ev.fingerprints()), "calibration and evaluation samples overlap"
     return cal, ev, source
 
@@ -211,7 +212,7 @@ def convert(model: str | Path, profile: str | Path | Profile, calibration: Sampl
             float_model=float_model, float_latency_ms=latency["float"], chosen_latency_ms=latency["chosen"],
             robustness=fidelity.robustness(float_model, chosen.model, ev),
             preprocessing_range=_preprocessing_range(calibration, opts), reasons=reasons, edgetpu=tpu,
-            pruning=pruned, equalization=sources.equalization,
+            pruning=pruned, equalization=sources.equalization, fitting=sources.fitting(),
             golden=artifact.choose_golden(chosen.model, ev, reference, chosen.outputs))
         manifest, report = writer.write(conversion, workdir / "artifact", artifact.utc_now(),
                                         round(time.monotonic() - started, 2))

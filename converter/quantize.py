@@ -42,12 +42,19 @@ class Recipe:
     equalized: bool = False  # quantize the cross-layer-equalized model (see converter.equalize)
     bias_corrected: bool = False  # per-channel: quantize a twin whose offsets absorb the weights' rounding bias
     ranges: str = "minmax"  # int8 activation ranges: "minmax" (TFLite's), "percentile" or "mse" (converter.ranges)
+    learned_rounding: bool = False  # per-channel: quantize a twin whose weights are rounded by AdaRound (converter.rounding)
+    distilled: bool = False  # per-channel: quantize a twin fine-tuned for int8 by distillation (converter.distill)
 
     def __post_init__(self) -> None:
         if self.ranges not in RANGE_METHODS:
             raise ValueError(f"ranges {self.ranges!r}: expected one of {', '.join(RANGE_METHODS)}")
         if self.ranges != "minmax" and (self.int16_activations or self.float_tensors):
             raise ValueError(f"ranges {self.ranges!r} applies to full-int8 recipes only (not 16x8 or float fallback)")
+        if sum((self.equalized, self.bias_corrected, self.learned_rounding, self.distilled)) > 1:
+            raise ValueError("equalized, bias_corrected, learned_rounding and distilled each prepare their own twin; "
+                             "pick one")
+        if (self.learned_rounding or self.distilled) and (not self.per_channel or self.int16_activations):
+            raise ValueError("learned rounding and distillation fit the per-channel int8 grid; they need per_channel")
 
     @property
     def full_integer(self) -> bool:

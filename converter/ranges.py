@@ -17,8 +17,10 @@ which int8 represents exactly, counted apart). Each range is then narrowed, neve
   "MSE calibration" of TensorRT and of Nagel et al.'s white paper on quantization (2021).
 
 Left alone: the graph's inputs (the manifest's input quantization must match the
-preprocessing), its outputs, and the inputs of softmax-like ops (top-1 is decided by the largest
-logits, exactly what a clip would flatten). Tensors whose scale the quantizer fixes (softmax,
+preprocessing), its outputs, and the inputs of arg-max/arg-min. A softmax's input keeps its
+maximum (top-1 is decided by the largest logits, exactly what a clip would flatten); only its lower
+bound rises, to ``LOGIT_SPAN`` below the lowest top logit of any calibration sample
+(:func:`logit_floor`): on fer's mini-Xception that input alone cost 2 points of agreement. Tensors whose scale the quantizer fixes (softmax,
 logistic outputs) or ties to a neighbour's (concat, pooling, reshape) are still resolved by
 TensorFlow's quantizer, which runs unchanged on the edited model.
 """
@@ -32,8 +34,8 @@ import numpy as np
 
 from converter.data import SampleSet
 
-__all__ = ["BINS", "METHODS", "PERCENTILE", "Histogram", "RangeSummary", "choose_range", "expected_mse",
-           "mse_range", "percentile_range", "refit_ranges"]
+__all__ = ["BINS", "LOGIT_SPAN", "METHODS", "PERCENTILE", "Histogram", "RangeSummary", "choose_range",
+           "expected_mse", "logit_floor", "mse_range", "percentile_range", "refit_ranges"]
 
 METHODS = ("minmax", "percentile", "mse")
 BINS = 2048  # per tensor; 8x finer than the int8 grid at the full recorded range
@@ -42,7 +44,10 @@ _LEVELS = 255  # int8 steps across the range
 _CANDIDATES = 256  # clip values tried per side and round of the MSE search
 _ROUNDS = 3  # coordinate descent: upper clip, then lower clip, repeated
 # ops whose inputs keep the recorded range (see the module docstring)
-_KEEP_INPUTS_OF = {"SOFTMAX", "LOG_SOFTMAX", "ARG_MAX", "ARG_MIN"}
+_KEEP_INPUTS_OF = {"ARG_MAX", "ARG_MIN"}
+# ops whose input keeps its recorded maximum; only logits far below every sample's top are clipped
+_LOGITS_OF = {"SOFTMAX", "LOG_SOFTMAX"}
+LOGIT_SPAN = 8.0  # natural-log units: a class this far below the top has < e^-8 (3e-4) of its probability
 
 
 @dataclass
@@ -163,14 +168,21 @@ class RangeSummary:
     mean_width: float  # new width / recorded width, averaged over the tensors seen
 
 
-def _refittable(model: Any) -> dict[int, tuple[float, float]]:
-    """Tensor index -> recorded (min, max) for the activation tensors of subgraph 0 we may edit."""
+def _refittable(model: Any) -> tuple[dict[int, tuple[float, float]], dict[int, float]]:
+    """Tensor index -> recorded (min, max) for the activation tensors of subgraph 0 we may edit,
+    and of the softmax inputs among them, index -> the softmax's beta (see :func:`logit_floor`)."""
     sg = model.subgraphs[0]
     keep = set(sg.inputs if sg.inputs is not None else []) | set(sg.outputs if sg.outputs is not None else [])
     from tensorflow.lite.tools import flatbuffer_utils
+    logits: dict[int, float] = {}
     for op in sg.operators or []:
-        if flatbuffer_utils.opcode_to_name(model, op.opcodeIndex) in _KEEP_INPUTS_OF:
-            keep |= {int(i) for i in (op.inputs if op.inputs is not None else []) if i >= 0}
+        name = flatbuffer_utils.opcode_to_name(model, op.opcodeIndex)
+        inputs = [int(i) for i in (op.inputs if op.inputs is not None else []) if i >= 0]
+        if name in _LOGITS_OF and inputs:
+            beta = float(getattr(op.builtinOptions, "beta", 1.0) or 1.0) if name == "SOFTMAX" else 1.0
+            logits[inputs[0]] = beta
+        elif name in _KEEP_INPUTS_OF:
+            keep |= set(inputs)
     out = {}
     for index, tensor in enumerate(sg.tensors):
         q = tensor.quantization
@@ -182,12 +194,14 @@ def _refittable(model: Any) -> dict[int, tuple[float, float]]:
         lo, hi = float(q.min[0]), float(q.max[0])
         if hi > lo:
             out[index] = (lo, hi)
-    return out
+    return out, {i: b for i, b in logits.items() if i in out}
 
 
-def _histograms(calibrated: bytes, recorded: dict[int, tuple[float, float]], samples: SampleSet,
-                max_samples: int, bins: int) -> dict[int, Histogram]:
-    """One streaming histogram per tensor in ``recorded``, over the float calibrated model's values."""
+def _histograms(calibrated: bytes, recorded: dict[int, tuple[float, float]], logits: dict[int, float],
+                samples: SampleSet, max_samples: int,
+                bins: int) -> tuple[dict[int, Histogram], dict[int, float]]:
+    """One streaming histogram per tensor in ``recorded`` over the float calibrated model's values,
+    except softmax inputs (``logits``): for those, the lowest top logit over the samples."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     interp = Interpreter(model_content=calibrated, experimental_preserve_all_tensors=True,
@@ -199,14 +213,29 @@ def _histograms(calibrated: bytes, recorded: dict[int, tuple[float, float]], sam
         index_of = {name: d["index"] for name, d in details.items()}
     else:
         index_of = {name: d["index"] for name, d in zip(sorted(samples.inputs), interp.get_input_details())}
-    hists = {i: Histogram.empty(lo, hi, bins) for i, (lo, hi) in recorded.items()}
+    hists = {i: Histogram.empty(lo, hi, bins) for i, (lo, hi) in recorded.items() if i not in logits}
+    floors = {i: np.inf for i in logits}
     for n in range(min(len(samples), max_samples)):
         for name, value in samples.sample(n).items():
             interp.set_tensor(index_of[name], value)
         interp.invoke()
         for i, hist in hists.items():
             hist.add(interp.get_tensor(i))
-    return hists
+        for i, floor in list(floors.items()):
+            floors[i] = min(floor, float(np.max(interp.get_tensor(i), axis=-1).min()))
+    return hists, floors
+
+
+def logit_floor(lo: float, hi: float, lowest_top: float, beta: float = 1.0) -> float:
+    """A softmax input's new lower bound: ``LOGIT_SPAN / beta`` below the lowest top logit any
+    calibration sample had, never below the recorded ``lo``.
+
+    The top of the range is what decides top-1, so it is never clipped (every int8 step there is a
+    step between the classes that compete); a logit so far below its sample's top that its
+    probability is under ``e^-8`` of the top one's cannot compete, and int8's ``1/256`` output step
+    shows it as 0 whether it is clipped or not. Each step of the grid then gets finer.
+    """
+    return min(max(lo, lowest_top - LOGIT_SPAN / beta), hi)
 
 
 def refit_ranges(calibrated: bytes, samples: SampleSet, method: str, max_samples: int = 300,
@@ -223,15 +252,18 @@ def refit_ranges(calibrated: bytes, samples: SampleSet, method: str, max_samples
     from tensorflow.lite.tools import flatbuffer_utils
 
     model = flatbuffer_utils.convert_bytearray_to_object(bytearray(calibrated))
-    recorded = _refittable(model)
+    recorded, logits = _refittable(model)
     if method == "minmax" or not recorded:
         return calibrated, RangeSummary(method, len(recorded), 0, 1.0)
-    hists = _histograms(calibrated, recorded, samples, max_samples, bins)
+    hists, floors = _histograms(calibrated, recorded, logits, samples, max_samples, bins)
     tensors = model.subgraphs[0].tensors
     narrowed, widths = 0, []
-    for index, hist in hists.items():
+    for index in recorded:
         old_lo, old_hi = _with_zero(*recorded[index])
-        lo, hi = choose_range(hist, method)
+        if index in floors:
+            lo, hi = _with_zero(logit_floor(old_lo, old_hi, floors[index], logits[index]), old_hi)
+        else:
+            lo, hi = choose_range(hists[index], method)
         lo, hi = max(lo, old_lo), min(hi, old_hi)
         if hi <= lo:
             continue

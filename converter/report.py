@@ -121,6 +121,15 @@ def render_markdown(report: dict[str, Any]) -> str:
                        f"channels rescaled so one weight scale per tensor fits them all ({eq['pinned']} left alone "
                        f"because they reach a ReLU cap); then the expected rounding error of per-tensor weights "
                        f"removed from the output offsets of {eq.get('bias_corrected', 0)} layers.")]
+    fit = report.get("weight_fitting") or {}
+    for method, lr in (fit.get("learned_rounding") or {}).items():
+        lines += ["", (f"Learned rounding (AdaRound; {method} activation ranges): {lr['kernels']} kernels, "
+                       f"{lr['flipped']} of {lr['weights']} weights rounded away from nearest, layer output error "
+                       f"{lr['error_ratio']:.2f}x nearest rounding's ({lr['kept_nearest']} kernels kept nearest).")]
+    for method, d in (fit.get("distillation") or {}).items():
+        lines += ["", (f"Distillation fine-tune ({method} activation ranges, {d['tensors']} tensors fake-quantized): "
+                       f"{d['epochs']} epochs, {d['steps']} steps on the calibration samples; distillation loss "
+                       f"{d['loss_before']:.5f} -> {d['loss_after']:.5f} (best epoch kept).")]
     lines += ["", f"Tensor names: {report.get('tensor_names', 'kept')}."]
     pr = report.get("pruning")
     if pr:

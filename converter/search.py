@@ -9,8 +9,11 @@ Order (each remedy only if the profile allows it):
 3. if the baseline misses it, remedies until one meets it, full int8 first: the other
    granularity; per-channel bias correction; the most faithful full-int8 recipe so far with
    activation ranges by percentile, then by MSE (:mod:`converter.ranges`), so each range method
-   builds on the steps that measured best; then 16x8 (int16 activations); float fallback of the
-   1, 3, 6 most sensitive tensors.
+   builds on the steps that measured best; then, from a Keras model, per-channel weights fitted to
+   the int8 grid with the range method that measured best: learned rounding
+   (:mod:`converter.rounding`, AdaRound), then a short distillation fine-tune
+   (:mod:`converter.distill`) as the last int8 resort; then 16x8 (int16 activations); float
+   fallback of the 1, 3, 6 most sensitive tensors.
 
 Speed is part of the target: every candidate is timed on the host in the device's runtime
 (XNNPACK on, the profile's threads) and classed by its kernels (:mod:`converter.kernels`); one
@@ -30,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from converter import equalize, fidelity, quantize
+from converter import distill, equalize, fidelity, quantize, rounding
 from converter.data import SampleSet
 from converter.edgetpu import check_edgetpu
 from converter.kernels import FAST_CLASSES, kernel_class
@@ -93,8 +96,11 @@ class Candidate:
 @dataclass
 class Sources:
     """The SavedModels recipes quantize from: the (pruned) model as given and, built on first use
-    by a recipe that asks for it, its twin prepared for per-tensor weights (Keras models only):
-    cross-layer equalized, then bias-corrected (see :mod:`converter.equalize`)."""
+    by a recipe that asks for it, a Keras twin (Keras models only) prepared for it: cross-layer
+    equalized then bias-corrected for per-tensor weights, bias-corrected for per-channel ones
+    (:mod:`converter.equalize`), or with per-channel weights fitted to the int8 grid by learned
+    rounding (:mod:`converter.rounding`) or distillation (:mod:`converter.distill`), one twin per
+    activation range method (both fit the ranges the recipe will use)."""
 
     plain: Path
     keras_model: Any | None
@@ -104,20 +110,34 @@ class Sources:
     keep_names: bool
     equalization: equalize.EqualizeSummary | None = None
     per_channel_bias_corrected: int | None = None  # layers corrected in the per-channel twin, once built
-    cleared_channels: int | None = None  # channels of the per-channel twin whose int32 bias would overflow
+    rounding: dict[str, rounding.RoundingSummary] = field(default_factory=dict)  # per range method, once built
+    distillation: dict[str, distill.DistillSummary] = field(default_factory=dict)  # per range method, once built
     _twins: dict[str, Path] = field(default_factory=dict)
+    _models: dict[str, Any] = field(default_factory=dict)  # the Keras twins behind _twins
 
     @property
     def can_equalize(self) -> bool:
         return self.keras_model is not None
 
+    def fitting(self) -> dict[str, Any]:
+        """What learned rounding and distillation did, per activation range method (for the report)."""
+        out: dict[str, Any] = {}
+        if self.rounding:
+            out["learned_rounding"] = {m: r.to_dict() for m, r in self.rounding.items()}
+        if self.distillation:
+            out["distillation"] = {m: d.to_dict() for m, d in self.distillation.items()}
+        return out
+
     def for_recipe(self, recipe: quantize.Recipe) -> Path:
         """The SavedModel ``recipe`` quantizes from.
 
         Raises:
-            ConversionError: equalization or bias correction failed on this graph (fails that recipe only).
+            ConversionError: equalization, bias correction, learned rounding or distillation failed on
+                this graph (fails that recipe only).
         """
-        kind = "equalized" if recipe.equalized else "bias_corrected" if recipe.bias_corrected else None
+        kind = ("equalized" if recipe.equalized else "bias_corrected" if recipe.bias_corrected
+                else f"learned_rounding_{recipe.ranges}" if recipe.learned_rounding
+                else f"distilled_{recipe.ranges}" if recipe.distilled else None)  # it fits the recipe's ranges
         if kind is None:
             return self.plain
         if kind not in self._twins:
@@ -129,11 +149,17 @@ class Sources:
                 if kind == "equalized":
                     summary = equalize.equalize(twin, inputs)
                     self.equalization = replace(summary, bias_corrected=equalize.correct_bias(twin, inputs))
-                else:
-                    self.cleared_channels = equalize.clear_overflowing_channels(twin, inputs)
+                elif kind == "bias_corrected":
                     self.per_channel_bias_corrected = equalize.correct_bias(twin, inputs, per_channel=True)
+                elif recipe.learned_rounding:
+                    ranges = distill.activation_ranges(self.keras_model, inputs, recipe.ranges)
+                    self.rounding[recipe.ranges] = rounding.learn_rounding(twin, self.keras_model, inputs,
+                                                                           ranges=ranges)
+                else:
+                    self.distillation[recipe.ranges] = distill.distill(twin, self.keras_model, inputs, recipe.ranges)
             except Exception as exc:  # an optimization: a graph it cannot handle fails this recipe only
                 raise ConversionError(f"{kind.replace('_', ' ')} failed: {type(exc).__name__}: {exc}"[:300]) from exc
+            self._models[kind] = twin
             self._twins[kind] = self.workdir / f"{kind}_saved_model"
             export_keras(twin, self._twins[kind], self.io_names)
         return self._twins[kind]
@@ -269,6 +295,8 @@ def _remedies(sources: Sources, profile: Profile) -> list[quantize.Recipe | str]
     if sources.can_equalize:
         remedies.append(quantize.Recipe("int8 per-channel + bias correction", per_channel=True, bias_corrected=True))
     remedies += [f"ranges:{method}" for method in _RANGE_METHODS]
+    if sources.can_equalize:  # both fit the per-channel grid on the Keras twin
+        remedies += ["learned_rounding", "distilled"]
     if q.allow_16bit_activations and not q.require_full_integer:
         remedies.append(quantize.Recipe("16x8 (int16 activations)", per_channel=True, int16_activations=True))
     if q.allow_float_fallback and not q.require_full_integer:
@@ -301,6 +329,10 @@ def search(sources: Sources, evaluation: SampleSet, reference: dict[str, np.ndar
                 run(remedy)
                 if tick:
                     tick(1)
+            elif remedy in ("learned_rounding", "distilled"):
+                run(_fitted(remedy, _best_ranges(tried)))
+                if tick:
+                    tick(1)
             elif remedy.startswith("ranges:"):
                 base = _best_min_max_int8(tried)
                 if base is not None:
@@ -327,6 +359,22 @@ def search(sources: Sources, evaluation: SampleSet, reference: dict[str, np.ndar
             if any(c.ok for c in tried):
                 break
     return _result(tried, profile)
+
+
+def _fitted(kind: str, ranges: str) -> quantize.Recipe:
+    """Per-channel int8 from a twin fitted to the int8 grid (learned rounding or distillation),
+    with the activation range method that measured best before it."""
+    name = "int8 per-channel + " + ("learned rounding" if kind == "learned_rounding" else "distillation")
+    recipe = quantize.Recipe(name, per_channel=True, learned_rounding=kind == "learned_rounding",
+                             distilled=kind == "distilled")
+    return _with_ranges(recipe, ranges) if ranges != "minmax" else recipe
+
+
+def _best_ranges(tried: list[Candidate]) -> str:
+    """The activation range method of the most faithful full-int8 candidate so far."""
+    ran = [c for c in tried if c.recipe.full_integer and not c.recipe.int16_activations and c.metrics is not None
+           and c.error is None]
+    return max(ran, key=lambda c: c.rank).recipe.ranges if ran else "minmax"
 
 
 def _best_min_max_int8(tried: list[Candidate]) -> Candidate | None:

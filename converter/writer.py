@@ -63,6 +63,7 @@ class Conversion:
     equalization: EqualizeSummary | None
     golden: artifact.GoldenChoice
     robustness: dict[str, Interval]  # chosen vs float agreement on perturbed held-out inputs, by perturbation
+    fitting: dict[str, Any] | None = None  # what learned rounding / distillation did (search.Sources.fitting)
 
     @property
     def deployable(self) -> bool:
@@ -140,6 +141,7 @@ def build_report(c: Conversion, manifest: Manifest, seconds: float) -> dict[str,
         "fidelity": _fidelity_block(c),
         "pruning": c.pruning.to_dict() if c.pruning else None,
         "equalization": c.equalization.to_dict() if c.equalization else None,
+        "weight_fitting": c.fitting or None,
         "tensor_names": "kept" if opts.keep_tensor_names else "intermediate names dropped",
         "edgetpu": c.edgetpu.to_dict() if c.edgetpu else None,
         "golden": {"count": len(c.golden.golden.samples), "atol": c.golden.golden.atol,

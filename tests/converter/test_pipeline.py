@@ -91,8 +91,14 @@ def test_strict_profile_tries_remedies_and_cli_exits_3_with_a_not_deployable_art
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     names = [r["name"] for r in report["recipes"]]
     assert names[:3] == ["int8 per-channel", "int8 per-tensor + equalization", "int8 per-channel + bias correction"]
-    ranges = [n for n in names if n.endswith(("percentile ranges", "MSE ranges"))]
+    fitted = [n for n in names if n.startswith(("int8 per-channel + learned rounding", "int8 per-channel + distillation"))]
+    ranges = [n for n in names if n.endswith(("percentile ranges", "mse ranges")) and n not in fitted]
     assert ranges and names.index("16x8 (int16 activations)") > max(names.index(n) for n in ranges)
+    # weights fitted to the int8 grid: after the range methods, learned rounding before distillation, before 16x8
+    assert [n.split(" + ")[1] for n in fitted] == ["learned rounding", "distillation"]
+    assert max(names.index(n) for n in ranges) < names.index(fitted[0]) < names.index(fitted[1]) \
+        < names.index("16x8 (int16 activations)")
+    assert set(report["weight_fitting"]) == {"learned_rounding", "distillation"}
     assert any("float fallback" in n for n in names)
     assert all(r["size"] and r["metrics"] for r in report["recipes"])
     manifest, _, _ = load_manifest(tmp_path / "out")

@@ -140,3 +140,11 @@ def test_model_with_refit_ranges_is_full_int8_loads_and_has_plain_int8_size(prep
     assert len(model) == len(plain) and model != plain  # same tensors and buffers, other scales
     reference = run_model(convert_float(loaded.saved_model_dir), ev)
     assert compare(reference, run_model(model, ev), ev.labels).top1_agreement_pct >= 97
+
+
+def test_softmax_input_keeps_its_top_and_clips_only_logits_that_cannot_compete() -> None:
+    from converter.ranges import LOGIT_SPAN, logit_floor
+
+    assert logit_floor(-15.7, 8.4, 0.5) == 0.5 - LOGIT_SPAN  # fer's logits: the grid gets a third finer
+    assert logit_floor(-3.0, 8.4, 0.5) == -3.0  # never below what was recorded
+    assert logit_floor(-40.0, 8.4, 0.5, beta=2.0) == 0.5 - LOGIT_SPAN / 2
