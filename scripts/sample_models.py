@@ -55,7 +55,8 @@ def face_crops(count: int = 1500, size: int = 64, value_range: tuple[float, floa
     photos = []
     for name in _CROP_IMAGES:
         image = np.asarray(getattr(skimage.data, name)(), np.float64)
-        image = rgb2gray(image[..., :3]) if image.ndim == 3 else image / max(float(image.max()), 1.0)
+        # rgb2gray wants [0, 1]: on 0-255 floats it saturates and every crop of the photo is one constant
+        image = rgb2gray(image[..., :3] / 255.0) if image.ndim == 3 else image / max(float(image.max()), 1.0)
         photos.append(image)
     out = np.empty((count, size, size, 1), np.float32)
     for i in range(count):
