@@ -245,7 +245,7 @@ def unanswered(execs: Sequence[Execution]) -> tuple[list[str], list[str]]:
 def resend_due(execs: Sequence[Execution], sent_order: Mapping[str, int], last_sent: Mapping[str, float],
                policy: Policy, now: float) -> list[str]:
     """Devices whose wave command looks lost: no answer at all for a quarter of the device timeout,
-    while a device it was sent before has answered.
+    while a device sent after it has answered.
 
     A broker can lose a message (a node lost before it replicated, a session dropped): the same
     command id goes out again, up to three times before the device times out. ``sent_order``
