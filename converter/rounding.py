@@ -253,7 +253,7 @@ def _twin_inputs(model: Any, ranges: dict[str, tuple[float, float]] | None) -> A
     from converter._tf import keras
     if ranges is None:
         return lambda name, feed: _inputs_of(model, [model.get_layer(name)], feed)[0]
-    from converter.distill import layer_inputs
+    from converter.fakequant import layer_inputs
     graph, inputs = layer_inputs(model, ranges)
     return lambda name, feed: _predict(keras.Model(graph.inputs, inputs[name]), feed)[0]
 
@@ -270,7 +270,7 @@ def learn_rounding(model: Any, reference: Any, inputs: list[np.ndarray], max_sam
     """Round ``model``'s weights (a Keras twin of ``reference``, changed in place) to the int8 grid
     layer by layer, each rounding learned on the calibration ``inputs`` (first ``max_samples``).
 
-    With ``ranges`` (:func:`converter.distill.activation_ranges`), each layer's input ``X_q`` is
+    With ``ranges`` (:func:`converter.fakequant.activation_ranges`), each layer's input ``X_q`` is
     also fake-quantized as the int8 model's will be, so the rounding makes up for that error too.
 
     Raises:

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from converter import distill, equalize, fidelity, quantize, rounding
+from converter import distill, equalize, fakequant, fidelity, quantize, rounding
 from converter.data import SampleSet
 from converter.edgetpu import check_edgetpu
 from converter.kernels import FAST_CLASSES, kernel_class
@@ -152,7 +152,7 @@ class Sources:
                 elif kind == "bias_corrected":
                     self.per_channel_bias_corrected = equalize.correct_bias(twin, inputs, per_channel=True)
                 elif recipe.learned_rounding:
-                    ranges = distill.activation_ranges(self.keras_model, inputs, recipe.ranges)
+                    ranges = fakequant.activation_ranges(self.keras_model, inputs, recipe.ranges)
                     self.rounding[recipe.ranges] = rounding.learn_rounding(twin, self.keras_model, inputs,
                                                                            ranges=ranges)
                 else:
