@@ -80,7 +80,7 @@ def test_real_mini_xception_exits_3_naming_the_fastest_faithful_and_the_most_fai
 
     data = yaml.safe_load((profile_dir() / "rpi4.yaml").read_text())
     data["name"] = "rpi4-no-fallback"
-    data["fidelity"]["min_top1_agreement_pct"] = 97.0  # 16x8: 98.17 % [97.24, 98.79] on these 1200 crops
+    data["fidelity"]["min_top1_agreement_pct"] = 96.0  # 16x8: 97.67 % [96.65, 98.38] on these 1200 crops; best int8 95.08 % [93.71, 96.17]
     data["quantization"]["allow_float_fallback"] = False
     profile = tmp_path / "p.yaml"
     profile.write_text(yaml.safe_dump(data))
