@@ -74,9 +74,9 @@ def _grid(w: Any, factor: Any, scale: Any) -> Any:
 
 def _kernel_specs(model: Any) -> list[tuple[Any, np.ndarray, int]]:
     """(kernel variable, batch-norm factor broadcastable to it, channel axis) for each weight kernel."""
-    from converter.rounding import _kernels
+    from converter.rounding import kernels_to_round
     specs = []
-    for k in _kernels(model):
+    for k in kernels_to_round(model):
         var = getattr(k.layer, k.attr)
         rank = len(var.shape)
         axis = rank - 2 if k.depthwise else rank - 1

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["EqualizeSummary", "correct_bias", "equalize"]
+__all__ = ["EqualizeSummary", "activation_of", "bn_factor", "consumers_of", "correct_bias", "equalize"]
 
 _MARGIN = 1.25  # headroom between a channel's calibration maximum and the ReLU cap
 
@@ -64,7 +64,8 @@ def _layers() -> Any:
     return keras.layers
 
 
-def _consumers(model: Any) -> dict[str, list[Any]]:
+def consumers_of(model: Any) -> dict[str, list[Any]]:
+    """Layer name -> the layers that read its output (what follows a conv: its batch norm, its ReLU)."""
     from converter.pruning import inbound_layers
     out: dict[str, list[Any]] = {}
     for layer in model.layers:
@@ -81,7 +82,7 @@ def _is_plain_relu(layer: Any) -> bool:
 def _find_pairs(model: Any) -> list[_Pair]:
     """Chains conv -> BN -> ReLU -> [channel-wise layers] -> conv/dense, each link with one consumer."""
     L = _layers()
-    consumers = _consumers(model)
+    consumers = consumers_of(model)
     # layers that act on each channel alone and commute with a positive per-channel scale
     passthrough = (L.ZeroPadding2D, L.MaxPooling2D, L.AveragePooling2D, L.GlobalAveragePooling2D,
                    L.GlobalMaxPooling2D, L.Dropout)
@@ -92,7 +93,7 @@ def _find_pairs(model: Any) -> list[_Pair]:
 
     pairs = []
     for first in model.layers:
-        if not isinstance(first, (L.Conv2D, L.DepthwiseConv2D)) or _activation(first) != "linear":
+        if not isinstance(first, (L.Conv2D, L.DepthwiseConv2D)) or activation_of(first) != "linear":
             continue
         if isinstance(first, L.DepthwiseConv2D) and first.depth_multiplier != 1:
             continue
@@ -110,17 +111,19 @@ def _find_pairs(model: Any) -> list[_Pair]:
         if not isinstance(second, (L.Conv2D, L.DepthwiseConv2D, L.Dense)):
             continue
         after = only(second)
-        second_norm = after if isinstance(after, L.BatchNormalization) and _activation(second) == "linear" else None
+        second_norm = after if isinstance(after, L.BatchNormalization) and activation_of(second) == "linear" else None
         pairs.append(_Pair(first, norm, act, second, second_norm))
     return pairs
 
 
-def _activation(layer: Any) -> str:
+def activation_of(layer: Any) -> str:
+    """The name of a layer's fused activation ("linear" for a Keras layer without one, "None" for a layer that takes none)."""
     activation = getattr(layer, "activation", None)
     return getattr(activation, "__name__", str(activation))
 
 
-def _bn_factor(norm: Any | None, n: int) -> np.ndarray:
+def bn_factor(norm: Any | None, n: int) -> np.ndarray:
+    """gamma / sqrt(var + eps) per channel of ``norm``: what TFLite folds into the kernel (1 without one)."""
     if norm is None:
         return np.ones(n, np.float64)
     gamma = np.asarray(norm.gamma, np.float64) if norm.scale else np.ones(n)
@@ -132,7 +135,7 @@ def _out_range(pair: _Pair) -> np.ndarray:
     kernel = np.asarray(pair.first.kernel, np.float64)
     if isinstance(pair.first, _layers().DepthwiseConv2D):
         kernel = kernel[..., 0]
-    folded = np.abs(kernel) * np.abs(_bn_factor(pair.norm, kernel.shape[-1]))
+    folded = np.abs(kernel) * np.abs(bn_factor(pair.norm, kernel.shape[-1]))
     return folded.reshape(-1, kernel.shape[-1]).max(axis=0)
 
 
@@ -141,9 +144,9 @@ def _in_range(pair: _Pair) -> np.ndarray:
     L = _layers()
     kernel = np.asarray(pair.second.kernel, np.float64)
     if isinstance(pair.second, L.DepthwiseConv2D):
-        folded = np.abs(kernel[..., 0]) * np.abs(_bn_factor(pair.second_norm, kernel.shape[2]))
+        folded = np.abs(kernel[..., 0]) * np.abs(bn_factor(pair.second_norm, kernel.shape[2]))
         return folded.reshape(-1, kernel.shape[2]).max(axis=0)
-    folded = np.abs(kernel) * np.abs(_bn_factor(pair.second_norm, kernel.shape[-1]))
+    folded = np.abs(kernel) * np.abs(bn_factor(pair.second_norm, kernel.shape[-1]))
     return folded.max(axis=tuple(i for i in range(kernel.ndim) if i != kernel.ndim - 2))
 
 
@@ -232,7 +235,7 @@ def equalize(model: Any, inputs: list[np.ndarray], iterations: int = 4, max_samp
 def _bias_targets(model: Any) -> list[tuple[Any, Any | None]]:
     """(layer, batch-norm after it or None) for every conv/dense layer whose output offset we can move."""
     L = _layers()
-    consumers = _consumers(model)
+    consumers = consumers_of(model)
     targets = []
     for layer in model.layers:
         if not isinstance(layer, (L.Conv2D, L.DepthwiseConv2D, L.Dense)):
@@ -241,7 +244,7 @@ def _bias_targets(model: Any) -> list[tuple[Any, Any | None]]:
             continue
         after = consumers.get(layer.name, [])
         norm = (after[0] if len(after) == 1 and isinstance(after[0], L.BatchNormalization) and after[0].center
-                and _activation(layer) == "linear" else None)
+                and activation_of(layer) == "linear" else None)
         if norm is not None or layer.use_bias:
             targets.append((layer, norm))
     return targets
@@ -276,7 +279,7 @@ def correct_bias(model: Any, inputs: list[np.ndarray], max_samples: int = 300, p
         depthwise = isinstance(layer, L.DepthwiseConv2D)
         if depthwise:
             kernel = kernel[..., 0]
-        folded = kernel * _bn_factor(norm, kernel.shape[-1])
+        folded = kernel * bn_factor(norm, kernel.shape[-1])
         if per_channel:
             step = np.abs(folded).reshape(-1, folded.shape[-1]).max(axis=0) / 127
             step = np.where(step > 0, step, 1.0)

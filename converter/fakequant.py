@@ -36,17 +36,17 @@ def _is_relu(layer: Any) -> bool:
     if isinstance(layer, L.ReLU):
         return True
     if isinstance(layer, L.Activation):
-        from converter.equalize import _activation
-        return _activation(layer) in _RELU
+        from converter.equalize import activation_of
+        return activation_of(layer) in _RELU
     return False
 
 
 def _quantized(model: Any) -> set[str]:
     """Names of the layers whose output is a quantized tensor in the TFLite graph."""
-    from converter.equalize import _activation, _consumers
+    from converter.equalize import activation_of, consumers_of
 
     L = _keras().layers
-    consumers = _consumers(model)
+    consumers = consumers_of(model)
     weighted = (L.Conv2D, L.DepthwiseConv2D, L.SeparableConv2D, L.Dense)
     out = set()
     for layer in model.layers:
@@ -54,7 +54,7 @@ def _quantized(model: Any) -> set[str]:
             continue
         after = consumers.get(layer.name, [])
         only = after[0] if len(after) == 1 else None
-        if isinstance(layer, weighted) and _activation(layer) == "linear" and isinstance(only, L.BatchNormalization):
+        if isinstance(layer, weighted) and activation_of(layer) == "linear" and isinstance(only, L.BatchNormalization):
             continue  # folded into the batch norm
         if isinstance(layer, (*weighted, L.BatchNormalization, L.Add)) and only is not None and _is_relu(only):
             continue  # fused with the ReLU after it
@@ -162,11 +162,11 @@ def activation_ranges(model: Any, inputs: list[np.ndarray], method: str = "minma
             out = probe.predict_on_batch(chunk if len(chunk) > 1 else chunk[0])
             yield [np.asarray(v, np.float64) for v in (out if isinstance(out, (list, tuple)) else [out])]
 
-    from converter.equalize import _activation
+    from converter.equalize import activation_of
     from converter.pruning import inbound_layers
     softmax_inputs = set()
     for layer in model.layers:
-        if _activation(layer) == "softmax":
+        if activation_of(layer) == "softmax":
             softmax_inputs |= set(inbound_layers(layer))
     lows, highs = np.zeros(len(names)), np.zeros(len(names))  # ranges always hold 0
     tops = np.full(len(names), np.inf)  # the lowest top logit of any sample (softmax inputs)

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["RoundingSummary", "learn_rounding"]
+__all__ = ["RoundingSummary", "kernels_to_round", "learn_rounding"]
 
 _MAX_ROWS = 20_000  # input patches per layer the second moments are estimated from
 _ITERATIONS = 600
@@ -91,12 +91,12 @@ def _write(k: _Kernel, folded: np.ndarray) -> None:
     var.assign((w[..., None] if k.depthwise else w).astype(np.float32))
 
 
-def _kernels(model: Any) -> list[_Kernel]:
+def kernels_to_round(model: Any) -> list[_Kernel]:
     """The kernels to round, in model order (each after every layer it depends on)."""
-    from converter.equalize import _activation, _bn_factor, _consumers
+    from converter.equalize import activation_of, bn_factor, consumers_of
 
     L = _layers()
-    consumers = _consumers(model)
+    consumers = consumers_of(model)
     out = []
     for layer in model.layers:
         if not isinstance(layer, (L.Conv2D, L.DepthwiseConv2D, L.SeparableConv2D, L.Dense)):
@@ -107,16 +107,16 @@ def _kernels(model: Any) -> list[_Kernel]:
             continue
         after = consumers.get(layer.name, [])
         norm = (after[0] if len(after) == 1 and isinstance(after[0], L.BatchNormalization)
-                and _activation(layer) == "linear" else None)
+                and activation_of(layer) == "linear" else None)
         if isinstance(layer, L.SeparableConv2D):
             channels = int(layer.depthwise_kernel.shape[2])
             out.append(_Kernel(layer, "depthwise_kernel", np.ones(channels), True))
-            out.append(_Kernel(layer, "pointwise_kernel", _bn_factor(norm, int(layer.pointwise_kernel.shape[-1])),
+            out.append(_Kernel(layer, "pointwise_kernel", bn_factor(norm, int(layer.pointwise_kernel.shape[-1])),
                                False))
         elif isinstance(layer, L.DepthwiseConv2D):
-            out.append(_Kernel(layer, "kernel", _bn_factor(norm, int(layer.kernel.shape[2])), True))
+            out.append(_Kernel(layer, "kernel", bn_factor(norm, int(layer.kernel.shape[2])), True))
         else:
-            out.append(_Kernel(layer, "kernel", _bn_factor(norm, int(layer.kernel.shape[-1])), False))
+            out.append(_Kernel(layer, "kernel", bn_factor(norm, int(layer.kernel.shape[-1])), False))
     return out
 
 
@@ -276,7 +276,7 @@ def learn_rounding(model: Any, reference: Any, inputs: list[np.ndarray], max_sam
     Raises:
         ValueError: ``model`` and ``reference`` do not have the same layers.
     """
-    kernels = _kernels(model)
+    kernels = kernels_to_round(model)
     if not kernels:
         return RoundingSummary(0, 0, 0, 0, 1.0)
     L = _layers()
