@@ -67,8 +67,8 @@ def _update(ota: OtaManager, req: UpdateRequest) -> None:
     try:
         req, staged = _fetch_and_check(ota, req, staging)
     except (ArtifactError, TransportError, ConfigError, ModelError) as exc:
+        ota.store.prune(ledger.journal.kept)  # tidy before the outcome is reported: it says we are done
         ledger.finish(OtaState.REJECTED, str(exc))
-        ota.store.prune(ledger.journal.kept)
         return
     m = req.verified
     slot = slot_name(m.name, m.version, m.model.sha256)
@@ -78,8 +78,8 @@ def _update(ota: OtaManager, req: UpdateRequest) -> None:
     try:
         ota.host.activate(ota.store.model_path(slot), m, keep_previous=True)
     except EdgefleetError as exc:
-        ledger.finish(OtaState.FAILED, f"cannot activate: {exc}")
         ota.store.prune(ledger.journal.kept)
+        ledger.finish(OtaState.FAILED, f"cannot activate: {exc}")
         return
     ota._trial = slot
     crash_point("activated")
@@ -138,20 +138,22 @@ def _probation(ota: OtaManager, req: UpdateRequest, slot: str) -> None:
             ota._trial = None
         crash_point("commit-after-journal")
         host.release_previous()
+        ota.store.prune(ledger.journal.kept)  # staging and older slots go before the outcome is reported
         ledger.report_outcome(details=details)
-    else:
-        if host.previous_info is None:  # nothing committed before: nothing to return to
-            ota._trial = None
-            ledger.finish(OtaState.FAILED, "probation failed and there is no previous model to return "
-                          f"to: {verdict.reason}", details=details)
-            return
-        t0 = time.perf_counter()
-        host.revert()
+        return
+    if host.previous_info is None:  # nothing committed before: nothing to return to
         ota._trial = None
-        ota.last_revert_s = time.perf_counter() - t0
-        crash_point("rollback-reverted")
-        ledger.finish(OtaState.ROLLED_BACK, verdict.reason, details=details)
+        ota.store.prune(ledger.journal.kept)
+        ledger.finish(OtaState.FAILED, "probation failed and there is no previous model to return "
+                      f"to: {verdict.reason}", details=details)
+        return
+    t0 = time.perf_counter()
+    host.revert()
+    ota._trial = None
+    ota.last_revert_s = time.perf_counter() - t0
+    crash_point("rollback-reverted")
     ota.store.prune(ledger.journal.kept)
+    ledger.finish(OtaState.ROLLED_BACK, verdict.reason, details=details)
 
 
 def _fetch_manifest(ota: OtaManager, req: UpdateRequest, dest: Path) -> UpdateRequest:

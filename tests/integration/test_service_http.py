@@ -27,7 +27,10 @@ def service(broker, tmp_path_factory: pytest.TempPathFactory):
     cfg = agent_config(tmp, broker.url, device_id="pi-http", model=art.dir,
                        http={"listen": "127.0.0.1:0", "max_body_bytes": 200_000},
                        source={"type": "directory", "path": str(tmp / "frames"), "poll_interval_s": 0.05},
-                       sinks={"jsonl": str(tmp / "results.jsonl")})
+                       sinks={"jsonl": str(tmp / "results.jsonl")},
+                       # the tests close telemetry windows themselves: the service's own telemetry
+                       # thread must not close one between a test's requests and its check
+                       telemetry={"interval_s": 3600})
     svc = AgentService(parse_config(cfg))
     svc.start()
     reference = Engine(art.dir, profile="x86-dev", autotune=False)
