@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,7 @@ def test_report_has_float_vs_int8_table_recipes_and_host_labelled_latency(digits
     assert "| size |" in md and "host latency (this machine" in md and "## Recipes tried" in md
 
 
+@pytest.mark.slow  # the whole search, learned rounding and distillation included: 30 s
 def test_strict_profile_tries_remedies_and_cli_exits_3_with_a_not_deployable_artifact(digits, tmp_path: Path,
                                                                                      capsys) -> None:
     from converter.cli import main
@@ -115,6 +117,7 @@ def test_saved_model_with_two_inputs_and_outputs_converts_with_batch_1(two_outpu
     assert m.source.format == "saved_model" and set(m.golden.samples[0].outputs) == {t.name for t in m.outputs}
 
 
+@pytest.mark.slow  # prunes, fine-tunes and converts twice: 11 s
 def test_pruned_h5_conversion_is_smaller_and_reports_pruning(digits, tmp_path: Path) -> None:
     result = convert(digits.h5_path, "rpi4", digits.calibration, tmp_path / "out", eval_data=digits.evaluation,
                      prune_channels=0.3, sparsity=0.5, finetune_epochs=2, latency_runs=3)
@@ -170,11 +173,11 @@ def test_failed_conversion_leaves_no_partial_artifact_or_temp_dir(digits, tmp_pa
 
 def test_previous_artifact_is_replaced_whole(digits_result, digits, tmp_path: Path) -> None:
     out = tmp_path / "art"
-    first = convert(digits.keras_path, "x86-dev", digits.calibration, out, version="1", latency_runs=3)
-    (out / "manifest.json.sig").write_text("stale")
+    shutil.copytree(digits_result.out_dir, out)  # a signed artifact from an earlier run
+    assert (out / "manifest.json.sig").exists() and load_manifest(out)[0].version == "1.2"
     second = convert(digits.keras_path, "x86-dev", digits.calibration, out, version="2", latency_runs=3)
-    assert first.manifest.version == "1" and load_manifest(out)[0].version == "2" == second.manifest.version
-    assert not (out / "manifest.json.sig").exists()
+    assert load_manifest(out)[0].version == "2" == second.manifest.version
+    assert not (out / "manifest.json.sig").exists(), "the unsigned run leaves no stale signature behind"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
 
 
