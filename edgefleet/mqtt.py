@@ -189,6 +189,16 @@ class _BufferedClient(mqtt.Client):
     def _create_socket(self) -> Any:
         return ReadBufferedSocket(super()._create_socket())
 
+    def limit_inflight(self, most: int) -> None:
+        """Keep at most ``most`` QoS 1 publishes unacknowledged on this connection (paho queues the rest).
+
+        MQTT 5 forbids more than the broker's Receive Maximum, which it states in each CONNACK;
+        paho 2 neither honours it nor lets ``max_inflight_messages`` change while connected, so
+        this sets its window from ``on_connect``, before paho resends what it holds. Both values
+        are > 0, the case paho's guard is not about (it fears a switch to or from unlimited).
+        """
+        self._max_inflight_messages = max(1, most)
+
 
 class MqttConnection:
     """One broker connection that reconnects by itself.
@@ -245,7 +255,7 @@ class MqttConnection:
         return self._connected.wait(timeout)
 
     # -- lifecycle ----------------------------------------------------------------------------
-    def _make_client(self) -> mqtt.Client:
+    def _make_client(self) -> _BufferedClient:
         s = self.settings
         v5 = self._protocol == mqtt.MQTTv5
         client = _BufferedClient(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=self._protocol,
@@ -401,6 +411,8 @@ class MqttConnection:
         self.failure = None
         self._attempts = 0
         self.receive_maximum = int(getattr(properties, "ReceiveMaximum", 0) or 0) or None
+        ours = self.settings.max_inflight
+        self._client.limit_inflight(min(ours, self.receive_maximum or ours))  # may change on every connect
         client.reconnect_delay_set(self.settings.reconnect_min_s, self.settings.reconnect_max_s)  # type: ignore[arg-type]
         if self._subscriptions:
             # every connect: a broker that lost our session must not leave us without commands

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from agent.outbox import Outbox
 from edgefleet.testing.broker import MosquittoBroker, free_port
@@ -119,3 +120,45 @@ def test_backlog_drains_in_order_at_the_configured_rate(broker, tmp_path: Path) 
         link.stop()
         obs.close()
         box.close()
+
+
+def test_a_broker_with_a_small_receive_maximum_never_gets_more_unacknowledged_publishes(tmp_path: Path) -> None:
+    """MQTT 5: a broker states in its CONNACK how many QoS 1 publishes it takes unacknowledged
+    (Mosquitto: max_inflight_messages). The agent's forwarder allows 20; against a broker that
+    says 4, paho must hold the rest back, and the whole backlog still arrives in order."""
+    from agent.config import BrokerConfig
+    from agent.mqtt import Forwarder, MqttLink
+
+    with MosquittoBroker(tmp_path / "b", extra_config="max_inflight_messages 4\n") as small:
+        box = Outbox(tmp_path / "o.sqlite")
+        for i in range(80):
+            box.append(telemetry_topic("pi-rm"), {"i": i}, "telemetry")
+        obs = Observer(small.port, topic=telemetry_topic("pi-rm"))
+        fwd = Forwarder(box, max_inflight=20, drain_per_s=1000.0)
+        link = MqttLink(BrokerConfig(url=small.url), "rm-test", password=None,
+                        will_topic=state_topic("pi-rm"), will_payload=b"{}", subscriptions=[],
+                        on_connected=fwd.notify, on_message=lambda m: None, on_published=fwd.on_published)
+        unacked: list[int] = []
+        original = link.send
+
+        def watching_send(*args: Any, **kwargs: Any) -> Any:
+            info = original(*args, **kwargs)
+            unacked.append(link._client._inflight_messages)  # paho's count of publishes on the wire
+            return info
+
+        link.send = watching_send  # type: ignore[method-assign]
+        fwd.attach(link)
+        fwd.start()
+        try:
+            link.start()
+            assert link.wait_connected(10) and link.receive_maximum == 4
+            wait_for(lambda: box.pending() == 0, 20, what="outbox drained")
+            wait_for(lambda: len(obs.on("pi-rm/telemetry")) >= 80, 5, what="all 80 delivered")
+            assert max(unacked) <= 4, max(unacked)
+            assert [b["seq"] for b in obs.on("pi-rm/telemetry")] == list(range(1, 81))
+            assert link.connects == 1, "the broker never had a reason to drop us"
+        finally:
+            fwd.stop()
+            link.stop()
+            obs.close()
+            box.close()
