@@ -90,20 +90,26 @@ def test_agent_killed_with_a_full_outbox_drains_it_in_order_after_restart(tmp_pa
         broker.stop()
 
 
-def test_backlog_drains_in_order_at_the_configured_rate(broker, tmp_path: Path) -> None:
+def forwarding(box: Outbox, broker_url: str, device: str, max_inflight: int, drain_per_s: float) -> tuple[Any, Any]:
+    """The agent's outbox forwarder on its own link to ``broker_url`` (started; the link is not)."""
     from agent.config import BrokerConfig
     from agent.mqtt import Forwarder, MqttLink
 
+    fwd = Forwarder(box, max_inflight=max_inflight, drain_per_s=drain_per_s)
+    link = MqttLink(BrokerConfig(url=broker_url), f"{device}-link", password=None,
+                    will_topic=state_topic(device), will_payload=b"{}", subscriptions=[],
+                    on_connected=fwd.notify, on_message=lambda m: None, on_published=fwd.on_published)
+    fwd.attach(link)
+    fwd.start()
+    return fwd, link
+
+
+def test_backlog_drains_in_order_at_the_configured_rate(broker, tmp_path: Path) -> None:
     box = Outbox(tmp_path / "o.sqlite")
     for i in range(60):
         box.append(telemetry_topic("pi-rate"), {"i": i}, "telemetry")
     obs = Observer(broker.port, topic=telemetry_topic("pi-rate"))
-    fwd = Forwarder(box, max_inflight=5, drain_per_s=20.0)
-    link = MqttLink(BrokerConfig(url=broker.url), "rate-test", password=None,
-                    will_topic=state_topic("pi-rate"), will_payload=b"{}", subscriptions=[],
-                    on_connected=fwd.notify, on_message=lambda m: None, on_published=fwd.on_published)
-    fwd.attach(link)
-    fwd.start()
+    fwd, link = forwarding(box, broker.url, "pi-rate", max_inflight=5, drain_per_s=20.0)
     try:
         link.start()
         assert link.wait_connected(10)
@@ -126,18 +132,12 @@ def test_a_broker_with_a_small_receive_maximum_never_gets_more_unacknowledged_pu
     """MQTT 5: a broker states in its CONNACK how many QoS 1 publishes it takes unacknowledged
     (Mosquitto: max_inflight_messages). The agent's forwarder allows 20; against a broker that
     says 4, paho must hold the rest back, and the whole backlog still arrives in order."""
-    from agent.config import BrokerConfig
-    from agent.mqtt import Forwarder, MqttLink
-
     with MosquittoBroker(tmp_path / "b", extra_config="max_inflight_messages 4\n") as small:
         box = Outbox(tmp_path / "o.sqlite")
         for i in range(80):
             box.append(telemetry_topic("pi-rm"), {"i": i}, "telemetry")
         obs = Observer(small.port, topic=telemetry_topic("pi-rm"))
-        fwd = Forwarder(box, max_inflight=20, drain_per_s=1000.0)
-        link = MqttLink(BrokerConfig(url=small.url), "rm-test", password=None,
-                        will_topic=state_topic("pi-rm"), will_payload=b"{}", subscriptions=[],
-                        on_connected=fwd.notify, on_message=lambda m: None, on_published=fwd.on_published)
+        fwd, link = forwarding(box, small.url, "pi-rm", max_inflight=20, drain_per_s=1000.0)
         unacked: list[int] = []
         original = link.send
 
@@ -147,8 +147,6 @@ def test_a_broker_with_a_small_receive_maximum_never_gets_more_unacknowledged_pu
             return info
 
         link.send = watching_send  # type: ignore[method-assign]
-        fwd.attach(link)
-        fwd.start()
         try:
             link.start()
             assert link.wait_connected(10) and link.receive_maximum == 4
