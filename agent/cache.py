@@ -32,6 +32,7 @@ All state sits behind one lock: callers on several threads share one cache.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import statistics
@@ -51,8 +52,9 @@ from edgefleet.errors import ConfigError
 from edgefleet.profiles import CacheSettings, format_validation_error
 from edgefleet.quant import dequantize, top1
 
-__all__ = ["CacheSpec", "InferenceCache", "Lookup", "OutputJudge", "binomial_upper", "input_signature",
-           "output_change", "output_judges", "output_ranges", "output_tolerances", "poisson_quantile",
+__all__ = ["EVIDENCE_FORMAT", "EVIDENCE_MAX_BYTES", "CacheSpec", "EvidenceError", "EvidenceMismatch",
+           "InferenceCache", "Lookup", "OutputJudge", "binomial_upper", "input_signature", "output_change",
+           "output_judges", "output_ranges", "output_tolerances", "parse_evidence", "poisson_quantile",
            "resolve_cache", "signature_distance"]
 
 _ENTRY_OVERHEAD = 128  # bytes per entry for the key, tuple and OrderedDict node
@@ -77,7 +79,11 @@ _POOL_SPAN = 8  # a band borrows evidence from at most this many bands at and ab
 # A cell borrows only once it has verdicts of its own: where frames that fall in it were never seen,
 # a run of calm verdicts above it says little (a hand-held classifier flips at scores below frames
 # that kept their answer across a large shift).
-_OWN_VERDICTS = 10
+_OWN_VERDICTS = 10  # this run's own: verdicts carried over from an earlier run do not count here
+# A cell holding verdicts carried over from an earlier run uses them only once this run has confirmed
+# them with this many verdicts of its own there (any disagreement voids them instead): the fewer, the
+# likelier a scene that changed to answers flipping a few % of the time slips through unseen.
+_CONFIRM_VERDICTS = 30
 _FLOOR_VERDICTS = 30  # a cell's rate counts as a floor for the cells above it from this many verdicts
 _BUDGET_ANSWERS = 200
 # The context of a decision at score band b: how many of the last _RECENT verdicts disagreed at a
@@ -95,6 +101,19 @@ _CONTEXTS = 3
 _ENVELOPE_FACTOR = 3.0
 _ENVELOPE_WEIGHT = 0.05
 _SENSITIVITY_WEIGHT = 0.2  # non-classifiers: weight of each computed pair in the running sensitivity
+EVIDENCE_FORMAT = "edgefleet.cache-evidence/1"
+EVIDENCE_MAX_BYTES = 64 * 1024
+"""Largest evidence file read or written: 78 cells of four integers need about 2 KB."""
+_EVIDENCE_KEYS = {"format", "model_sha256", "source", "layout", "verdicts", "cells"}
+_MAX_COUNT = 10**9
+
+
+class EvidenceError(ValueError):
+    """Evidence from an earlier run that cannot be used here: unreadable, or for another model, camera or layout."""
+
+
+class EvidenceMismatch(EvidenceError):
+    """Readable evidence for another model (sha256) or camera: expected after an update, nothing wrong."""
 
 
 CacheSpec = bool | CacheSettings | Mapping[str, Any] | None
@@ -271,46 +290,126 @@ class _Evidence:
         self.reused = [0] * cells
         self.risk = self.charged = 0.0
         self.changes = self.total_n = self.total_e = 0
+        # Verdicts carried over from an earlier run of this model on this camera (``carry``), counted in
+        # n / e until a disagreement of this run voids them (``_void_carried``); own = n - carried.
+        self.carried_n = [0] * cells
+        self.carried_e = [0] * cells
+        self.voided = 0  # carried agreements voided so far
 
     def add(self, cell: int, agree: bool) -> None:
         """Count one verdict in ``cell`` and recompute what the cells it bounds may do."""
         self.total_n += 1
         self.total_e += 0 if agree else 1
+        voided = not agree and self._void_carried(cell)
         self.n[cell] += 1
         self.e[cell] += 0 if agree else 1
         if self.n[cell] >= self.window:  # old evidence fades: a changed stream must show
             self.n[cell] //= 2
             self.e[cell] = (self.e[cell] + 1) // 2
-        n, e = self.n[cell], self.e[cell]
-        # Shown worse than the target on its own: P(X >= e | n, target) < 1 - confidence.
-        self.bad[cell] = e > 0 and 1.0 - _binomial_cdf(e - 1, n, self.target) < 1.0 - self.confidence
-        self._refresh(cell)
+            self.carried_n[cell] = self.carried_e[cell] = 0  # what was carried is mostly outweighed by now
+        self._judge(cell)
+        self._refresh(None if voided else cell)
 
-    def _refresh(self, changed: int) -> None:
-        """Re-bound the cells whose runs pass through ``changed``, then apply blocking to all."""
+    def _judge(self, cell: int) -> None:
+        """Shown worse than the target on its own: P(X >= e | n, target) < 1 - confidence."""
+        n, e = self.n[cell], self.e[cell]
+        self.bad[cell] = e > 0 and 1.0 - _binomial_cdf(e - 1, n, self.target) < 1.0 - self.confidence
+
+    # ------------------------------------------------------------ evidence carried over from an earlier run
+    def carry_cap(self) -> int:
+        """Most verdicts a cell takes from an earlier run: fewer than prove the target alone (299 at 1 %, 95 %)."""
+        if self.target <= 0.0:
+            return 0
+        return max(0, min(self.window // 2, math.ceil(_poisson_upper(0, self.confidence) / self.target) - 1))
+
+    def carry(self, cells: Iterable[tuple[int, int, int, int]]) -> int:
+        """Take an earlier run's counts ``(context, band, verdicts, disagreements)``: halved, capped, marked carried.
+
+        Halving makes each restart count for half of the one before (a camera's evidence fades
+        over restarts as it fades within a run), and disagreements round up. The cap keeps any one
+        cell from being proven on carried verdicts alone. Returns the verdicts carried.
+        """
+        if self.total_n or any(self.n):
+            raise EvidenceError("the cache has verdicts of its own already: evidence is carried only into a new one")
+        cap, total = self.carry_cap(), 0
+        for ctx, band, n, e in cells:
+            cell = ctx * _BANDS + band
+            kept, events = n // 2, (e + 1) // 2
+            if kept > cap:
+                events, kept = math.ceil(events * cap / kept), cap
+            events = min(events, kept)
+            if kept <= 0:
+                continue
+            self.n[cell] = self.carried_n[cell] = kept
+            self.e[cell] = self.carried_e[cell] = events
+            total += kept
+        for cell in range(len(self.n)):
+            self._judge(cell)
+        self._refresh(None)
+        return total
+
+    def _void_carried(self, cell: int) -> bool:
+        """A verdict of this run disagreed in ``cell``: what was carried near and above its score goes, in every context.
+
+        The earlier run's record there is contradicted: disagreement only grows with the score, and
+        a disagreement within _CONTEXT_REACH bands is what moves a cell's context, so the frames that
+        would be reused on its calm are the ones now disagreeing (a scene whose answers flicker
+        disagrees in neighbouring cells and in stricter contexts first). Those cells go back to
+        what a cold start would know, this run's own verdicts: carried calm must never dilute this
+        run's disagreements, and the carried disagreements, about a stream that is not this one any
+        more, would only keep shut cells that this run's own evidence may open. Reuses served on
+        the voided evidence are re-charged at the bounds left (``risk``).
+        """
+        lowest = max(0, cell % _BANDS - _CONTEXT_REACH)
+        voided, changed = 0, False
+        for ctx in range(_CONTEXTS):
+            for band in range(lowest, _BANDS):
+                c = ctx * _BANDS + band
+                if self.carried_n[c]:
+                    changed = True
+                    voided += self.carried_n[c] - self.carried_e[c]
+                    self.n[c] -= self.carried_n[c]
+                    self.e[c] -= self.carried_e[c]
+                    self.carried_n[c] = self.carried_e[c] = 0
+                    self._judge(c)
+        self.voided += voided
+        return changed
+
+    def export_cells(self) -> list[list[int]]:
+        """``[context, band, verdicts, disagreements]`` of every cell with verdicts (carried ones included)."""
+        return [[c // _BANDS, c % _BANDS, self.n[c], self.e[c]] for c in range(len(self.n)) if self.n[c]]
+
+    def _refresh(self, changed: int | None) -> None:
+        """Re-bound the cells whose runs pass through ``changed`` (None: every cell), then apply blocking to all."""
         before = self.free_limit()
-        ctx0, band0 = divmod(changed, _BANDS)
-        counts, events, confidence, upper = self.n, self.e, self.confidence, _poisson_upper
+        ctx0, band0 = divmod(changed, _BANDS) if changed is not None else (_CONTEXTS - 1, _BANDS - 2)
+        lowest = max(0, band0 - _POOL_SPAN + 1) if changed is not None else 0
+        counts, events, carried, confidence, upper = self.n, self.e, self.carried_n, self.confidence, _poisson_upper
         for ctx in range(ctx0 + 1):
-            for band in range(max(0, band0 - _POOL_SPAN + 1), min(band0 + 1, _BANDS - 1)):
-                best, behind = 1.0, (0, 0)
-                run_n = [0] * _CONTEXTS  # per last context of the run: verdicts, disagreements so far
+            for band in range(lowest, min(band0 + 1, _BANDS - 1)):
+                best, behind, behind_own = 1.0, (0, 0), 0
+                run_n = [0] * _CONTEXTS  # per last context of the run: verdicts, disagreements, carried so far
                 run_e = [0] * _CONTEXTS
+                run_c = [0] * _CONTEXTS
                 for top in range(band, min(band + _POOL_SPAN, _BANDS - 1)):
-                    n = e = 0
+                    n = e = c = 0
                     for last in range(ctx, _CONTEXTS):
                         n += counts[last * _BANDS + top]
                         e += events[last * _BANDS + top]
+                        c += carried[last * _BANDS + top]
                         if n:  # else the run has the counts, and the bound, of the shorter one
                             run_n[last] += n
                             run_e[last] += e
+                            run_c[last] += c
                             bound = min(1.0, upper(run_e[last], confidence) / run_n[last])
                             if bound < best:
                                 best, behind = bound, (run_n[last], run_e[last])
+                                behind_own = run_n[last] - run_c[last]
                 cell = ctx * _BANDS + band
                 self.upper[cell], self.pooled[cell] = best, behind
-                # Verified as often as the evidence behind its bound is thin (its own, or the run it borrows).
-                seen = max(self.n[cell], behind[0])
+                # Verified as often as this run's own evidence behind its bound is thin: carried verdicts
+                # do not lower it, so a stream that changed since shows as soon as it would from cold.
+                seen = max(self.n[cell] - self.carried_n[cell], behind_own)
                 self.share[cell] = min(self.thin, max(self.floor, self.thin * _THIN_VERDICTS / (seen + _THIN_VERDICTS)))
         blocked_from = _BANDS - 1  # the last band is open-ended and never reused
         # Disagreement only grows with band and context: a well-evidenced cell below that disagrees
@@ -331,7 +430,9 @@ class _Evidence:
                 if counts[cell] >= _FLOOR_VERDICTS:
                     seen_rate[band] = max(seen_rate[band], events[cell] / counts[cell])
                 below = max(below, seen_rate[band])
-                usable = band < blocked_from and best < self.ramp_target and self.n[cell] >= _OWN_VERDICTS
+                own = self.n[cell] - self.carried_n[cell]
+                needed = _CONFIRM_VERDICTS if self.carried_n[cell] else _OWN_VERDICTS
+                usable = band < blocked_from and best < self.ramp_target and own >= needed
                 self.cost[cell] = best if usable else -1.0
                 self.on_budget[cell] = usable and best >= self.target
         if self.free_limit() != before:
@@ -372,26 +473,63 @@ def _strides(shape: tuple[int, ...]) -> tuple[slice, ...]:
     return tuple(index)
 
 
+@lru_cache(maxsize=64)
+def _signature_index(shape: tuple[int, ...]) -> np.ndarray:
+    """Flat positions of the strided subsample of a ``shape`` tensor, in C order, computed once.
+
+    Why: one gather (``take``) of 3072 bytes costs a fifth of slicing the 4-d view and copying it
+    (numpy walks a 3-byte inner loop a thousand times for the latter).
+    """
+    size = int(np.prod(shape))
+    index = np.arange(size, dtype=np.intp).reshape(shape)[_strides(shape)].ravel()
+    index.setflags(write=False)
+    return index
+
+
+def _signature_part(arr: np.ndarray, index: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """One input's signature: the samples at ``index``, mapped to 0..255 over ``lo..hi``, as uint8.
+
+    One new array per call (it may become the reference) and no other temporary: the float
+    path scales that array in place.
+    """
+    sub = arr.reshape(-1).take(index)
+    if sub.dtype == np.uint8:
+        return sub
+    if sub.dtype == np.int8:  # v + 128 is v's two's-complement byte with the sign bit flipped
+        flipped = sub.view(np.uint8)
+        np.bitwise_xor(flipped, 0x80, out=flipped)
+        return flipped
+    if sub.dtype != np.float32:
+        sub = sub.astype(np.float32)
+    np.subtract(sub, lo, out=sub)
+    np.multiply(sub, 255.0 / max(hi - lo, 1e-12), out=sub)
+    np.rint(sub, out=sub)
+    np.clip(sub, 0, 255, out=sub)
+    return sub.astype(np.uint8)
+
+
 def input_signature(sample: Sequence[np.ndarray], infos: Sequence[TensorInfo],
                     ranges: Sequence[tuple[float, float]]) -> np.ndarray:
     """Strided subsample of every input, mapped to 0..255 over its value range, as uint8."""
-    parts = []
-    for arr, info, (lo, hi) in zip(sample, infos, ranges):
-        sub = arr.reshape(info.shape)[_strides(info.shape)]
-        if arr.dtype == np.uint8:
-            parts.append(sub.ravel())
-            continue
-        if arr.dtype == np.int8:
-            parts.append((sub.ravel().astype(np.int16) + 128).astype(np.uint8))
-            continue
-        scaled = (sub.astype(np.float32).ravel() - lo) * (255.0 / max(hi - lo, 1e-12))
-        parts.append(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
+    parts = [_signature_part(arr, _signature_index(info.shape), lo, hi)
+             for arr, info, (lo, hi) in zip(sample, infos, ranges)]
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _distance(signature: np.ndarray, reference: np.ndarray, scratch: np.ndarray) -> float:
+    """Mean absolute difference of a uint8 signature and an int16 one, as a fraction of 0..255.
+
+    ``scratch`` (int16, the signatures' size) takes the difference, so nothing is allocated:
+    three ufunc passes over 3 KB instead of two casts, a subtraction, an abs and a mean.
+    """
+    np.subtract(signature, reference, out=scratch)
+    np.abs(scratch, out=scratch)
+    return int(np.add.reduce(scratch, dtype=np.int32)) / scratch.size / 255.0
 
 
 def signature_distance(a: np.ndarray, b: np.ndarray) -> float:
     """Mean absolute difference of two signatures, as a fraction of the full range (0..1)."""
-    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean()) / 255.0
+    return _distance(a, b.astype(np.int16), np.empty(a.size, np.int16))
 
 
 class OutputJudge(NamedTuple):
@@ -541,6 +679,57 @@ def _margin(outputs: Sequence[np.ndarray]) -> float:
     return margin
 
 
+# ---------------------------------------------------------------------------------- carried evidence
+def _count(value: Any, what: str) -> int:
+    if type(value) is not int or not 0 <= value <= _MAX_COUNT:
+        raise EvidenceError(f"{what}: expected an integer 0..{_MAX_COUNT}, got {value!r:.40}")
+    return value
+
+
+def parse_evidence(raw: bytes) -> dict[str, Any]:
+    """Read an evidence file written by :meth:`InferenceCache.export_evidence`, checking every field.
+
+    Why strict: the file sits on a device's disk across restarts and power cuts; whatever is in
+    it (truncated, edited, from another version) must be refused here, whole, with a reason,
+    never half-used. Which model, camera and layout it is for is checked by ``import_evidence``.
+
+    Raises:
+        EvidenceError: too large, not JSON, or any field missing, unknown or out of range.
+    """
+    if len(raw) > EVIDENCE_MAX_BYTES:
+        raise EvidenceError(f"{len(raw)} bytes, more than the {EVIDENCE_MAX_BYTES} an evidence file may hold")
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise EvidenceError(f"not JSON: {str(exc)[:80]}") from None
+    if not isinstance(data, dict) or set(data) != _EVIDENCE_KEYS:
+        keys = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise EvidenceError(f"expected the keys {sorted(_EVIDENCE_KEYS)}, got {keys!s:.120}")
+    if data["format"] != EVIDENCE_FORMAT:
+        raise EvidenceError(f"format {data['format']!r:.40}, expected {EVIDENCE_FORMAT!r}")
+    sha = data["model_sha256"]
+    if not isinstance(sha, str) or len(sha) != 64 or any(ch not in "0123456789abcdef" for ch in sha):
+        raise EvidenceError("model_sha256: expected 64 lowercase hex digits")
+    if not isinstance(data["source"], str) or not 0 < len(data["source"]) <= 256:
+        raise EvidenceError("source: expected a string of 1..256 characters")
+    if not isinstance(data["layout"], dict):
+        raise EvidenceError("layout: expected a mapping")
+    _count(data["verdicts"], "verdicts")
+    cells = data["cells"]
+    if not isinstance(cells, list) or len(cells) > _CONTEXTS * _BANDS:
+        raise EvidenceError(f"cells: expected a list of at most {_CONTEXTS * _BANDS}")
+    seen = set()
+    for i, cell in enumerate(cells):
+        if not isinstance(cell, list) or len(cell) != 4:
+            raise EvidenceError(f"cells[{i}]: expected [context, band, verdicts, disagreements]")
+        ctx, band, n, e = (_count(v, f"cells[{i}]") for v in cell)
+        if ctx >= _CONTEXTS or band >= _BANDS or e > n or (ctx, band) in seen:
+            raise EvidenceError(f"cells[{i}]: {cell} is outside the layout, repeated, or has more "
+                                "disagreements than verdicts")
+        seen.add((ctx, band))
+    return data
+
+
 # ---------------------------------------------------------------------------------- the cache
 class InferenceCache:
     """Exact + near-duplicate cache for one model, reusing only where its evidence allows. Thread-safe."""
@@ -550,6 +739,7 @@ class InferenceCache:
                  input_ranges: Sequence[tuple[float, float]] | None = None,
                  judges: Sequence[OutputJudge] | None = None) -> None:
         self.config = config
+        self._sha256 = model_sha256
         self._seed = int(model_sha256[:16], 16)
         self._inputs = tuple(inputs)
         self._outputs = tuple(outputs)
@@ -575,10 +765,16 @@ class InferenceCache:
         self.verified = self.disagreements = self.evictions = 0
         self._lookup_s = 0.0
         self._lookups = 0
+        # The settings the hot path reads, as plain attributes (a pydantic read costs more).
+        self._max_bytes, self._near, self._target = config.max_bytes, config.near, config.target_disagreement
+        self._max_age_s, self._near_threshold = config.max_age_s, config.near_threshold
+        self._max_consecutive = config.max_consecutive
+        self._sig_index = [_signature_index(info.shape) for info in self._inputs]
+        self._scratch = np.empty(sum(i.size for i in self._sig_index), np.int16)  # used under the lock
         self._budget = 0.0  # expected disagreements the answers so far can still absorb
         self._budget_cap = config.target_disagreement * _BUDGET_ANSWERS
-        # (signature, outputs, computed at, 1 / margin): the last input that was actually computed
-        self._reference: tuple[np.ndarray, tuple[np.ndarray, ...], float, float] | None = None
+        # (signature, the same as int16, outputs, computed at, 1 / margin): the last input actually computed
+        self._reference: tuple[np.ndarray, np.ndarray, tuple[np.ndarray, ...], float, float] | None = None
         self._consecutive = 0
         self._recent = [-1] * _RECENT  # score band of each of the last _RECENT verdicts that disagreed, else -1
         self._recent_at = 0
@@ -598,45 +794,50 @@ class InferenceCache:
 
     def _signature(self, sample: Sequence[np.ndarray]) -> np.ndarray:
         ranges = self._ranges  # filled once; two threads racing here compute the same range
-        for i, (arr, info) in enumerate(zip(sample, self._inputs)):
-            if ranges[i] is None:
-                ranges[i] = _value_range(arr, info)
-        return input_signature(sample, self._inputs, ranges)  # type: ignore[arg-type]
+        parts = []
+        for i, arr in enumerate(sample):
+            span = ranges[i]
+            if span is None:
+                span = ranges[i] = _value_range(arr, self._inputs[i])
+            parts.append(_signature_part(arr, self._sig_index[i], span[0], span[1]))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def lookup(self, sample: Sequence[np.ndarray]) -> Lookup:
         """Decide for one sample (arrays in model dtype): exact hit, near hit (maybe to verify) or miss.
 
-        Hashing and the signature are computed outside the lock; the decision under it is a few
-        comparisons against figures prepared when results were recorded.
+        Hashing and the signature are computed outside the lock; under it, the distance to the
+        reference (into a scratch buffer the lock protects) and a few comparisons against figures
+        prepared when results were recorded.
         """
         start = time.perf_counter()
-        cfg = self.config
-        key = self.key(sample) if cfg.max_bytes else 0
-        if cfg.max_bytes:
+        key = 0
+        if self._max_bytes:
+            key = self.key(sample)
             with self._lock:
                 entry = self._entries.get(key)
                 if entry is not None:
                     self._entries.move_to_end(key)
                     self.exact_hits += 1
-                    self._budget = min(self._budget + cfg.target_disagreement, self._budget_cap)
+                    self._budget = min(self._budget + self._target, self._budget_cap)
                     self._lookup_s += time.perf_counter() - start
                     self._lookups += 1
                     return Lookup("exact", entry[0], False, key, None)
-        signature = self._signature(sample) if cfg.near else None
+        signature = self._signature(sample) if self._near else None
         with self._lock:
-            self._budget = min(self._budget + cfg.target_disagreement, self._budget_cap)
+            self._budget = min(self._budget + self._target, self._budget_cap)
             ref = self._reference
-            if signature is not None and ref is not None and start - ref[2] <= cfg.max_age_s:
-                distance = signature_distance(signature, ref[0])
-                if distance <= cfg.near_threshold:
-                    score = distance * ref[3] if ref[3] < _INF else _INF
+            found = None
+            if signature is not None and ref is not None and start - ref[3] <= self._max_age_s:
+                distance = _distance(signature, ref[1], self._scratch)
+                if distance <= self._near_threshold:
+                    score = distance * ref[4] if ref[4] < _INF else _INF
                     band = _band(score)
                     band += self._context[band]
                     ev = self._evidence
                     cost = ev.cost[band]
                     if ev.on_budget[band] and self._budget < cost:
                         cost = -1.0
-                    if cost >= 0.0 and self._consecutive < cfg.max_consecutive and distance <= self._reuse_ceiling:
+                    if cost >= 0.0 and self._consecutive < self._max_consecutive and distance <= self._reuse_ceiling:
                         self._consecutive += 1
                         verify = self._rng.random() < ev.share[band]
                         if not verify:
@@ -644,17 +845,16 @@ class InferenceCache:
                             self._budget -= cost
                             ev.reused[band] += 1
                             ev.risk += cost
-                        self._lookup_s += time.perf_counter() - start
-                        self._lookups += 1
-                        return Lookup("near", ref[1], verify, key, signature, ref[1], band, distance)
-                    self.misses += 1
-                    self._lookup_s += time.perf_counter() - start
-                    self._lookups += 1
-                    return Lookup("miss", None, False, key, signature, ref[1], band, distance)
-            self.misses += 1
+                        found = Lookup("near", ref[2], verify, key, signature, ref[2], band, distance)
+                    else:
+                        self.misses += 1
+                        found = Lookup("miss", None, False, key, signature, ref[2], band, distance)
+            if found is None:
+                self.misses += 1
+                found = Lookup("miss", None, False, key, signature)
             self._lookup_s += time.perf_counter() - start
             self._lookups += 1
-            return Lookup("miss", None, False, key, signature)
+            return found
 
     def record(self, lookup: Lookup, outputs: tuple[np.ndarray, ...]) -> None:
         """Store outputs just computed for ``lookup``'s sample; count the verdict if it had a candidate.
@@ -682,6 +882,7 @@ class InferenceCache:
             inv_margin = max(1.0, change / max(lookup.distance, _MIN_DISTANCE)) if change < _INF else _INF
         else:
             inv_margin = _INF  # nothing seen yet about how fast these outputs move
+        wide = lookup.signature.astype(np.int16) if lookup.signature is not None else None
         with self._lock:
             if change is not None:
                 agree = change <= 1.0
@@ -710,8 +911,8 @@ class InferenceCache:
                 self._sensitivity = (inv_margin if self._sensitivity == 0.0 else
                                      self._sensitivity + _SENSITIVITY_WEIGHT * (inv_margin - self._sensitivity))
                 inv_margin = self._sensitivity
-            if lookup.signature is not None:
-                self._reference = (lookup.signature, outputs, now, inv_margin)
+            if lookup.signature is not None and wide is not None:
+                self._reference = (lookup.signature, wide, outputs, now, inv_margin)
                 self._consecutive = 0
 
     # ------------------------------------------------------------------ internals
@@ -757,7 +958,73 @@ class InferenceCache:
             self._bytes -= evicted
             self.evictions += 1
 
+    # ------------------------------------------------------------------ evidence across restarts
+    def _layout(self) -> dict[str, Any]:
+        """What a cell of evidence means here: its bands, contexts, signature and judgement (not the ranges)."""
+        judged = self._judged_by()
+        return {"bands": _BANDS, "band_base": _BAND_BASE, "contexts": _CONTEXTS, "context_reach": _CONTEXT_REACH,
+                "recent": _RECENT, "signature_cells": _SIGNATURE_CELLS, "judged_by": judged,
+                "judges": [list(j) for j in self._judges] if self._judges is not None else None,
+                "output_tolerance": None if judged == "top-1" else self.config.output_tolerance}
+
+    def export_evidence(self, source: str) -> bytes:
+        """This cache's verdict counts per cell, for the next run of this model on camera ``source`` (JSON).
+
+        Only counts: no outputs, no reference, no exact entries (those are this run's).
+        """
+        with self._lock:
+            cells = self._evidence.export_cells()
+            own = self._evidence.total_n
+            ranges = [list(r) if r is not None else None for r in self._ranges]
+        data = {"format": EVIDENCE_FORMAT, "model_sha256": self._sha256, "source": source, "verdicts": own,
+                "layout": {**self._layout(), "input_ranges": ranges}, "cells": cells}
+        return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
+    def import_evidence(self, raw: bytes, source: str) -> int:
+        """Carry an earlier run's evidence into this new cache (see ``_Evidence.carry``); the verdicts carried.
+
+        Raises:
+            EvidenceError: unreadable (:func:`parse_evidence`), for another model (sha256) or camera,
+                counted in another layout or judgement, or this cache has verdicts of its own already.
+        """
+        data = parse_evidence(raw)
+        if data["model_sha256"] != self._sha256:
+            raise EvidenceMismatch(f"for model {data['model_sha256'][:12]}..., this one is {self._sha256[:12]}...")
+        if data["source"] != source:
+            raise EvidenceMismatch(f"for camera {data['source']!r:.60}, this one is {source!r:.60}")
+        layout = dict(data["layout"])
+        ranges = layout.pop("input_ranges", None)
+        if layout != json.loads(json.dumps(self._layout())):
+            raise EvidenceError("counted with other bands, signature or judgement settings")
+        if not isinstance(ranges, list) or len(ranges) != len(self._inputs):
+            raise EvidenceError("layout.input_ranges: expected one entry per input")
+        adopted = list(self._ranges)
+        for i, (theirs, ours) in enumerate(zip(ranges, self._ranges)):
+            if theirs is None:
+                continue
+            if (not isinstance(theirs, list) or len(theirs) != 2 or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in theirs)
+                    or not theirs[0] < theirs[1]):
+                raise EvidenceError(f"layout.input_ranges[{i}]: expected [low, high]")
+            if ours is None:  # guessed from the first frame there: distances keep the same scale here
+                adopted[i] = (float(theirs[0]), float(theirs[1]))
+            elif (float(theirs[0]), float(theirs[1])) != (float(ours[0]), float(ours[1])):
+                raise EvidenceError(f"input {i} was scaled over {theirs}, here over {list(ours)}")
+        with self._lock:
+            carried = self._evidence.carry((c[0], c[1], c[2], c[3]) for c in data["cells"])
+            self._ranges[:] = adopted
+            return carried
+
     # ------------------------------------------------------------------ status
+    @property
+    def verdicts(self) -> int:
+        """Verdicts of this run (carried ones not counted)."""
+        return self._evidence.total_n
+
+    def _judged_by(self) -> str:
+        return (("roles: " + ", ".join(j.role for j in self._judges)) if self._judges is not None
+                else "top-1" if self._classifier else "tolerance per output")
+
     def clear(self) -> None:
         """Drop every entry and the near-duplicate reference (counters and evidence stay)."""
         with self._lock:
@@ -786,10 +1053,10 @@ class InferenceCache:
                 "disagreements": self.disagreements,
                 "disagreement": round(self.disagreements / self.verified, 4) if self.verified else None,
                 "disagreement_rate": round(region_e / region_n, 4) if region_n else 0.0,
-                "disagreement_upper": round(worst / self.near_hits, 4) if self.near_hits else None,
+                "disagreement_upper": _round_up(worst / self.near_hits) if self.near_hits else None,
                 "expected_disagreements": round(ev.risk, 3),
                 "verifications": region_n,
-                "answer_disagreement_upper": round(worst / samples, 4) if samples else None,
+                "answer_disagreement_upper": _round_up(worst / samples) if samples else None,
                 "bound_in_force": round(widest[2], 4) if widest else None,
                 "confidence": ev.confidence,
                 "verdicts": ev.total_n,
@@ -797,8 +1064,9 @@ class InferenceCache:
                 "score_limit": round(ev.free_limit(), 6),
                 "threshold": self.config.near_threshold,
                 "reuse_ceiling": round(self._reuse_ceiling, 5),
-                "judged_by": (("roles: " + ", ".join(j.role for j in self._judges)) if self._judges is not None
-                              else "top-1" if self._classifier else "tolerance per output"),
+                "judged_by": self._judged_by(),
+                "carried_verdicts": sum(ev.carried_n),
+                "carried_voided": ev.voided,
                 "threshold_changes": ev.changes,
                 "bands": ev.bands(),
                 "hit_rate": round(saved / samples, 4) if samples else 0.0,
@@ -809,6 +1077,12 @@ class InferenceCache:
                 "lookup_us": round(self._lookup_s / self._lookups * 1e6, 2) if self._lookups else None,
                 "config": self.config.model_dump(exclude={"enabled"}),
             }
+
+
+def _round_up(bound: float, digits: int = 4) -> float:
+    """A reported upper bound, rounded up: rounded to nearest, 8/600 read 0.0133, under 8/600 itself."""
+    scale = 10**digits
+    return math.ceil(bound * scale - 1e-9) / scale
 
 
 def _contiguous(arr: np.ndarray) -> Any:

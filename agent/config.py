@@ -8,6 +8,7 @@ service at start-up, never here. Relative paths are taken relative to the config
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -161,6 +162,21 @@ class SourceConfig(_Strict):
     settle_s: float = Field(default=0.1, ge=0, le=60,
                             description="Leave a file alone until it is this old (writers that do not rename), s")
     max_file_bytes: int = Field(default=32 * 1024 * 1024, ge=1, description="Larger files go to failed/, bytes")
+    camera_id: str | None = Field(
+        default=None, min_length=1, max_length=256,
+        description="What this camera sees, for the cache evidence carried across restarts: change it when the "
+                    "camera is moved or replaced, and the cache starts cold (null: the source type and path)")
+    cache_evidence: bool = Field(
+        default=True, description="Keep the cache's verdict counts in state_dir across restarts of the same model "
+                                  "on this camera (docs/cache.md, \"Evidence across restarts\")")
+
+    @property
+    def evidence_source(self) -> str:
+        """The camera id the cache's carried evidence is keyed by."""
+        if self.camera_id is not None:
+            return self.camera_id
+        derived = f"directory:{self.path}" if self.type == "directory" else "api"
+        return derived if len(derived) <= 256 else "directory:sha256:" + hashlib.sha256(derived.encode()).hexdigest()
 
     @model_validator(mode="after")
     def _path(self) -> SourceConfig:

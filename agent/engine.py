@@ -465,6 +465,24 @@ class Engine:
             else {"enabled": False, "reason": self.cache_disabled_reason or "off"},
         }
 
+    def export_cache_evidence(self, source: str) -> bytes | None:
+        """The cache's verdict counts for the next run of this model on camera ``source`` (None: no cache,
+        or no verdict of its own yet, so there is nothing new to keep). See docs/cache.md, "Evidence across restarts".
+        """
+        if self._cache is None or not self._cache.verdicts:
+            return None
+        return self._cache.export_evidence(source)
+
+    def import_cache_evidence(self, raw: bytes, source: str) -> int:
+        """Start the cache from an earlier run's evidence (halved, capped, voided by disagreements); verdicts carried.
+
+        Returns 0 without a cache.
+
+        Raises:
+            EvidenceError: unreadable, or for another model, camera or layout (nothing is taken).
+        """
+        return self._cache.import_evidence(raw, source) if self._cache is not None else 0
+
     def clear_cache(self) -> None:
         """Forget every cached output (the engine does this itself when its model changes)."""
         if self._cache is not None:

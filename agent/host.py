@@ -10,6 +10,12 @@ probation watcher runs it in shadow on live inputs (:meth:`infer_previous`) and 
 rollback is a pointer swap back (:meth:`revert`), not a reload, which is what makes "failed
 probation -> serving the old model" take milliseconds.
 
+Evidence across restarts: with ``evidence_file``, each engine built for a model starts its
+cache from the verdict counts the last engine of the *same* model (sha256) on the same camera
+(``evidence_source``) left there, and :meth:`ModelHost.save_evidence` writes the current one's
+back (atomic, bounded). A file for another model, another camera, or one that cannot be read
+is ignored with a log line: the engine starts cold and serves as always (docs/cache.md).
+
 Observer: ``set_observer(fn)`` makes every inference call ``fn(inputs, outputs, latency_s,
 error)`` after it finishes (probation uses it). With no observer the hot path is one attribute
 read, a counter under a per-generation lock (needed to know when the old engine is drained)
@@ -18,17 +24,24 @@ and the engine call.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from edgefleet.atomic import atomic_write_bytes
 from edgefleet.errors import ModelError
 from edgefleet.manifest import Manifest
 from edgefleet.profiles import Profile
 
-__all__ = ["ModelHost", "Observer"]
+__all__ = ["EVIDENCE_SAVE_S", "ModelHost", "Observer"]
+
+log = logging.getLogger(__name__)
+
+EVIDENCE_SAVE_S = 300.0
+"""Least time between two routine evidence writes, s (flash wear; a crash loses at most this much)."""
 
 Observer = Callable[[Any, Any, float, BaseException | None], None]
 """``observer(inputs, outputs_or_None, latency_s, error_or_None)``; must be quick and never raise."""
@@ -89,9 +102,18 @@ class ModelHost:
     """
 
     def __init__(self, profile: Profile | str, cache: Any = None, threads: int | None = None,
-                 drain_timeout_s: float = 30.0, **engine_kwargs: Any) -> None:
-        """``engine_kwargs`` go to every Engine built (e.g. ``autotune=False``, ``instances=2``)."""
+                 drain_timeout_s: float = 30.0, *, evidence_file: Path | None = None,
+                 evidence_source: str = "default", **engine_kwargs: Any) -> None:
+        """``engine_kwargs`` go to every Engine built (e.g. ``autotune=False``, ``instances=2``).
+
+        ``evidence_file``: where the cache's evidence is kept across restarts (None: not kept);
+        ``evidence_source``: the camera it was gathered on (a file for another is ignored).
+        """
         self.profile = profile
+        self._evidence_file = Path(evidence_file) if evidence_file is not None else None
+        self._evidence_source = evidence_source
+        self._evidence_saved_at = time.monotonic()
+        self._evidence_lock = threading.Lock()  # one writer at a time (telemetry tick, swap, close)
         self._engine_kwargs = engine_kwargs
         self._cache = cache
         self._threads = threads
@@ -125,7 +147,58 @@ class ModelHost:
             raise ModelError(f"{model_path}: cannot load model: {exc}") from exc
         if manifest is None:
             manifest = getattr(engine, "manifest", None)
+        self._load_evidence(engine)
         return _Generation(engine, manifest, _model_info(engine, manifest, Path(model_path), name))
+
+    # -- evidence across restarts --------------------------------------------------------------
+    def _load_evidence(self, engine: Any) -> None:
+        """Start ``engine``'s cache from the evidence file if it is for this model and camera; never raises."""
+        path = self._evidence_file
+        if path is None or not hasattr(engine, "import_cache_evidence") or not path.is_file():
+            return
+        from agent.cache import EVIDENCE_MAX_BYTES, EvidenceError, EvidenceMismatch
+
+        try:
+            with path.open("rb") as fh:
+                raw = fh.read(EVIDENCE_MAX_BYTES + 1)
+            carried = engine.import_cache_evidence(raw, self._evidence_source)
+        except EvidenceMismatch as exc:  # a model update or another camera: starting cold is the point
+            log.info("cache evidence %s not used, the cache starts cold: %s", path, exc)
+            return
+        except (OSError, EvidenceError) as exc:
+            log.warning("cache evidence %s ignored, the cache starts cold: %s", path, exc)
+            return
+        if carried:
+            log.info("cache evidence %s: %d verdicts carried over for model %s on %r", path, carried,
+                     str(getattr(engine, "sha256", ""))[:12], self._evidence_source)
+
+    def save_evidence(self, force: bool = True) -> bool:
+        """Write the active engine's cache evidence to ``evidence_file`` (atomic); whether it was written.
+
+        ``force=False`` (the telemetry tick) writes at most every :data:`EVIDENCE_SAVE_S`. Nothing is
+        written without a file, a cache, or a verdict of the engine's own. Never raises: a full
+        disk costs the next start its warm-up, not a request.
+        """
+        path = self._evidence_file
+        gen = self._current
+        if path is None or gen is None or not hasattr(gen.engine, "export_cache_evidence"):
+            return False
+        with self._evidence_lock:
+            if not force and time.monotonic() - self._evidence_saved_at < EVIDENCE_SAVE_S:
+                return False
+            from agent.cache import EVIDENCE_MAX_BYTES
+
+            try:
+                raw = gen.engine.export_cache_evidence(self._evidence_source)
+                if raw is None or len(raw) > EVIDENCE_MAX_BYTES:
+                    return False
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(path, raw, mode=0o600)
+            except Exception as exc:  # noqa: BLE001 (evidence is an optimisation: never fail serving for it)
+                log.warning("cache evidence not saved to %s: %s", path, exc)
+                return False
+            self._evidence_saved_at = time.monotonic()
+            return True
 
     def activate(self, model_path: Path | str, manifest: Manifest | None = None, *,
                  keep_previous: bool = False, name: str | None = None) -> dict[str, str]:
@@ -141,6 +214,7 @@ class ModelHost:
         """
         if self._closed:
             raise RuntimeError("ModelHost is closed")
+        self.save_evidence()  # a rebuild of the same model (new cache settings) carries on from it
         new = self._build(Path(model_path), manifest, name)  # outside the swap lock: slow, and may fail
         with self._swap_lock:
             if self._closed:
@@ -272,6 +346,7 @@ class ModelHost:
 
     def close(self) -> None:
         """Close every engine after in-flight calls drain; further calls fail with ModelError."""
+        self.save_evidence()
         with self._swap_lock:
             if self._closed:
                 return

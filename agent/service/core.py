@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 EMIT_QUEUE_MAX = 10_000
 """Messages waiting for the outbox writer; beyond it new ones are dropped and counted."""
 FLUSH_ON_STOP_S = 3.0
+EVIDENCE_FILE = "cache-evidence.json"
+"""In state_dir: the active model's cache evidence, for its next start on this camera (docs/cache.md)."""
 RESTART_EXIT_CODE = 75
 """Exit status (EX_TEMPFAIL) after a committed model hung and the journal was pointed back at the
 previous kept model: the unit's ``Restart=on-failure`` starts the agent again, on that model."""
@@ -111,7 +113,10 @@ class AgentService:
     def _start_model(self) -> None:
         from agent.host import ModelHost
 
-        self.host = ModelHost(self.profile, cache=self.cache, deadline_s=self.deadline_s)
+        source = self.cfg.source
+        self.host = ModelHost(self.profile, cache=self.cache, deadline_s=self.deadline_s,
+                              evidence_file=self.state_dir / EVIDENCE_FILE if source.cache_evidence else None,
+                              evidence_source=source.evidence_source)
         try:
             from agent.ota import OtaManager  # the OTA part; absent in early builds
         except ImportError:
@@ -357,6 +362,8 @@ class AgentService:
                 self._enqueue(("telemetry", telemetry_topic(self.cfg.device_id), self.telemetry_payload()))
             except Exception:
                 log.exception("telemetry collection failed")
+            if self.host is not None:
+                self.host.save_evidence(force=False)  # at most every EVIDENCE_SAVE_S; never raises
 
     def set_telemetry_interval(self, seconds: float) -> None:
         """Change the telemetry period now (the current wait is cut short)."""

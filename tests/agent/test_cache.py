@@ -294,6 +294,29 @@ def test_signatures_of_int8_and_uint8_views_of_one_image_agree():
     assert su.size <= 32 * 32 * 3
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.float32])
+def test_the_gathered_signature_and_its_distance_are_the_strided_subsample_and_its_mean_difference(dtype):
+    """The hot path gathers at precomputed positions and sums into a scratch buffer (issue 15's 30 us):
+    the figures must be exactly those of slicing every 7th pixel and taking a plain mean."""
+    rng = np.random.default_rng(1)
+    shape = (1, 224, 224, 3)
+    lo, hi = {np.uint8: (0, 255), np.int8: (-128, 127), np.float32: (-1.0, 1.0)}[dtype]
+    a, b = (rng.uniform(lo, hi, shape).astype(dtype) for _ in range(2))
+    info = TensorInfo("x", 0, shape, np.dtype(dtype), 0.0, 0)
+    sa, sb = (input_signature([x], [info], [(lo, hi)]) for x in (a, b))
+    sliced = a[0:1, 3::7, 3::7, :].ravel()  # 224 // 32 = 7, starting half a step in
+    if dtype == np.uint8:
+        expected = sliced
+    elif dtype == np.int8:
+        expected = (sliced.astype(np.int16) + 128).astype(np.uint8)
+    else:
+        expected = np.clip(np.rint((sliced - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(sa, expected)
+    assert sa.dtype == np.uint8 and sa.size == 32 * 32 * 3
+    plain = float(np.abs(sa.astype(np.int16) - sb.astype(np.int16)).mean()) / 255.0
+    assert signature_distance(sa, sb) == plain
+
+
 def test_cache_is_consistent_under_several_threads(models):
     engine = Engine(models / "int8.tflite", profile="x86-dev", autotune=False, instances=2, threads=1,
                     cache=CacheSettings(near=False))
