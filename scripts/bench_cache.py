@@ -11,7 +11,9 @@ compared frame by frame. Two references are computed from the cache-off run alon
 * the oracle ceiling: frames whose cache-off answer equals the last computed answer (what a
   cache that knew the answers in advance could skip);
 * the best fixed distance threshold in hindsight (no margin, no verification) whose
-  disagreement is at most the cache's, under the same ``max_consecutive``.
+  disagreement is at most the cache's, under the same ``max_consecutive``; and the one whose
+  disagreement is at most the issue's target for the stream (1 % fixed, 1.5 % busy camera), which
+  says what any distance threshold could save there, knowing the answers in advance.
 
 "Answer" is the cache's own criterion (top-1 for classifiers; for the detector, declared with
 output roles: face scores after their sigmoid, and boxes with their keypoints, only where a face
@@ -208,6 +210,13 @@ def simulate_fixed(signatures: list[np.ndarray], threshold: float, max_consecuti
     return served
 
 
+def best_fixed_within(fixed: list[dict[str, float]], limit: float) -> dict[str, float]:
+    """The fixed threshold that saves most with a disagreement of at most ``limit`` (none: saves 0)."""
+    admissible = [f for f in fixed if f["disagreement"] <= limit + 1e-12]
+    return max(admissible, key=lambda f: f["saved"]) if admissible else {"threshold": 0.0, "saved": 0.0,
+                                                                         "disagreement": 0.0}
+
+
 def oracle_saved(agree: Callable[[int, int], bool], frames: int) -> float:
     last, saved = 0, 0
     for t in range(1, frames):
@@ -259,9 +268,7 @@ def evaluate(case: ModelCase, stream: str, frames: np.ndarray, settings: CacheSe
         served = simulate_fixed(on["signatures"], threshold, settings.max_consecutive)
         err = float(np.mean([disagree(off[served[t]], off[t]) for t in range(n)]))
         fixed.append({"threshold": threshold, "saved": float(np.mean(served != np.arange(n))), "disagreement": err})
-    admissible = [f for f in fixed if f["disagreement"] <= true_answer + 1e-12]
-    best = max(admissible, key=lambda f: f["saved"]) if admissible else {"threshold": 0.0, "saved": 0.0,
-                                                                         "disagreement": 0.0}
+    best = best_fixed_within(fixed, true_answer)
     row: dict[str, Any] = {
         "stream": stream, "model": case.name, "frames": n,
         "saved": saved, "disagreement": true_answer, "reuse_disagreement": true_reuse,
@@ -326,6 +333,9 @@ def main() -> int:
                                  uncertain=photo(hard, case.size, case.gray), seed=args.seed)
             row = evaluate(case, stream.name, frames, settings, warm=not args.no_restart)
             row["camera"], row["uncertain_crop"] = stream.camera, hard
+            # What hindsight reaches at the issue's error target itself, not at the cache's (lower) error:
+            # where even this saves under 60 %, no distance threshold does, whatever it knew in advance.
+            row["best_fixed_at_target"] = best_fixed_within(row["fixed"], TARGETS[stream.camera])
             row["targets"] = targets(row)
             rows.append(row)
             restart = (f"; restart saved {row['warm']['saved']:.1%}, disagreement {row['warm']['disagreement']:.2%}"
@@ -375,23 +385,27 @@ def render(r: dict[str, Any]) -> str:
         lines.append(f"- {name}: `{m['file']}`, {m['origin']}")
     lines += [f"- skipped: {s}" for s in r["skipped"]]
     header = ("| model | saved | disagreement | per reuse: true / bound (verdicts) | oracle ceiling "
-              "| best fixed threshold (saved @ disagreement) | answer changes w/o cache "
+              "| best fixed threshold (saved @ disagreement) | ... at the target's error "
+              "| answer changes w/o cache "
               "| restart from its evidence: saved / disagreement / per reuse true vs bound | targets |")
     for stream in STREAMS:
         rows = [x for x in r["rows"] if x["stream"] == stream.name]
         if not rows:
             continue
         lines += ["", f"**{stream.name}** ({stream.camera} camera: {stream.description})", "", header,
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for x in rows:
-            rep, best = x["reported"], x["best_fixed"]
+            rep, best, at_target = x["reported"], x["best_fixed"], x.get("best_fixed_at_target")
+            at_target_cell = (f"{at_target['threshold']:g}: {_pct(at_target['saved'])} @ "
+                              f"{_pct(at_target['disagreement'], 2)}" if at_target else "-")
             missed = [k for k, ok in x["targets"].items() if not ok]
             decoded = (f"; faces {_pct(x['decoded_disagreement'], 2)}" if "decoded_disagreement" in x else "")
             lines.append(
                 f"| {x['model']} | {_pct(x['saved'])} | {_pct(x['disagreement'], 2)}{decoded} | "
                 f"{_pct(x['reuse_disagreement'], 2)} / {_pct(rep['disagreement_upper'], 2)} ({rep['verifications']}) | "
                 f"{_pct(x['oracle_saved'])} | {best['threshold']:g}: {_pct(best['saved'])} @ "
-                f"{_pct(best['disagreement'], 2)} | {_pct(x['answer_changes_without_cache'])} | {_restart(x)} | "
+                f"{_pct(best['disagreement'], 2)} | {at_target_cell} | {_pct(x['answer_changes_without_cache'])} | "
+                f"{_restart(x)} | "
                 f"{'met' if not missed else '**missed: ' + ', '.join(missed) + '**'} |")
     return "\n".join(lines) + "\n"
 
