@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -120,6 +120,8 @@ class Metrics:
     worst_class: ClassAgreement | None = None  # the float class whose samples agree least
     float_ece_pct: float | None = None  # expected calibration error of the float model (labels), points
     ece_pct: float | None = None  # the same for the candidate
+    # per held-out sample: top-1 agrees with the float model (classifiers), to compare candidates pairwise
+    agrees: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def top1_drop_pct(self) -> float | None:
@@ -189,7 +191,8 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
         cosine={k: _cosine(reference[k], candidate[k]) for k in reference},
         snr_db={k: _snr_db(reference[k], candidate[k]) for k in reference},
         max_abs_error={k: float(np.max(np.abs(reference[k] - candidate[k]))) for k in reference},
-        agreement=interval, worst_class=worst, float_ece_pct=float_ece, ece_pct=ece)
+        agreement=interval, worst_class=worst, float_ece_pct=float_ece, ece_pct=ece,
+        agrees=None if cls is None else ref_top == cand_top)
 
 
 def _agreement_misses(interval: Interval, target_pct: float) -> list[str]:

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Z95", "ClassAgreement", "Interval", "class_agreement", "expected_calibration_error", "samples_needed",
-           "wilson"]
+__all__ = ["Z95", "ClassAgreement", "Interval", "class_agreement", "expected_calibration_error", "less_faithful",
+           "samples_needed", "wilson"]
 
 Z95 = 1.959963984540054  # two-sided 95 %
 _MAX_NEEDED = 10_000_000  # above this "samples needed" is reported as unreachable
@@ -89,6 +89,26 @@ def samples_needed(rate_pct: float, target_pct: float, z: float = Z95) -> int | 
         else:
             lo = mid + 1
     return hi
+
+
+def less_faithful(better: np.ndarray, other: np.ndarray, alpha: float = 0.05) -> bool:
+    """Whether ``other`` agrees with the float model on fewer of the same samples than ``better``
+    by more than chance allows: an exact one-sided sign test (McNemar's) on the samples where
+    exactly one of the two agrees (arrays of per-sample agreement, same order).
+
+    Why paired: two candidates measured on the same 360 samples that differ on one sample have
+    overlapping intervals *and* no evidence between them; comparing their intervals alone would
+    be weaker than the data allows, and comparing point estimates would pick on noise.
+    """
+    if better.shape != other.shape:
+        raise ValueError(f"expected agreements on the same samples, got {better.shape} and {other.shape}")
+    wins = int(np.count_nonzero(better & ~other))
+    losses = int(np.count_nonzero(other & ~better))
+    n = wins + losses
+    if wins <= losses:
+        return False
+    tail = sum(math.comb(n, k) for k in range(wins, n + 1)) / 2.0**n  # P(X >= wins | n, 1/2)
+    return tail < alpha
 
 
 @dataclass(frozen=True)

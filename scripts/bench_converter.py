@@ -215,7 +215,7 @@ def fer_steps(model_path: Path, cal: Path, ev: Path, work: Path, profile_path: P
             m = c.metrics.to_dict()
             row.update(size=len(c.model), agreement_pct=m["top1_agreement_pct"],
                        agreement_interval=m["top1_agreement_interval"], worst_class=m.get("worst_class"),
-                       kernel=c.kernel)
+                       kernel=c.kernel, **dict(zip(("disagreements", "ties"), output_ties(reference, c.outputs or {}))))
         rows.append(row)
     latency = interleaved_latency_ms(models, ev_set.sample(0), latency_runs)
     for row in rows:
@@ -223,19 +223,35 @@ def fer_steps(model_path: Path, cal: Path, ev: Path, work: Path, profile_path: P
     return rows
 
 
+def output_ties(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> tuple[int, int]:
+    """(samples whose top-1 differs from the float model's, those of them whose top score the
+    candidate gives to two classes or more): an exact tie, which arg-max settles by index."""
+    from converter.fidelity import classification_output
+
+    name = classification_output(reference)
+    if name is None or name not in outputs:
+        return 0, 0
+    out = outputs[name]
+    differ = out.argmax(axis=1) != reference[name].argmax(axis=1)
+    tied = (out == out.max(axis=1, keepdims=True)).sum(axis=1) > 1
+    return int(differ.sum()), int((differ & tied).sum())
+
+
 def render_steps(rows: list[dict]) -> None:
     plain = rows[0]
     print("\nfer mini-Xception, each step measured alone (host ms: 1 thread, interleaved):\n")
-    print("| recipe | size KB | agreement % [95% interval] | worst class | kernels | host ms | x plain int8 |")
-    print("|---|---|---|---|---|---|---|")
+    print("| recipe | size KB | agreement % [95% interval] | disagreements (exact ties) | worst class | kernels "
+          "| host ms | x plain int8 |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r.get("size") is None:
-            print(f"| {r['name']} | failed: {r['error']} | | | | | |")
+            print(f"| {r['name']} | failed: {r['error']} | | | | | | |")
             continue
         iv, w = r["agreement_interval"] or {}, r.get("worst_class") or {}
         worst = f"class {w['class']}: {w['pct']:.1f}%" if w else "-"
         print(f"| {r['name']} | {r['size'] / 1024:.1f} | {r['agreement_pct']:.2f} [{iv.get('low', 0):.2f}, "
-              f"{iv.get('high', 0):.2f}] | {worst} | {r['kernel']} | {r['host_latency_ms']:.3f} | "
+              f"{iv.get('high', 0):.2f}] | {r.get('disagreements', '-')} ({r.get('ties', '-')}) | {worst} | "
+              f"{r['kernel']} | {r['host_latency_ms']:.3f} | "
               f"{r['host_latency_ms'] / plain['host_latency_ms']:.2f} |")
 
 

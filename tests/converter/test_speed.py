@@ -13,7 +13,7 @@ import yaml
 from converter.fidelity import Metrics
 from converter.kernels import kernel_class
 from converter.quantize import Recipe
-from converter.search import Candidate, SearchResult, judge_speed, pick
+from converter.search import Candidate, SearchResult, judge_speed, most_faithful, pick
 from converter.stats import wilson
 from converter.tflite_inspect import inspect_tflite
 from edgefleet.profiles import load_profile, profile_dir
@@ -103,3 +103,29 @@ def test_real_mini_xception_exits_3_naming_the_fastest_faithful_and_the_most_fai
         assert r["host_latency_ms"] > 0 and r["kernel"]
     md = (tmp_path / "art" / "report.md").read_text()
     assert "Speed and fidelity could not be had together" in md and "reference-int16" in md
+
+
+def _missing(name: str, size: int, lost: list[int], n: int = 360) -> Candidate:
+    """A fast candidate that misses the target, disagreeing with the float model on samples ``lost``."""
+    agrees = np.ones(n, bool)
+    agrees[lost] = False
+    metrics = Metrics(n, 100 * agrees.mean(), None, None, {"y": 0.95}, {"y": 20.0}, {"y": 0.1},
+                      agreement=wilson(int(agrees.sum()), n), agrees=agrees)
+    return Candidate(Recipe(name), b"m" * size, metrics, ("agreement too low",), None, host_latency_ms=0.2,
+                     kernel="xnnpack-int8")
+
+
+def test_when_nothing_meets_the_target_one_sample_does_not_buy_a_larger_model() -> None:
+    """The bench's MobileNetV2 at 50 % sparsity wrote learned rounding (597.6 KB, 332/360) over
+    per-tensor (433.5 KB, 331/360): the same samples cannot tell them apart, so the smaller is written."""
+    rounding = _missing("int8 per-channel + learned rounding", 597, list(range(28)))
+    per_tensor = _missing("int8 per-tensor + equalization", 433, list(range(28)) + [40])
+    assert rounding.rank > per_tensor.rank
+    assert pick([rounding, per_tensor]).recipe.name == "int8 per-tensor + equalization"
+    assert most_faithful([rounding, per_tensor]) is per_tensor
+
+
+def test_when_nothing_meets_the_target_a_clearly_more_faithful_larger_model_is_written() -> None:
+    faithful = _missing("int8 per-channel + mse ranges", 597, list(range(20)))
+    worse = _missing("int8 per-tensor + equalization", 433, list(range(20)) + list(range(100, 130)))
+    assert pick([worse, faithful]).recipe.name == "int8 per-channel + mse ranges"

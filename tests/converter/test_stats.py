@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from converter.fidelity import Metrics, misses
 from converter.stats import (
     _wilson_bounds,
     class_agreement,
     expected_calibration_error,
+    less_faithful,
     samples_needed,
     wilson,
 )
@@ -78,3 +81,36 @@ def test_expected_calibration_error_is_zero_when_confidence_matches_accuracy() -
     overconfident = np.tile([0.99, 0.01], (100, 1))
     assert expected_calibration_error(overconfident, labels) == pytest.approx(24.0)
     assert expected_calibration_error(np.log(unsure), labels) == pytest.approx(0.0, abs=1e-6)  # logits
+
+
+def test_one_sample_in_360_does_not_make_a_candidate_less_faithful() -> None:
+    """MobileNetV2 at 50 % sparsity: 332/360 against 331/360 on the same samples is no evidence."""
+    better = np.ones(360, bool)
+    better[:28] = False
+    other = better.copy()
+    other[30] = False
+    assert not less_faithful(better, other)
+
+
+def test_many_more_samples_lost_than_won_make_a_candidate_less_faithful() -> None:
+    better = np.ones(1200, bool)
+    better[:62] = False  # fer, MSE ranges: 62 disagreements
+    other = better.copy()
+    other[100:130] = False  # 30 more lost, none won: P = 2^-30
+    assert less_faithful(better, other)
+    mixed = other.copy()
+    mixed[:20] = True  # 20 won back: 30 against 20 is chance (P = 0.10)
+    assert not less_faithful(better, mixed)
+
+
+@given(st.lists(st.tuples(st.booleans(), st.booleans()), min_size=1, max_size=300))
+def test_less_faithful_never_holds_both_ways_nor_against_itself(pairs: list[tuple[bool, bool]]) -> None:
+    a = np.array([p[0] for p in pairs])
+    b = np.array([p[1] for p in pairs])
+    assert not (less_faithful(a, b) and less_faithful(b, a))
+    assert not less_faithful(a, a.copy())
+
+
+def test_less_faithful_refuses_agreements_on_different_samples() -> None:
+    with pytest.raises(ValueError, match="same samples"):
+        less_faithful(np.ones(10, bool), np.ones(11, bool))
