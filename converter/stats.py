@@ -107,7 +107,7 @@ def less_faithful(better: np.ndarray, other: np.ndarray, alpha: float = 0.05) ->
     n = wins + losses
     if wins <= losses:
         return False
-    tail = sum(math.comb(n, k) for k in range(wins, n + 1)) / 2.0**n  # P(X >= wins | n, 1/2)
+    tail = sum(math.comb(n, k) for k in range(wins, n + 1)) / (1 << n)  # P(X >= wins | n, 1/2), exact ints
     return tail < alpha
 
 

@@ -111,6 +111,17 @@ def test_less_faithful_never_holds_both_ways_nor_against_itself(pairs: list[tupl
     assert not less_faithful(a, a.copy())
 
 
+def test_less_faithful_decides_on_thousands_of_discordant_samples() -> None:
+    """Past 1023 discordant samples a float 2**n overflows: the tail is taken on exact integers."""
+    better = np.zeros(3000, bool)
+    better[:1100] = True  # won: better agrees, other does not
+    other = np.zeros(3000, bool)
+    other[1100:2100] = True  # lost: 1000 the other way; 1100 of 2100 is z = 2.2, P = 0.016
+    assert less_faithful(better, other)
+    other[2100:2200] = True  # 1100 against 1100: a coin
+    assert not less_faithful(better, other)
+
+
 def test_less_faithful_refuses_agreements_on_different_samples() -> None:
     with pytest.raises(ValueError, match="same samples"):
         less_faithful(np.ones(10, bool), np.ones(11, bool))
