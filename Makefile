@@ -39,8 +39,12 @@ test: install install-tflite broker
 
 # Everything but the suites marked slow (a MobileNetV2 trained and converted, the mini-Xception
 # speed search): those run in `make test-slow`, which CI runs too.
+# Two workers, a test file each (module fixtures stay in one process; servers take free ports):
+# the suite waits on brokers and agents more than it computes. TEST_JOBS=0 runs it in one process.
+TEST_JOBS ?= 2
+
 test-main:
-	$(PY) -m pytest -m "not slow" --durations=15 tests
+	$(PY) -m pytest -m "not slow" -n $(TEST_JOBS) --dist loadfile --durations=15 tests
 
 test-slow: install broker
 	$(PY) -m pytest -m slow tests -p no:cacheprovider
