@@ -176,6 +176,7 @@ class LinkSettings:
     reconnect_max_s: float = 30.0  # longest reconnect delay (before jitter), s
     resubscribe_s: float = 2.0     # wait before asking again for a subscription the broker refused, s
     max_inflight: int = 20         # QoS 1 publishes awaiting PUBACK
+    read_linger_s: float = 0.0     # wait before a read that follows a small read of publishes (bufsock), s
     will: tuple[str, bytes] | None = None  # retained QoS 1 Last Will (topic, payload)
 
 
@@ -186,8 +187,10 @@ class _BufferedClient(mqtt.Client):
     simply not run and paho would read unbuffered, as before.
     """
 
+    read_linger_s = 0.0
+
     def _create_socket(self) -> Any:
-        return ReadBufferedSocket(super()._create_socket())
+        return ReadBufferedSocket(super()._create_socket(), self.read_linger_s)
 
     def limit_inflight(self, most: int) -> None:
         """Keep at most ``most`` QoS 1 publishes unacknowledged on this connection (paho queues the rest).
@@ -260,6 +263,7 @@ class MqttConnection:
         v5 = self._protocol == mqtt.MQTTv5
         client = _BufferedClient(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=self._protocol,
                                  clean_session=None if v5 else s.session_expiry_s == 0)
+        client.read_linger_s = s.read_linger_s
         if s.username is not None:
             client.username_pw_set(s.username, s.password)
         if self.url.tls:
@@ -514,6 +518,9 @@ class MqttClient:
     """
 
     SESSION_EXPIRY_S = 24 * 3600
+    # Answers that arrive a message per TCP segment (NATS) are read in bursts: 5 ms later, not one
+    # wake-up each (deploy CPU per device on a 3-node NATS cluster: 2.4 -> 1.7 ms at 1,000 devices).
+    READ_LINGER_S = 0.005
 
     def __init__(self, urls: BrokerURL | tuple[BrokerURL, ...], client_id: str | None = None,
                  persistent: bool = False, on_message: Callable[[Message], None] | None = None,
@@ -535,7 +542,7 @@ class MqttClient:
                                 password=password if password is not None else urls[0].password,
                                 ca_file=ca_file, cert_file=cert_file, key_file=key_file, protocol=protocol,
                                 session_expiry_s=self.SESSION_EXPIRY_S if persistent else 0,
-                                max_inflight=1000)
+                                max_inflight=1000, read_linger_s=self.READ_LINGER_S)
         self._link = MqttConnection(settings, self.client_id, on_message=on_message or self.messages.put,
                                     on_subscribed=self._on_subscribed)
 

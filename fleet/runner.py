@@ -20,6 +20,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -77,6 +78,7 @@ EVENT_TOPICS = (all_devices("events"), all_devices("cmd/+/response"))
 Progress = Callable[[Rollout, dict[str, int]], None]
 COALESCE_S = 0.02  # once answers flow, read them in batches this often rather than one wake-up each, s
 PLAN_COST_RATIO = 20.0  # the planner may use at most ~1/20 of the wall time while answers flow
+MIN_PLAN_GAP_S = 0.25  # ... and runs at most this often then (a finished wave starts the next at once), s
 IDLE_PLAN_S = 1.0  # longest a driver waits without planning while no answer arrives, s
 LEASE_TTL_S = 10.0  # a driver that stops writing loses its rollout after this long, s
 STATEMENT_MARGIN_S = 300.0  # a rollback statement outlives its command by this much (clock skew), s
@@ -251,6 +253,7 @@ class RolloutRunner:
         self.rollout = rollout
         self.policy = Policy.from_json(rollout.policy)
         self.execs: dict[str, Execution] = {e.device_id: e for e in executions}
+        self._open = Counter(e.wave for e in executions if not e.terminal)  # unfinished executions per wave
         self.progress = progress
         self.tick_s = tick_s
         self.batch = batch
@@ -302,7 +305,7 @@ class RolloutRunner:
         changed = []
         for did in ids:
             e = mark_sent(self.execs[did], command_id(self.rollout.id, did, command), now, rollback=rollback)
-            self.execs[did] = e
+            self._put(e)
             changed.append(e)
         event = "send_rollback" if rollback else "send_update"
         payloads = [self._payload(e, command, rollback) for e in changed]  # one too large: nothing is recorded
@@ -391,7 +394,7 @@ class RolloutRunner:
             d = decide(self.rollout, list(self.execs.values()), self.policy, now)
             cost = time.monotonic() - started  # the O(devices) part; sending is paid per device anyway
             for e in d.changed:
-                self.execs[e.device_id] = e
+                self._put(e)
             history: list[tuple[str | None, str | None, str, dict[str, Any] | None]] = [
                 (self.rollout.id, e.device_id, e.state.value, {"reason": e.reason}) for e in d.changed]
             if (d.state, d.current_wave) != (self.rollout.state, self.rollout.current_wave):
@@ -409,33 +412,36 @@ class RolloutRunner:
                 if self.owner is not None:
                     self.store.release(self.rollout.id, self.owner)
                 return self.rollout
-            self._await_answers(gap_s=min(IDLE_PLAN_S, cost * PLAN_COST_RATIO), clock=clock)
+            self._await_answers(gap_s=min(IDLE_PLAN_S, max(MIN_PLAN_GAP_S, cost * PLAN_COST_RATIO)), clock=clock)
 
     def _await_answers(self, gap_s: float, clock: Callable[[], float]) -> None:
         """Fold answers until the planner should run again.
 
-        That is when a wave just finished; when answers changed something, but not before
-        ``gap_s`` (PLAN_COST_RATIO times the last pass's planning cost: a pass over 50,000
-        devices costs tens of ms, and answers trickling in from a slow broker must not pay one
-        each); and every IDLE_PLAN_S for timeouts and the lease.
+        That is when a wave just finished; when an answer may call for a decision (a device
+        failed: the rollout may have to abort; any answer while it aborts), but not before
+        ``gap_s`` (at least MIN_PLAN_GAP_S, and PLAN_COST_RATIO times the last pass's planning
+        cost: a pass over 50,000 devices costs tens of ms, and answers trickling in from a slow
+        broker must not pay one each); and every IDLE_PLAN_S for timeouts, progress and the
+        lease. Answers that only move devices along their wave wait for one of those.
         """
         planned = time.monotonic()
-        changed = False
+        urgent = False
         while True:
-            got, wave_finished = self._receive(clock)
-            changed = changed or got > 0
+            got, wave_finished, failed = self._receive(clock)
+            urgent = urgent or failed or (got > 0 and self.rollout.state is not RolloutState.IN_PROGRESS)
             waited = time.monotonic() - planned
-            if wave_finished or waited >= IDLE_PLAN_S or (changed and waited >= gap_s):
+            if wave_finished or waited >= IDLE_PLAN_S or (urgent and waited >= gap_s):
                 break
             if self.stop.is_set():
                 raise Stopped(self.rollout.id)
         if self.stop.is_set():
             raise Stopped(self.rollout.id)
 
-    def _receive(self, clock: Callable[[], float]) -> tuple[int, bool]:
+    def _receive(self, clock: Callable[[], float]) -> tuple[int, bool, bool]:
         """Fold every answer that arrives within one tick, then save them in one transaction.
 
-        Returns how many executions changed, and whether the current wave just finished.
+        Returns how many executions changed, whether the current wave just finished, and whether
+        a device failed.
 
         The planner runs once per tick, not once per message: its O(devices) pass stays at a few
         per second however many answers a large fleet sends. After the first answer the queue is
@@ -446,7 +452,7 @@ class RolloutRunner:
         changed: dict[str, Execution] = {}
         history: list[tuple[str | None, str | None, str, dict[str, Any] | None]] = []
         n = 0
-        wave_finished = False
+        wave_finished = failed = False
         now = clock()
         messages = self.client.messages
         while n < self.batch:
@@ -467,18 +473,19 @@ class RolloutRunner:
             new = self._fold(msg, now)
             if new is None:
                 continue
-            old = self.execs[new.device_id]
-            self.execs[new.device_id] = changed[new.device_id] = new
+            old = self._put(new)
+            changed[new.device_id] = new
             if new.state != old.state or new.rollback_state != old.rollback_state:
                 event = new.state.value if new.state != old.state else f"rollback_{new.rollback_state}"
                 history.append((self.rollout.id, new.device_id, event,
                                 {"ota_state": new.ota_state, "reason": new.reason}))
-            if new.terminal and not old.terminal and self._wave_done(new.wave):
+            failed = failed or (new.state.failure and not old.state.failure)
+            if new.terminal and not old.terminal and self._wave_done():
                 wave_finished = True
                 break  # the planner can start the next wave now
         if changed:
             self._save(None, list(changed.values()), history, now=now)
-        return len(changed), wave_finished
+        return len(changed), wave_finished, failed
 
     def _save(self, rollout: Rollout | None, changed: Sequence[Execution],
               history: Sequence[tuple[str | None, str | None, str, dict[str, Any] | None]], now: float) -> None:
@@ -502,11 +509,17 @@ class RolloutRunner:
         if cancel_reason and not self.rollout.terminal:
             self.rollout, self.policy = cancel(self.rollout, self.policy, cancel_reason)
 
-    def _wave_done(self, wave: int) -> bool:
-        """Cheap check for small fleets: the last device of the current wave just finished."""
-        if wave != self.rollout.current_wave or len(self.execs) > 1000:
-            return False
-        return all(e.terminal for e in self.execs.values() if e.wave <= wave)
+    def _put(self, e: Execution) -> Execution:
+        """Keep a changed execution (and the count of unfinished ones per wave); returns the one it replaces."""
+        old = self.execs[e.device_id]
+        if old.terminal != e.terminal:  # an execution never changes wave
+            self._open[e.wave] += -1 if e.terminal else 1
+        self.execs[e.device_id] = e
+        return old
+
+    def _wave_done(self) -> bool:
+        """Every device of the current wave and the waves before it has finished: O(waves), any fleet size."""
+        return not any(self._open[w] for w in range(self.rollout.current_wave + 1))
 
     def _report(self) -> None:
         if self.progress is None:

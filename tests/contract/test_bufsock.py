@@ -107,3 +107,90 @@ def test_nothing_to_read_raises_like_a_nonblocking_socket() -> None:
     finally:
         a.close()
         b.close()
+
+
+# -- lingering after a dribble of publishes (brokers that send a message per TCP segment) ----------
+def _packet(kind: int, body: bytes) -> bytes:
+    """One MQTT packet: type nibble, variable-length remaining length, body."""
+    n, length = len(body), bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        length.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes([kind << 4]) + bytes(length) + body
+
+
+PUBLISH = _packet(3, b"\x00\x0fedgefleet/v1/x" + b"{}" * 40)
+PUBACK = _packet(4, b"\x00\x07")
+
+
+@settings(max_examples=300, deadline=None)
+@given(packets=st.lists(st.tuples(st.integers(1, 15), st.integers(0, 400)), max_size=10), cut=st.integers(0, 5000))
+def test_has_publish_finds_a_publish_wherever_it_starts_in_a_read(packets: list[tuple[int, int]], cut: int) -> None:
+    from edgefleet.bufsock import _has_publish
+
+    data, starts = b"", []
+    for kind, size in packets:
+        starts.append((len(data), kind))
+        data += _packet(kind, b"p" * size)
+    cut = min(cut, len(data))
+    assert _has_publish(data[:cut]) == any(kind == 3 and at < cut for at, kind in starts)
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+
+
+@pytest.fixture
+def waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    import edgefleet.bufsock as bufsock
+
+    recorder = _Recorder()
+    monkeypatch.setattr(bufsock, "time", recorder)
+    return recorder.waits
+
+
+def _read_chunks(sock: ReadBufferedSocket, count: int) -> None:
+    for _ in range(count):
+        sock.recv(65536)
+
+
+def test_a_small_read_of_publishes_makes_the_next_read_wait_for_more(waits: list[float]) -> None:
+    sock = ReadBufferedSocket(_ChunkedSocket([PUBLISH, PUBLISH + PUBLISH, PUBLISH], False), linger_s=0.005)
+    _read_chunks(sock, 3)
+    assert waits == [0.005, 0.005], "the first read never waits; each one after a dribble does"
+
+
+def test_acknowledgements_are_read_at_once_they_pace_our_own_publishing(waits: list[float]) -> None:
+    # Mosquitto lets 20 publishes wait for their PUBACK: a wait per read of them would throttle a wave
+    sock = ReadBufferedSocket(_ChunkedSocket([PUBACK * 3, PUBACK, PUBACK * 20, PUBLISH], False), linger_s=0.005)
+    _read_chunks(sock, 4)
+    assert waits == []
+
+
+def test_a_burst_is_read_at_once_and_no_linger_means_no_wait(waits: list[float]) -> None:
+    burst = PUBLISH * 40  # over a few KB: the broker is already batching
+    sock = ReadBufferedSocket(_ChunkedSocket([burst, burst, PUBLISH], False), linger_s=0.005)
+    _read_chunks(sock, 3)
+    assert waits == []
+    plain = ReadBufferedSocket(_ChunkedSocket([PUBLISH, PUBLISH, PUBLISH], False))
+    _read_chunks(plain, 3)
+    assert waits == []
+
+
+@settings(max_examples=100, deadline=None)
+@given(chunks=st.lists(st.sampled_from([PUBLISH, PUBACK, PUBLISH * 3, PUBACK + PUBLISH, b"\x30"]), max_size=12),
+       sizes=st.lists(st.integers(1, 5000), min_size=1, max_size=8))
+def test_lingering_never_changes_the_bytes_paho_reads(chunks: list[bytes], sizes: list[int]) -> None:
+    import edgefleet.bufsock as bufsock
+
+    real, bufsock.time = bufsock.time, _Recorder()  # type: ignore[assignment]
+    try:
+        sock = ReadBufferedSocket(_ChunkedSocket(chunks, True), linger_s=0.001)
+        assert _read_all(sock, sizes) == b"".join(chunks)
+    finally:
+        bufsock.time = real  # type: ignore[assignment]
