@@ -313,7 +313,7 @@ def decide(rollout: Rollout, execs: Sequence[Execution], policy: Policy, now: fl
     if rollout.terminal:
         return Decision(rollout.state, rollout.current_wave, rollout.reason)
     changed = _timeouts(execs, policy, now)
-    current = [changed.get(e.device_id, e) for e in execs]
+    current = [changed.get(e.device_id, e) for e in execs] if changed else list(execs)
     state, wave, reason = rollout.state, rollout.current_wave, rollout.reason
     send: list[str] = []
 

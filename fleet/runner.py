@@ -79,8 +79,10 @@ Progress = Callable[[Rollout, dict[str, int]], None]
 COALESCE_S = 0.02  # once answers flow, read them in batches this often rather than one wake-up each, s
 PLAN_COST_RATIO = 20.0  # the planner may use at most ~1/20 of the wall time while answers flow
 MIN_PLAN_GAP_S = 0.25  # ... and runs at most this often then (a finished wave starts the next at once), s
-IDLE_PLAN_S = 1.0  # longest a driver waits without planning while no answer arrives, s
+IDLE_PLAN_S = 1.0  # longest a driver waits without planning while no answer calls for it, s ...
+IDLE_COST_RATIO = 100.0  # ... unless a pass costs more than 1/100 of that (50,000 devices: ~25 ms) ...
 LEASE_TTL_S = 10.0  # a driver that stops writing loses its rollout after this long, s
+IDLE_PLAN_MAX_S = LEASE_TTL_S / 4  # ... and never longer than this, s
 STATEMENT_MARGIN_S = 300.0  # a rollback statement outlives its command by this much (clock skew), s
 _RETRY_MAX_S = 5.0  # longest pause between writes retried while the database is away, s
 
@@ -412,17 +414,20 @@ class RolloutRunner:
                 if self.owner is not None:
                     self.store.release(self.rollout.id, self.owner)
                 return self.rollout
-            self._await_answers(gap_s=min(IDLE_PLAN_S, max(MIN_PLAN_GAP_S, cost * PLAN_COST_RATIO)), clock=clock)
+            idle_s = min(IDLE_PLAN_MAX_S, max(IDLE_PLAN_S, cost * IDLE_COST_RATIO))
+            self._await_answers(gap_s=min(idle_s, max(MIN_PLAN_GAP_S, cost * PLAN_COST_RATIO)), idle_s=idle_s,
+                                clock=clock)
 
-    def _await_answers(self, gap_s: float, clock: Callable[[], float]) -> None:
+    def _await_answers(self, gap_s: float, idle_s: float, clock: Callable[[], float]) -> None:
         """Fold answers until the planner should run again.
 
         That is when a wave just finished; when an answer may call for a decision (a device
         failed: the rollout may have to abort; any answer while it aborts), but not before
         ``gap_s`` (at least MIN_PLAN_GAP_S, and PLAN_COST_RATIO times the last pass's planning
         cost: a pass over 50,000 devices costs tens of ms, and answers trickling in from a slow
-        broker must not pay one each); and every IDLE_PLAN_S for timeouts, progress and the
-        lease. Answers that only move devices along their wave wait for one of those.
+        broker must not pay one each); and every ``idle_s`` for timeouts, progress and the lease
+        (IDLE_PLAN_S, longer for a fleet whose pass costs over 1/IDLE_COST_RATIO of it). Answers
+        that only move devices along their wave wait for one of those.
         """
         planned = time.monotonic()
         urgent = False
@@ -430,7 +435,7 @@ class RolloutRunner:
             got, wave_finished, failed = self._receive(clock)
             urgent = urgent or failed or (got > 0 and self.rollout.state is not RolloutState.IN_PROGRESS)
             waited = time.monotonic() - planned
-            if wave_finished or waited >= IDLE_PLAN_S or (urgent and waited >= gap_s):
+            if wave_finished or waited >= idle_s or (urgent and waited >= gap_s):
                 break
             if self.stop.is_set():
                 raise Stopped(self.rollout.id)
@@ -443,8 +448,9 @@ class RolloutRunner:
         Returns how many executions changed, whether the current wave just finished, and whether
         a device failed.
 
-        The planner runs once per tick, not once per message: its O(devices) pass stays at a few
-        per second however many answers a large fleet sends. After the first answer the queue is
+        The planner runs at most once per tick, not once per message (see :meth:`_await_answers`):
+        its O(devices) pass stays at a few per second however many answers a large fleet sends, and
+        ``_put`` keeps the counts that tell a finished wave in O(waves). After the first answer the queue is
         drained every COALESCE_S: a broker that delivers answers one TCP segment at a time (NATS)
         would otherwise wake this thread once per message.
         """
