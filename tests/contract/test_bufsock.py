@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edgefleet import bufsock
 from edgefleet.bufsock import ReadBufferedSocket
 
 
@@ -127,14 +128,12 @@ PUBACK = _packet(4, b"\x00\x07")
 @settings(max_examples=300, deadline=None)
 @given(packets=st.lists(st.tuples(st.integers(1, 15), st.integers(0, 400)), max_size=10), cut=st.integers(0, 5000))
 def test_has_publish_finds_a_publish_wherever_it_starts_in_a_read(packets: list[tuple[int, int]], cut: int) -> None:
-    from edgefleet.bufsock import _has_publish
-
     data, starts = b"", []
     for kind, size in packets:
         starts.append((len(data), kind))
         data += _packet(kind, b"p" * size)
     cut = min(cut, len(data))
-    assert _has_publish(data[:cut]) == any(kind == 3 and at < cut for at, kind in starts)
+    assert bufsock._has_publish(data[:cut]) == any(kind == 3 and at < cut for at, kind in starts)
 
 
 class _Recorder:
@@ -147,8 +146,6 @@ class _Recorder:
 
 @pytest.fixture
 def waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    import edgefleet.bufsock as bufsock
-
     recorder = _Recorder()
     monkeypatch.setattr(bufsock, "time", recorder)
     return recorder.waits
@@ -186,8 +183,6 @@ def test_a_burst_is_read_at_once_and_no_linger_means_no_wait(waits: list[float])
 @given(chunks=st.lists(st.sampled_from([PUBLISH, PUBACK, PUBLISH * 3, PUBACK + PUBLISH, b"\x30"]), max_size=12),
        sizes=st.lists(st.integers(1, 5000), min_size=1, max_size=8))
 def test_lingering_never_changes_the_bytes_paho_reads(chunks: list[bytes], sizes: list[int]) -> None:
-    import edgefleet.bufsock as bufsock
-
     real, bufsock.time = bufsock.time, _Recorder()  # type: ignore[assignment]
     try:
         sock = ReadBufferedSocket(_ChunkedSocket(chunks, True), linger_s=0.001)
