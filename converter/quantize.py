@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from converter.ranges import METHODS as RANGE_METHODS
 from converter.ranges import refit_ranges
 from edgefleet.errors import ConversionError
 
-__all__ = ["MAX_CALIBRATION", "Recipe", "convert_float", "quantize", "sensitive_tensors"]
+__all__ = ["MAX_CALIBRATION", "Recipe", "convert_float", "quantize", "quantize_variants", "sensitive_tensors"]
 
 MAX_CALIBRATION = 300  # samples; more rarely moves the ranges and costs linear time
 Progress = Callable[[int], None]
@@ -121,7 +121,8 @@ def _converter(saved_model_dir: Path, recipe: Recipe, calibration: SampleSet, io
     return conv
 
 
-def _refit_before_quantizing(conv: Any, calibration: SampleSet, method: str) -> None:
+def _refit_before_quantizing(conv: Any, calibration: SampleSet, method: str,
+                             keep: dict[str, Any] | None = None) -> None:
     """Make ``conv`` quantize with activation ranges chosen by ``method`` (see :mod:`converter.ranges`).
 
     TFLiteConverter calibrates, then hands the calibrated float model to the MLIR quantizer in one
@@ -129,7 +130,8 @@ def _refit_before_quantizing(conv: Any, calibration: SampleSet, method: str) -> 
     would (``_experimental_calibrate_only``), refit the recorded ranges, then call the quantizer with
     the very arguments TensorFlow's own int8 path passes. Everything after it (buffer
     deduplication, conversion metadata) is TensorFlow's, so with unchanged ranges the bytes are
-    plain int8's.
+    plain int8's. ``keep``, when given, receives the refit model (``"refit"``) and that quantizer
+    call (``"quantize"``: calibrated bytes to int8 bytes) for :func:`quantize_variants`.
     """
     from tensorflow.lite.python.convert import mlir_quantize
 
@@ -147,11 +149,16 @@ def _refit_before_quantizing(conv: Any, calibration: SampleSet, method: str) -> 
         finally:
             conv._experimental_calibrate_only = False
         refit, _ = refit_ranges(bytes(calibrated), calibration, method, MAX_CALIBRATION)
-        return mlir_quantize(
-            refit, conv._experimental_disable_per_channel, input_data_type=input_type, output_data_type=output_type,
-            enable_variable_quantization=enable_variable_quantization,
-            disable_per_channel_for_dense_layers=conv._experimental_disable_per_channel_quantization_for_dense_layers,
-            debug_options_str=debug_options.SerializeToString())
+
+        def quantizer(model: bytes) -> Any:
+            return mlir_quantize(
+                model, conv._experimental_disable_per_channel, input_data_type=input_type,
+                output_data_type=output_type, enable_variable_quantization=enable_variable_quantization,
+                disable_per_channel_for_dense_layers=conv._experimental_disable_per_channel_quantization_for_dense_layers,
+                debug_options_str=debug_options.SerializeToString())
+        if keep is not None:
+            keep.update(refit=refit, quantize=quantizer)
+        return quantizer(refit)
 
     conv._quantize = quantize_with_ranges
 
@@ -177,6 +184,32 @@ def quantize(saved_model_dir: Path, recipe: Recipe, calibration: SampleSet, io_d
     except Exception as exc:  # the converter raises ConverterError, RuntimeError or ValueError
         raise ConversionError(f"quantization recipe {recipe.name!r} failed: {_first_line(exc)}") from exc
     return _finish(model, keep_names)
+
+
+def quantize_variants(saved_model_dir: Path, recipe: Recipe, calibration: SampleSet,
+                      edits: Iterable[Callable[[bytes], bytes]], io_dtype: str = "int8") -> Iterator[bytes]:
+    """``recipe`` (full int8, no float tensors) quantized once per edit of its calibrated model,
+    whose ranges ``recipe.ranges`` has already refit; calibration runs once for all of them.
+
+    This measures how much an int8 figure owes to the exact ranges calibration happened to give
+    (the benchmark jitters them by a fraction of a percent). The models skip the steps TensorFlow
+    runs after quantizing (buffer deduplication, metadata): their bytes differ, their outputs not.
+
+    Raises:
+        ValueError: a recipe with float tensors or 16-bit activations.
+        ConversionError: calibration or quantization failed.
+    """
+    if recipe.float_tensors or recipe.int16_activations:
+        raise ValueError(f"recipe {recipe.name!r}: variants are edits of full-int8 ranges only")
+    conv = _converter(saved_model_dir, replace(recipe, ranges="minmax"), calibration, io_dtype, None)
+    keep: dict[str, Any] = {}
+    _refit_before_quantizing(conv, calibration, recipe.ranges, keep)
+    try:
+        conv.convert()
+        for edit in edits:
+            yield bytes(keep["quantize"](edit(keep["refit"])))
+    except Exception as exc:  # the converter raises ConverterError, RuntimeError or ValueError
+        raise ConversionError(f"quantization recipe {recipe.name!r} failed: {_first_line(exc)}") from exc
 
 
 def sensitive_tensors(saved_model_dir: Path, calibration: SampleSet, io_dtype: str, per_channel: bool,

@@ -36,7 +36,7 @@ import numpy as np
 from converter.data import SampleSet
 
 __all__ = ["BINS", "LOGIT_SPAN", "METHODS", "PERCENTILE", "Histogram", "RangeSummary", "choose_range",
-           "expected_mse", "logit_floor", "mse_range", "percentile_range", "refit_ranges"]
+           "expected_mse", "jitter_ranges", "logit_floor", "mse_range", "percentile_range", "refit_ranges"]
 
 METHODS = ("minmax", "percentile", "mse")
 BINS = 2048  # per tensor; 8x finer than the int8 grid at the full recorded range
@@ -279,3 +279,18 @@ def refit_ranges(calibrated: bytes, samples: SampleSet, method: str, max_samples
             q.min, q.max = np.array([lo], np.float32), np.array([hi], np.float32)
     summary = RangeSummary(method, len(recorded), narrowed, float(np.mean(widths)) if widths else 1.0)
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model)), summary
+
+
+def jitter_ranges(calibrated: bytes, fraction: float, rng: np.random.Generator) -> bytes:
+    """``calibrated`` with each editable activation range scaled by its own factor drawn uniformly
+    from ``[1 - fraction, 1 + fraction]``: an int8 model as good as the original by any range
+    criterion, whose top-1 flips on near-ties show how much one calibration's figure owes to luck."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(calibrated))
+    tensors = model.subgraphs[0].tensors
+    for index, (lo, hi) in _refittable(model)[0].items():
+        factor = 1.0 + rng.uniform(-fraction, fraction)
+        q = tensors[index].quantization
+        q.min, q.max = np.array([lo * factor], np.float32), np.array([hi * factor], np.float32)
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))

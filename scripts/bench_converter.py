@@ -183,6 +183,10 @@ STEP_RECIPES = (  # what each step of item 2 buys on fer, each measured alone (s
      {"per_channel": False, "equalized": True, "ranges": "mse"}),
     ("16x8 (int16 activations)", {"int16_activations": True}),
 )
+JITTERED = ("int8 per-channel", "+ MSE ranges")  # recipes whose count is re-measured under range jitter
+JITTER_FRACTION, JITTER_DRAWS = 0.005, 25
+RESAMPLED = ("+ MSE ranges", "16x8 (int16 activations)")  # recipes recalibrated on subsets of the calibration set
+RESAMPLE_DROP, RESAMPLE_DRAWS = 10, 5  # calibration samples left out per draw, draws
 
 
 def fer_steps(model_path: Path, cal: Path, ev: Path, work: Path, profile_path: Path,
@@ -215,12 +219,54 @@ def fer_steps(model_path: Path, cal: Path, ev: Path, work: Path, profile_path: P
             m = c.metrics.to_dict()
             row.update(size=len(c.model), agreement_pct=m["top1_agreement_pct"],
                        agreement_interval=m["top1_agreement_interval"], worst_class=m.get("worst_class"),
-                       kernel=c.kernel, **dict(zip(("disagreements", "ties"), output_ties(reference, c.outputs or {}))))
+                       kernel=c.kernel, evaluated=len(ev_set),
+                       **dict(zip(("disagreements", "ties"), output_ties(reference, c.outputs or {}))))
         rows.append(row)
     latency = interleaved_latency_ms(models, ev_set.sample(0), latency_runs)
     for row in rows:
         row["host_latency_ms"] = latency.get(row["name"])
+        if row["name"] in JITTERED and row.get("size"):
+            row["jitter_spread"] = jitter_spread(loaded.saved_model_dir, dict(STEP_RECIPES)[row["name"]], cal_set,
+                                                 ev_set, reference)
+        if row["name"] in RESAMPLED and row.get("size"):
+            row["resample_spread"] = resample_spread(loaded.saved_model_dir, dict(STEP_RECIPES)[row["name"]], cal_set,
+                                                     ev_set, reference)
     return rows
+
+
+def _spread(counts: list[int]) -> dict:
+    return {"draws": len(counts), "mean": float(np.mean(counts)), "sd": float(np.std(counts, ddof=1)),
+            "min": int(min(counts)), "max": int(max(counts))}
+
+
+def jitter_spread(saved_model_dir: Path, fields: dict, cal_set: SampleSet, ev_set: SampleSet,
+                  reference: dict[str, np.ndarray]) -> dict:
+    """Disagreements of ``JITTER_DRAWS`` int8 models whose every activation range is the recipe's
+    scaled by its own factor within ``JITTER_FRACTION``: models no range criterion can tell apart.
+    Their spread is how far one calibration's count can sit from what the recipe typically gives."""
+    from converter import quantize
+    from converter.ranges import jitter_ranges
+
+    rng = np.random.default_rng(0)
+    edits = [lambda model: jitter_ranges(model, JITTER_FRACTION, rng) for _ in range(JITTER_DRAWS)]
+    counts = [output_ties(reference, run_model(m, ev_set))[0]
+              for m in quantize.quantize_variants(saved_model_dir, quantize.Recipe("jitter", **fields), cal_set, edits)]
+    return {"fraction": JITTER_FRACTION, **_spread(counts)}
+
+
+def resample_spread(saved_model_dir: Path, fields: dict, cal_set: SampleSet, ev_set: SampleSet,
+                    reference: dict[str, np.ndarray]) -> dict:
+    """Disagreements of the recipe calibrated ``RESAMPLE_DRAWS`` times, each time without
+    ``RESAMPLE_DROP`` random calibration samples: what another user's calibration draw would give."""
+    from converter import quantize
+
+    rng = np.random.default_rng(0)
+    counts = []
+    for _ in range(RESAMPLE_DRAWS):
+        keep = np.sort(rng.permutation(len(cal_set))[RESAMPLE_DROP:])
+        model = quantize.quantize(saved_model_dir, quantize.Recipe("resampled", **fields), cal_set.take(keep))
+        counts.append(output_ties(reference, run_model(model, ev_set))[0])
+    return {"left_out": RESAMPLE_DROP, "of": len(cal_set), **_spread(counts)}
 
 
 def output_ties(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> tuple[int, int]:
@@ -253,6 +299,20 @@ def render_steps(rows: list[dict]) -> None:
               f"{iv.get('high', 0):.2f}] | {r.get('disagreements', '-')} ({r.get('ties', '-')}) | {worst} | "
               f"{r['kernel']} | {r['host_latency_ms']:.3f} | "
               f"{r['host_latency_ms'] / plain['host_latency_ms']:.2f} |")
+    if any(r.get("jitter_spread") or r.get("resample_spread") for r in rows):
+        print("\nThe same recipes as other models no criterion tells apart: each activation range scaled by its own "
+              "factor (uniform within the fraction shown), or calibration without a few random samples. Their spread "
+              "is what one calibration's count owes to luck.\n")
+    for r in rows:
+        for key in ("jitter_spread", "resample_spread"):
+            j = r.get(key)
+            if not j:
+                continue
+            label = (f"ranges jittered within ±{j['fraction'] * 100:g} %" if key == "jitter_spread"
+                     else f"calibrated without {j['left_out']} of {j['of']} samples")
+            typical = 100.0 * (1 - j["mean"] / r["evaluated"])
+            print(f"- {r['name']}, {r['disagreements']} disagreements here; {j['draws']} models {label}: "
+                  f"{j['mean']:.1f} ± {j['sd']:.1f} (range {j['min']}-{j['max']}), a typical agreement of {typical:.2f} %")
 
 
 def steps_targets(rows: list[dict]) -> list[tuple[str, bool, str]]:

@@ -160,3 +160,41 @@ def test_softmax_input_floor_is_four_below_the_lowest_top_so_near_equal_logits_s
     assert floor == pytest.approx(lowest_top - 4.0)
     step = (hi - floor) / 255
     assert step < 0.042 < (hi - (lowest_top - 8.0)) / 255  # 0.0416, against 0.0573 with 8
+
+
+def test_variants_of_unchanged_ranges_answer_like_the_recipe_and_jitter_moves_every_activation_scale(prepared) -> None:
+    """One calibration, several quantizations: an identity edit gives the recipe's own model (same
+    outputs; TensorFlow's final byte-level passes are skipped), a jitter rescales every activation."""
+    from converter.fidelity import run_model
+    from converter.quantize import quantize, quantize_variants
+    from converter.ranges import jitter_ranges
+    from converter.tflite_inspect import inspect_tflite
+
+    loaded, cal, ev = prepared
+    recipe = Recipe("int8 + mse", ranges="mse")
+    own = quantize(loaded.saved_model_dir, recipe, cal)
+    rng = np.random.default_rng(0)
+    same, jittered = quantize_variants(loaded.saved_model_dir, recipe, cal,
+                                       [lambda m: m, lambda m: jitter_ranges(m, 0.05, rng)])
+    for a, b in zip(run_model(own, ev).values(), run_model(same, ev).values()):
+        np.testing.assert_array_equal(a, b)
+    assert inspect_tflite(jittered).full_integer
+
+    def activation_scales(model: bytes) -> list[float]:
+        from ai_edge_litert.interpreter import Interpreter
+        details = Interpreter(model_content=model).get_tensor_details()
+        return [d["quantization"][0] for d in details if d["dtype"] == np.int8 and d["quantization"][0] > 0
+                and d["shape"].size == 4 and d["shape"][0] == 1]
+    before, after = activation_scales(same), activation_scales(jittered)
+    assert len(before) == len(after) > 3
+    ratios = [b / a for a, b in zip(before, after)]
+    assert sum(abs(r - 1) > 1e-4 for r in ratios) >= len(ratios) - 2  # input and output keep theirs
+    assert all(0.94 < r < 1.06 for r in ratios)
+
+
+def test_variants_refuse_recipes_whose_activations_are_not_int8(prepared) -> None:
+    from converter.quantize import quantize_variants
+
+    loaded, cal, _ = prepared
+    with pytest.raises(ValueError, match="full-int8"):
+        next(quantize_variants(loaded.saved_model_dir, Recipe("16x8", int16_activations=True), cal, [lambda m: m]))
