@@ -199,8 +199,13 @@ def quantize_variants(saved_model_dir: Path, recipe: Recipe, calibration: Sample
         ValueError: a recipe with float tensors or 16-bit activations.
         ConversionError: calibration or quantization failed.
     """
-    if recipe.float_tensors or recipe.int16_activations:
+    if recipe.float_tensors or recipe.int16_activations:  # checked at the call, not at the first model
         raise ValueError(f"recipe {recipe.name!r}: variants are edits of full-int8 ranges only")
+    return _variants(saved_model_dir, recipe, calibration, edits, io_dtype)
+
+
+def _variants(saved_model_dir: Path, recipe: Recipe, calibration: SampleSet,
+              edits: Iterable[Callable[[bytes], bytes]], io_dtype: str) -> Iterator[bytes]:
     conv = _converter(saved_model_dir, replace(recipe, ranges="minmax"), calibration, io_dtype, None)
     keep: dict[str, Any] = {}
     _refit_before_quantizing(conv, calibration, recipe.ranges, keep)

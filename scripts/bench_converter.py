@@ -21,6 +21,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -234,7 +235,9 @@ def fer_steps(model_path: Path, cal: Path, ev: Path, work: Path, profile_path: P
     return rows
 
 
-def _spread(counts: list[int]) -> dict:
+def _spread(models: Iterable[bytes], ev_set: SampleSet, reference: dict[str, np.ndarray]) -> dict:
+    """Mean, sd and range of the models' disagreements with the float reference on ``ev_set``."""
+    counts = [output_ties(reference, run_model(m, ev_set))[0] for m in models]
     return {"draws": len(counts), "mean": float(np.mean(counts)), "sd": float(np.std(counts, ddof=1)),
             "min": int(min(counts)), "max": int(max(counts))}
 
@@ -249,9 +252,8 @@ def jitter_spread(saved_model_dir: Path, fields: dict, cal_set: SampleSet, ev_se
 
     rng = np.random.default_rng(0)
     edits = [lambda model: jitter_ranges(model, JITTER_FRACTION, rng) for _ in range(JITTER_DRAWS)]
-    counts = [output_ties(reference, run_model(m, ev_set))[0]
-              for m in quantize.quantize_variants(saved_model_dir, quantize.Recipe("jitter", **fields), cal_set, edits)]
-    return {"fraction": JITTER_FRACTION, **_spread(counts)}
+    models = quantize.quantize_variants(saved_model_dir, quantize.Recipe("jitter", **fields), cal_set, edits)
+    return {"fraction": JITTER_FRACTION, **_spread(models, ev_set, reference)}
 
 
 def resample_spread(saved_model_dir: Path, fields: dict, cal_set: SampleSet, ev_set: SampleSet,
@@ -261,12 +263,9 @@ def resample_spread(saved_model_dir: Path, fields: dict, cal_set: SampleSet, ev_
     from converter import quantize
 
     rng = np.random.default_rng(0)
-    counts = []
-    for _ in range(RESAMPLE_DRAWS):
-        keep = np.sort(rng.permutation(len(cal_set))[RESAMPLE_DROP:])
-        model = quantize.quantize(saved_model_dir, quantize.Recipe("resampled", **fields), cal_set.take(keep))
-        counts.append(output_ties(reference, run_model(model, ev_set))[0])
-    return {"left_out": RESAMPLE_DROP, "of": len(cal_set), **_spread(counts)}
+    subsets = (cal_set.take(np.sort(rng.permutation(len(cal_set))[RESAMPLE_DROP:])) for _ in range(RESAMPLE_DRAWS))
+    models = (quantize.quantize(saved_model_dir, quantize.Recipe("resampled", **fields), s) for s in subsets)
+    return {"left_out": RESAMPLE_DROP, "of": len(cal_set), **_spread(models, ev_set, reference)}
 
 
 def output_ties(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> tuple[int, int]:
